@@ -1,0 +1,67 @@
+"""The exceptions and warnings mcdrop raises.
+
+Every error mcdrop raises derives from :class:`McdropError`, so a caller can catch all of them with
+one ``except`` clause. Errors about bad arguments also derive from :class:`ValueError` (or
+:class:`TypeError`), so code written against plain Python conventions keeps working.
+
+Each message says what was wrong, what was expected, and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "McdropError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "NoDropoutError",
+    "NonFiniteError",
+    "ModelStateError",
+    "UnsupportedModelError",
+    "McdropWarning",
+    "NoRandomnessWarning",
+]
+
+
+class McdropError(Exception):
+    """Base class of every error raised by mcdrop.
+
+    Example:
+        >>> import mcdrop
+        >>> try:
+        ...     mcdrop.nn.Dropout(p=1.5)
+        ... except mcdrop.McdropError as err:
+        ...     print(type(err).__name__)
+        InvalidInputError
+    """
+
+
+class InvalidInputError(McdropError, ValueError):
+    """An argument or an input tensor has a wrong value, shape or range."""
+
+
+class InvalidTypeError(McdropError, TypeError):
+    """An argument has a type mcdrop cannot use."""
+
+
+class NoDropoutError(McdropError):
+    """The model has no source of dropout randomness that MC dropout could sample."""
+
+
+class NonFiniteError(InvalidInputError):
+    """An input or a model output contains NaN or infinity."""
+
+
+class ModelStateError(McdropError):
+    """Sampling would have changed (and was prevented from changing) the user's model state."""
+
+
+class UnsupportedModelError(McdropError):
+    """The model uses a construct mcdrop cannot sample correctly."""
+
+
+class McdropWarning(UserWarning):
+    """Base class of the warnings mcdrop emits."""
+
+
+class NoRandomnessWarning(McdropWarning):
+    """The model's stochastic sites are all inactive (rate 0), or every sample came out identical."""
