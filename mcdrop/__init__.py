@@ -10,6 +10,7 @@ Example:
     torch.Size([8, 3])
 """
 
+from mcdrop import nn
 from mcdrop.errors import (
     InvalidInputError,
     InvalidTypeError,
@@ -21,10 +22,37 @@ from mcdrop.errors import (
     NoRandomnessWarning,
     UnsupportedModelError,
 )
+from mcdrop.predictions import (
+    ClassificationPrediction,
+    Prediction,
+    RegressionPrediction,
+    concat_predictions,
+)
+from mcdrop.stochastic import (
+    StochasticPolicy,
+    StochasticSite,
+    enable_dropout,
+    find_stochastic_sites,
+    register_deterministic,
+    register_stochastic,
+)
+from mcdrop.wrapper import MCDropout
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MCDropout",
+    "enable_dropout",
+    "find_stochastic_sites",
+    "register_stochastic",
+    "register_deterministic",
+    "StochasticPolicy",
+    "StochasticSite",
+    "Prediction",
+    "ClassificationPrediction",
+    "RegressionPrediction",
+    "concat_predictions",
+    "nn",
     "InvalidInputError",
     "InvalidTypeError",
     "McdropError",

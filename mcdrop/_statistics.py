@@ -1,0 +1,188 @@
+"""Streaming sufficient statistics of MC samples (private).
+
+The engine hands chunks ``(k, b, ...)`` for arbitrary row ranges ``start:stop`` of the batch; the
+accumulators here merge them into per-row running statistics with Chan et al.'s parallel update of
+the mean and the sum of squared deviations (M2), so memory does not grow with the number of
+samples and the result does not depend on how the samples were chunked. Statistics are kept in
+float32 (float64 when the model outputs float64), whatever precision the model ran in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mcdrop.errors import InvalidInputError
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class RunningMoments:
+    """Per-row running mean and M2 of chunks ``(k, b, *shape)`` written into rows ``start:stop``."""
+
+    def __init__(self) -> None:
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
+        """Merge ``chunk`` (``k`` samples of rows ``start:stop``) into the running moments."""
+        chunk = chunk.to(_acc_dtype(chunk))
+        k = chunk.shape[0]
+        if self.mean is None:
+            shape = (batch_size, *chunk.shape[2:])
+            self.mean = chunk.new_zeros(shape)
+            self.m2 = chunk.new_zeros(shape)
+            self.count = torch.zeros(batch_size, dtype=torch.int64, device=chunk.device)
+        assert self.m2 is not None and self.count is not None
+        c_mean = chunk.mean(0)
+        c_m2 = (chunk - c_mean).square_().sum(0) if k > 1 else torch.zeros_like(c_mean)
+        n_a = self.count[start:stop].to(chunk.dtype)
+        n = n_a + k
+        view = (-1,) + (1,) * (chunk.dim() - 2)
+        delta = c_mean - self.mean[start:stop]
+        self.mean[start:stop] += delta * (k / n).view(view)
+        self.m2[start:stop] += c_m2 + delta.square() * (n_a * k / n).view(view)
+        self.count[start:stop] += k
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance (divides by N): the variance of the N samples themselves."""
+        assert self.m2 is not None and self.count is not None
+        view = (-1,) + (1,) * (self.m2.dim() - 1)
+        return (self.m2 / self.count.to(self.m2.dtype).view(view)).clamp_(min=0)
+
+
+class SampleStore:
+    """Keeps raw samples ``(N, B, *shape)`` when the user asked for them."""
+
+    def __init__(self, n_samples: int) -> None:
+        self.n_samples = n_samples
+        self.data: torch.Tensor | None = None
+        self.filled: list[int] = []
+
+    def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
+        """Write ``chunk`` into the next free sample slots of rows ``start:stop``."""
+        if self.data is None:
+            self.data = chunk.new_empty((self.n_samples, batch_size, *chunk.shape[2:]))
+            self.filled = [0] * batch_size
+        at = self.filled[start]
+        k = chunk.shape[0]
+        self.data[at : at + k, start:stop] = chunk
+        for i in range(start, stop):
+            self.filled[i] = at + k
+
+
+class ClassificationStats:
+    """Running statistics of per-sample class probabilities.
+
+    Args:
+        output_type: ``"logits"``, ``"probs"`` or ``"log_probs"``.
+        class_dim: Class dimension of one model output ``(b, ...)`` (so 1 for ``(b, K)``).
+        prob_tolerance: Allowed deviation of declared probabilities from summing to 1.
+    """
+
+    def __init__(self, output_type: str, class_dim: int, prob_tolerance: float = 1e-3) -> None:
+        self.output_type = output_type
+        self.class_dim = class_dim
+        self.prob_tolerance = prob_tolerance
+        self.probs = RunningMoments()
+        self.entropy = RunningMoments()
+        self.votes: torch.Tensor | None = None
+        self.binary = False
+
+    def to_probs(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample probabilities and log-probabilities, class dimension last."""
+        dim = self.class_dim + 1 if self.class_dim >= 0 else self.class_dim
+        if not -chunk.dim() <= dim < chunk.dim() or (self.class_dim >= 0 and dim < 2):
+            raise InvalidInputError(
+                f"class_dim={self.class_dim} does not exist in a model output of shape "
+                f"{tuple(chunk.shape[1:])} (batch first). Set class_dim= to the class dimension."
+            )
+        x = chunk.movedim(dim, -1).to(_acc_dtype(chunk))
+        if x.shape[-1] == 1:
+            # One output per input: a binary classifier, the positive-class logit / probability.
+            self.binary = True
+            if self.output_type == "logits":
+                logp1 = torch.nn.functional.logsigmoid(x)
+                logp0 = torch.nn.functional.logsigmoid(-x)
+                logp = torch.cat([logp0, logp1], -1)
+                return logp.exp(), logp
+            p1 = x if self.output_type == "probs" else x.exp()
+            self._check_unit_interval(p1)
+            p = torch.cat([1 - p1, p1], -1)
+            return p, torch.log(p)
+        if self.output_type == "logits":
+            logp = torch.log_softmax(x, -1)
+            return logp.exp(), logp
+        p = x if self.output_type == "probs" else x.exp()
+        self._check_unit_interval(p)
+        sums = p.sum(-1)
+        worst = (sums - 1).abs().max()
+        if worst > self.prob_tolerance:
+            raise InvalidInputError(
+                f"output_type='{self.output_type}' was declared, but the model's outputs do not sum to 1 "
+                f"over class_dim={self.class_dim} (worst row sums to {float(sums.flatten()[(sums - 1).abs().flatten().argmax()]):.4g}). "
+                "If the model returns logits, use output_type='logits'; otherwise check class_dim."
+            )
+        return p, torch.log(p)
+
+    def _check_unit_interval(self, p: torch.Tensor) -> None:
+        if bool((p < -self.prob_tolerance).any()) or bool((p > 1 + self.prob_tolerance).any()):
+            raise InvalidInputError(
+                f"output_type='{self.output_type}' was declared, but the model's outputs fall outside "
+                f"[0, 1] (min {float(p.min()):.4g}, max {float(p.max()):.4g}). If the model returns "
+                "logits, use output_type='logits'."
+            )
+
+    def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
+        """Merge a chunk of raw model outputs for rows ``start:stop``."""
+        p, logp = self.to_probs(chunk)
+        self.probs.update(start, stop, p, batch_size)
+        ent = -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+        ent = torch.where(torch.isfinite(ent), ent, torch.zeros_like(ent)).clamp_(min=0)
+        self.entropy.update(start, stop, ent, batch_size)
+        k = p.shape[-1]
+        hits = torch.nn.functional.one_hot(p.argmax(-1), k).sum(0, dtype=torch.int32)
+        if self.votes is None:
+            self.votes = torch.zeros((batch_size, *hits.shape[1:]), dtype=torch.int32, device=hits.device)
+        self.votes[start:stop] += hits
+
+
+class RegressionStats:
+    """Running statistics of regression outputs, with an optional per-sample aleatoric variance.
+
+    Args:
+        aleatoric: ``None``, ``"variance"`` or ``"log_variance"`` (what the second output is).
+    """
+
+    def __init__(self, aleatoric: str | None) -> None:
+        self.aleatoric = aleatoric
+        self.mean = RunningMoments()
+        self.noise = RunningMoments() if aleatoric else None
+
+    def update(
+        self, start: int, stop: int, chunk: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_size: int
+    ) -> None:
+        """Merge a chunk (or a ``(mean, variance)`` pair of chunks) for rows ``start:stop``."""
+        if self.noise is None:
+            assert isinstance(chunk, torch.Tensor)
+            self.mean.update(start, stop, chunk, batch_size)
+            return
+        mean, second = chunk
+        var = second.to(_acc_dtype(second))
+        if self.aleatoric == "log_variance":
+            var = var.exp()
+        elif bool((var < 0).any()):
+            raise InvalidInputError(
+                "aleatoric='variance' was declared, but the model's variance output has negative values "
+                f"(min {float(var.min()):.4g}). If it is a log-variance, use aleatoric='log_variance'."
+            )
+        if mean.shape != var.shape:
+            raise InvalidInputError(
+                f"The model's mean {tuple(mean.shape[1:])} and variance {tuple(var.shape[1:])} outputs "
+                "must have the same shape."
+            )
+        self.mean.update(start, stop, mean, batch_size)
+        self.noise.update(start, stop, var, batch_size)

@@ -1,0 +1,343 @@
+"""Predictions built from the sufficient statistics of N stochastic forward passes.
+
+Definitions (natural log throughout; ``p_t`` is the class-probability vector of sample ``t`` of N,
+``p̄ = (1/N) Σ_t p_t``; for regression ``y_t`` is sample ``t``'s output):
+
+Classification (:class:`ClassificationPrediction`)
+    * ``probs`` = p̄, the mean of the per-sample softmax (not the softmax of the mean logits).
+    * ``predicted`` = argmax p̄; ``confidence`` = max p̄.
+    * ``predictive_entropy`` = H[p̄] = -Σ_k p̄_k log p̄_k (total uncertainty).
+    * ``expected_entropy`` = (1/N) Σ_t H[p_t] (the aleatoric part).
+    * ``mutual_information`` = H[p̄] - (1/N) Σ_t H[p_t] ≥ 0 (the epistemic part, BALD).
+    * ``variation_ratio`` = 1 - (number of samples voting for the modal class) / N.
+    * ``std`` = per-class standard deviation of p_t across the N samples (divides by N).
+
+Regression (:class:`RegressionPrediction`)
+    * ``mean`` = (1/N) Σ_t y_t.
+    * ``variance`` = (1/N) Σ_t (y_t - mean)² — the epistemic variance (divides by N).
+    * ``aleatoric_variance`` = (1/N) Σ_t σ²_t when the model outputs a variance σ²_t per sample.
+    * ``total_variance`` = ``variance`` + ``aleatoric_variance`` (law of total variance).
+    * ``interval(level)`` = mean ± z_{(1+level)/2} · sqrt(total_variance): the central Gaussian interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mcdrop._checks import check_real
+from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
+from mcdrop.errors import InvalidInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["Prediction", "ClassificationPrediction", "RegressionPrediction", "concat_predictions"]
+
+
+def _per_input(t: torch.Tensor | None, name: str) -> Any:
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    if t.dim() != 1:
+        raise InvalidInputError(
+            f"to_frame() makes one row per input, but {name} has shape {tuple(t.shape)} per batch "
+            "(e.g. a segmentation map). Reduce it first, e.g. pred.predictive_entropy.mean((1, 2))."
+        )
+    return t.numpy()
+
+
+@dataclass
+class Prediction:
+    """Common base of the prediction classes: the number of samples, kept samples and targets.
+
+    Attributes:
+        n_samples: Number of stochastic forward passes per input.
+        samples: The raw selected model outputs, samples-first ``(N, batch, ...)``, when kept
+            (``keep_samples=True``), else ``None``.
+        targets: The targets collected by :meth:`mcdrop.MCDropout.predict_loader`, else ``None``.
+    """
+
+    n_samples: int
+    samples: torch.Tensor | None = field(default=None, repr=False)
+    targets: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return int(self._first().shape[0])
+
+    def _first(self) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def cpu(self) -> Prediction:
+        """Return a copy with every tensor moved to the CPU."""
+        moved = {
+            f.name: getattr(self, f.name).cpu()
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+@dataclass
+class ClassificationPrediction(Prediction):
+    """MC dropout prediction of a classifier (see the module docs for exact definitions).
+
+    Per-input tensors have the batch first; ``probs`` and ``std`` keep the class dimension where the
+    model had it (``(batch, K)``, or ``(batch, K, H, W)`` for segmentation).
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(),
+        ...                           torch.nn.Dropout(0.3), torch.nn.Linear(32, 3)).eval()
+        >>> pred = mcdrop.MCDropout(net, n_samples=30, seed=0).predict(torch.randn(5, 4))
+        >>> pred.probs.shape, pred.predicted.shape
+        (torch.Size([5, 3]), torch.Size([5]))
+        >>> bool((pred.mutual_information >= 0).all())
+        True
+    """
+
+    probs: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    std: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    predictive_entropy: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    expected_entropy: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    variation_ratio: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    class_dim: int = 1
+
+    @property
+    def task(self) -> str:
+        """Always ``"classification"``."""
+        return "classification"
+
+    def _first(self) -> torch.Tensor:
+        return self.probs
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        """The class with the highest mean probability, ``argmax_k p̄_k``."""
+        return self.probs.argmax(self.class_dim)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """The highest mean probability, ``max_k p̄_k``."""
+        return self.probs.amax(self.class_dim)
+
+    @property
+    def mutual_information(self) -> torch.Tensor:
+        """H[p̄] - E_t H[p_t], clamped at 0 against rounding: the epistemic uncertainty (BALD)."""
+        return (self.predictive_entropy - self.expected_entropy).clamp(min=0)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes K."""
+        return int(self.probs.shape[self.class_dim])
+
+    @classmethod
+    def from_stats(
+        cls, stats: ClassificationStats, n_samples: int, store: SampleStore | None, class_dim: int
+    ) -> ClassificationPrediction:
+        """Finish the running statistics into a prediction."""
+        assert stats.probs.mean is not None and stats.entropy.mean is not None and stats.votes is not None
+        mean = stats.probs.mean.clamp(min=0)
+        mean = mean / mean.sum(-1, keepdim=True)
+        std = stats.probs.variance.sqrt()
+        predictive = torch.special.entr(mean).sum(-1)
+        expected = stats.entropy.mean.clamp(min=0)
+        ratio = 1.0 - stats.votes.amax(-1).to(mean.dtype) / n_samples
+        out_dim = class_dim if class_dim >= 0 else mean.dim() + class_dim
+        return cls(
+            n_samples=n_samples,
+            samples=None if store is None else store.data,
+            probs=mean.movedim(-1, out_dim),
+            std=std.movedim(-1, out_dim),
+            predictive_entropy=predictive,
+            expected_entropy=expected,
+            variation_ratio=ratio,
+            class_dim=out_dim,
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per input: prediction, confidence, the uncertainty scores, target and correctness.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5),
+            ...                           torch.nn.Linear(8, 2)).eval()
+            >>> df = mcdrop.MCDropout(net, n_samples=10, seed=0).predict(torch.randn(3, 4)).to_frame()
+            >>> list(df.columns)[:3]
+            ['predicted', 'confidence', 'predictive_entropy']
+        """
+        import pandas as pd
+
+        data = {
+            "predicted": _per_input(self.predicted, "predicted"),
+            "confidence": _per_input(self.confidence, "confidence"),
+            "predictive_entropy": _per_input(self.predictive_entropy, "predictive_entropy"),
+            "expected_entropy": _per_input(self.expected_entropy, "expected_entropy"),
+            "mutual_information": _per_input(self.mutual_information, "mutual_information"),
+            "variation_ratio": _per_input(self.variation_ratio, "variation_ratio"),
+        }
+        if self.targets is not None and self.targets.dim() == 1:
+            target = self.targets.detach().cpu()
+            data["target"] = target.numpy()
+            data["correct"] = (self.predicted.detach().cpu() == target).numpy()
+        probs = self.probs.detach().cpu()
+        for k in range(self.n_classes):
+            data[f"prob_{k}"] = probs.select(self.class_dim, k).numpy()
+        return pd.DataFrame(data)
+
+
+@dataclass
+class RegressionPrediction(Prediction):
+    """MC dropout prediction of a regression model (see the module docs for exact definitions).
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.ReLU(),
+        ...                           torch.nn.Dropout(0.2), torch.nn.Linear(32, 1)).eval()
+        >>> pred = mcdrop.MCDropout(net, n_samples=50, task="regression", seed=0).predict(torch.randn(4, 2))
+        >>> pred.mean.shape, bool((pred.std > 0).all())
+        (torch.Size([4, 1]), True)
+        >>> low, high = pred.interval(0.9)
+        >>> bool((low < pred.mean).all() and (pred.mean < high).all())
+        True
+    """
+
+    mean: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    variance: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    aleatoric_variance: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def task(self) -> str:
+        """Always ``"regression"``."""
+        return "regression"
+
+    def _first(self) -> torch.Tensor:
+        return self.mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        """sqrt(variance): the epistemic standard deviation."""
+        return self.variance.sqrt()
+
+    @property
+    def total_variance(self) -> torch.Tensor:
+        """Epistemic plus aleatoric variance (just the epistemic one without an aleatoric head)."""
+        if self.aleatoric_variance is None:
+            return self.variance
+        return self.variance + self.aleatoric_variance
+
+    @property
+    def total_std(self) -> torch.Tensor:
+        """sqrt(total_variance)."""
+        return self.total_variance.sqrt()
+
+    def interval(self, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+        """Central Gaussian interval ``mean ± z · sqrt(total_variance)`` with ``z = Φ⁻¹((1+level)/2)``.
+
+        Args:
+            level: Coverage probability in (0, 1).
+
+        Returns:
+            ``(lower, upper)`` tensors shaped like ``mean``.
+        """
+        level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
+        z = NormalDist().inv_cdf((1 + level) / 2)
+        half = z * self.total_std
+        return self.mean - half, self.mean + half
+
+    @classmethod
+    def from_stats(
+        cls, stats: RegressionStats, n_samples: int, store: SampleStore | None
+    ) -> RegressionPrediction:
+        """Finish the running statistics into a prediction."""
+        assert stats.mean.mean is not None
+        return cls(
+            n_samples=n_samples,
+            samples=None if store is None else store.data,
+            mean=stats.mean.mean,
+            variance=stats.mean.variance,
+            aleatoric_variance=None if stats.noise is None else stats.noise.mean,
+        )
+
+    def to_frame(self, level: float = 0.95) -> pd.DataFrame:
+        """One row per input: mean, std (epistemic, aleatoric, total), interval bounds, target.
+
+        Multi-output models get one column group per output (``mean_0``, ``mean_1``, ...).
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.2),
+            ...                           torch.nn.Linear(8, 1)).eval()
+            >>> df = mcdrop.MCDropout(net, n_samples=10, task="regression", seed=0).predict(
+            ...     torch.randn(3, 2)).to_frame()
+            >>> list(df.columns)[:3]
+            ['mean', 'std', 'total_std']
+        """
+        import pandas as pd
+
+        low, high = self.interval(level)
+        columns = {
+            "mean": self.mean,
+            "std": self.std,
+            "aleatoric_std": None if self.aleatoric_variance is None else self.aleatoric_variance.sqrt(),
+            "total_std": self.total_std,
+            f"lower_{level:g}": low,
+            f"upper_{level:g}": high,
+            "target": self.targets,
+        }
+        data: dict[str, Any] = {}
+        for name, t in columns.items():
+            if t is None:
+                continue
+            t = t.detach().cpu()
+            if t.dim() == 2 and t.shape[1] == 1:
+                t = t[:, 0]
+            if t.dim() == 1:
+                data[name] = t.numpy()
+            elif t.dim() == 2:
+                for j in range(t.shape[1]):
+                    data[f"{name}_{j}"] = t[:, j].numpy()
+            else:
+                raise InvalidInputError(
+                    f"to_frame() makes one row per input, but {name} has shape {tuple(t.shape)}."
+                )
+        return pd.DataFrame(data)
+
+
+def concat_predictions(parts: list[Prediction]) -> Prediction:
+    """Concatenate predictions of consecutive batches along the batch dimension.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+        >>> mc = mcdrop.MCDropout(net.eval(), n_samples=5, seed=0)
+        >>> both = mcdrop.concat_predictions([mc.predict(torch.randn(2, 2)), mc.predict(torch.randn(3, 2))])
+        >>> len(both)
+        5
+    """
+    if not parts:
+        raise InvalidInputError("concat_predictions needs at least one prediction.")
+    first = parts[0]
+    kinds = {type(p) for p in parts}
+    if len(kinds) > 1 or len({p.n_samples for p in parts}) > 1:
+        raise InvalidInputError(
+            "Only predictions of the same task and number of samples can be concatenated."
+        )
+    values: dict[str, Any] = {}
+    for f in fields(first):
+        items = [getattr(p, f.name) for p in parts]
+        if f.name == "samples":
+            values[f.name] = None if any(i is None for i in items) else torch.cat(items, 1)
+        elif isinstance(items[0], torch.Tensor):
+            values[f.name] = None if any(i is None for i in items) else torch.cat(items, 0)
+        else:
+            values[f.name] = items[0]
+    return type(first)(**values)

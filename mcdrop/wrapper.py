@@ -1,0 +1,415 @@
+"""``MCDropout``: the one object a user needs — policy, sampling engine and predictions tied together."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcdrop._checks import check_choice, check_int
+from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
+from mcdrop.errors import InvalidInputError, InvalidTypeError, NoRandomnessWarning
+from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction, concat_predictions
+from mcdrop.sampling import (
+    DEFAULT_MEMORY_BUDGET,
+    OutputSelector,
+    model_device_dtype,
+    prepare_inputs,
+    sample_chunks,
+)
+from mcdrop.stochastic import StochasticPolicy, StochasticSite
+
+__all__ = ["MCDropout"]
+
+_TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+class MCDropout:
+    """Monte Carlo dropout for any PyTorch model: N stochastic passes in batch, and their statistics.
+
+    The model is never moved, cast or modified: on every call its dropout (and only its dropout,
+    see :mod:`mcdrop.stochastic`) is switched on, the passes are drawn, and every module's
+    ``training`` flag is restored, also when an exception interrupts.
+
+    Args:
+        model: A trained ``nn.Module`` (its device and floating dtype are used for the inputs).
+        n_samples: Number of stochastic forward passes N per input (≥ 1).
+        task: ``"classification"``, ``"regression"`` or ``"auto"``. ``"auto"`` picks regression when
+            ``aleatoric`` is set or one output per input comes out (shape ``(batch,)`` or
+            ``(batch, 1)``), classification otherwise; say ``task="regression"`` for a multi-output
+            regression model and ``task="classification"`` for a one-logit binary classifier.
+        output_type: For classification, what the model returns: ``"logits"`` (default),
+            ``"probs"`` or ``"log_probs"``. One output per input means a binary classifier's
+            positive class (sigmoid of the logit).
+        aleatoric: For regression models that also predict their noise: ``"variance"`` or
+            ``"log_variance"``. The model must then output ``(mean, variance)`` as a pair of tensors,
+            or one tensor whose last dim holds the two halves.
+        class_dim: Class dimension of the model output, batch first (default 1, PyTorch's
+            convention; ``(batch, K, H, W)`` segmentation maps work as they are).
+        batch_dim: Batch dimension of the inputs: an int for all of them, or a mapping from argument
+            names / dict keys / positional indices to an int, or ``None`` for a tensor that is not
+            batched (shared by all rows); ``"*"`` gives the default for the rest.
+        output_batch_dim: Batch dimension of the analysed output; defaults to ``batch_dim`` when that
+            is an int, else 0. Results are always returned batch first.
+        output: Which part of the model output to analyse: ``None`` (a tensor as is; the ``logits``
+            of a dict or output object; the first element of a tuple), a key or attribute name, a
+            tuple index, or a callable ``output(model_output) -> tensor``.
+        max_batch_size: Most rows per forward pass (replicas times inputs). ``None`` chooses from
+            ``memory_budget`` and the sizes of inputs and outputs.
+        memory_budget: Bytes one forward pass may use, for the automatic choice (default 256 MiB).
+        seed: Makes the samples exactly reproducible: a wrapper built with the same seed draws the
+            same sequence of samples over the same calls. The global RNG state is left untouched.
+            ``None`` draws from (and advances) torch's global RNG.
+        keep_samples: Keep the raw outputs ``(N, batch, ...)`` in ``prediction.samples``.
+        drop_path: Also sample drop-path / stochastic-depth modules.
+        include: Extra modules to switch on (see :func:`mcdrop.find_stochastic_sites`).
+        exclude: Modules to keep in eval mode (see :func:`mcdrop.find_stochastic_sites`).
+
+    Raises:
+        NoDropoutError: The model has no dropout randomness to sample.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(),
+        ...                           torch.nn.Dropout(0.3), torch.nn.Linear(32, 3)).eval()
+        >>> mc = mcdrop.MCDropout(net, n_samples=20, seed=0)
+        >>> mc.sample(torch.randn(8, 4)).shape
+        torch.Size([20, 8, 3])
+        >>> pred = mc.predict(torch.randn(8, 4))
+        >>> pred.probs.shape, pred.mutual_information.shape
+        (torch.Size([8, 3]), torch.Size([8]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_samples: int = 50,
+        *,
+        task: str = "auto",
+        output_type: str = "logits",
+        aleatoric: str | None = None,
+        class_dim: int = 1,
+        batch_dim: int | Mapping[Any, int | None] = 0,
+        output_batch_dim: int | None = None,
+        output: OutputSelector = None,
+        max_batch_size: int | None = None,
+        memory_budget: int | None = None,
+        seed: int | None = None,
+        keep_samples: bool = False,
+        drop_path: bool = False,
+        include: Any = None,
+        exclude: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        self.model = model
+        self.n_samples = check_int(n_samples, "n_samples", minimum=1)
+        self.task = check_choice(task, ("auto", "classification", "regression"), "task")
+        self.output_type = check_choice(output_type, ("logits", "probs", "log_probs"), "output_type")
+        if aleatoric is not None:
+            check_choice(aleatoric, ("variance", "log_variance"), "aleatoric")
+            if self.task == "classification":
+                raise InvalidInputError(
+                    "aleatoric= applies to regression; it cannot be used with task='classification'."
+                )
+        self.aleatoric = aleatoric
+        self.class_dim = check_int(class_dim, "class_dim")
+        if not isinstance(batch_dim, Mapping):
+            check_int(batch_dim, "batch_dim")
+        self.batch_dim = batch_dim
+        if output_batch_dim is None:
+            output_batch_dim = batch_dim if isinstance(batch_dim, int) else 0
+        self.output_batch_dim = check_int(output_batch_dim, "output_batch_dim")
+        if not (output is None or callable(output) or isinstance(output, (str, int))):
+            raise InvalidTypeError(
+                f"output must be None, a key/attribute name, a tuple index or a callable; got {output!r}."
+            )
+        self.output = output
+        self.max_batch_size = (
+            None if max_batch_size is None else check_int(max_batch_size, "max_batch_size", minimum=1)
+        )
+        self.memory_budget = (
+            DEFAULT_MEMORY_BUDGET
+            if memory_budget is None
+            else check_int(memory_budget, "memory_budget", minimum=1)
+        )
+        self.seed = None if seed is None else check_int(seed, "seed", minimum=0)
+        self.keep_samples = bool(keep_samples)
+        self.policy = StochasticPolicy(model, drop_path=drop_path, include=include, exclude=exclude)
+        self._rng_state: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def sites(self) -> list[StochasticSite]:
+        """Every stochastic site found in the model, sampled or not."""
+        return list(self.policy.sites)
+
+    def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Draw the N stochastic outputs for one batch of inputs, samples-first.
+
+        Args:
+            *args: Positional inputs of the model (tensors are replicated along ``batch_dim``).
+            **kwargs: Keyword inputs of the model.
+
+        Returns:
+            The selected output (see ``output=``) of every pass, shape ``(n_samples, batch, ...)``;
+            a ``(mean, variance)`` pair of such tensors for an ``aleatoric`` model.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5)).eval()
+            >>> s = mcdrop.MCDropout(net, n_samples=4, seed=1).sample(torch.ones(2, 3))
+            >>> s.shape, bool((s[0] != s[1]).any())
+            (torch.Size([4, 2, 8]), True)
+        """
+        store = SampleStore(self.n_samples)
+        store2 = SampleStore(self.n_samples) if self.aleatoric else None
+        with self._session():
+            inputs = self._prepare(args, kwargs)
+            for start, stop, chunk in self._chunks(inputs):
+                if store2 is not None:
+                    store.update(start, stop, chunk[0], inputs.batch_size)
+                    store2.update(start, stop, chunk[1], inputs.batch_size)
+                else:
+                    store.update(start, stop, chunk, inputs.batch_size)
+        assert store.data is not None
+        self._warn_if_identical_samples(store.data)
+        return store.data if store2 is None else (store.data, store2.data)  # type: ignore[return-value]
+
+    def predict(self, *args: Any, **kwargs: Any) -> Prediction:
+        """Draw N passes for one batch and reduce them to a :class:`~mcdrop.Prediction`.
+
+        Statistics are streamed chunk by chunk, so memory does not grow with N unless
+        ``keep_samples=True``.
+
+        Args:
+            *args: Positional inputs of the model.
+            **kwargs: Keyword inputs of the model (or unpack a dict: ``mc.predict(**batch)``).
+
+        Returns:
+            A :class:`~mcdrop.ClassificationPrediction` or :class:`~mcdrop.RegressionPrediction`.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2),
+            ...                           torch.nn.Linear(16, 1)).eval()
+            >>> pred = mcdrop.MCDropout(net, n_samples=25, seed=0).predict(torch.randn(6, 4))
+            >>> pred.task, pred.mean.shape
+            ('regression', torch.Size([6, 1]))
+        """
+        with self._session():
+            return self._predict_one(args, kwargs)
+
+    def predict_loader(
+        self,
+        loader: Iterable[Any],
+        *,
+        unpack: Callable[[Any], tuple[Any, Any]] | None = None,
+        progress: bool = True,
+    ) -> Prediction:
+        """One prediction over a whole ``DataLoader`` (or any iterable of batches), with targets.
+
+        Args:
+            loader: Yields batches: a tensor; a tuple/list ``(inputs, targets, ...)``; or a dict of
+                model keyword inputs, from which the keys ``labels``, ``label``, ``targets``,
+                ``target`` and ``y`` are taken out as targets.
+            unpack: ``unpack(batch) -> (inputs, targets)`` for other batch layouts; ``inputs`` is a
+                tensor, a tuple of positional inputs or a dict of keyword inputs; ``targets`` may be
+                ``None``.
+            progress: Show a tqdm progress bar.
+
+        Returns:
+            The predictions of all batches concatenated, with ``targets`` filled in when the
+            batches carried them.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2),
+            ...                           torch.nn.Linear(16, 3)).eval()
+            >>> data = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+            >>> pred = mcdrop.MCDropout(net, n_samples=5, seed=0).predict_loader(
+            ...     DataLoader(data, batch_size=4), progress=False)
+            >>> len(pred), pred.targets.shape
+            (10, torch.Size([10]))
+        """
+        from tqdm.auto import tqdm
+
+        parts: list[Prediction] = []
+        targets: list[torch.Tensor] = []
+        has_targets = True
+        with self._session():
+            for batch in tqdm(loader, desc="MC dropout", unit="batch", disable=not progress, leave=False):
+                inputs, target = (unpack or _default_unpack)(batch)
+                if isinstance(inputs, Mapping):
+                    args, kwargs = (), dict(inputs)
+                elif isinstance(inputs, tuple):
+                    args, kwargs = inputs, {}
+                else:
+                    args, kwargs = (inputs,), {}
+                parts.append(self._predict_one(args, kwargs))
+                if target is None:
+                    has_targets = False
+                elif has_targets:
+                    targets.append(torch.as_tensor(target).detach().cpu())
+        if not parts:
+            raise InvalidInputError("The loader yielded no batches: there is nothing to predict.")
+        result = concat_predictions(parts)
+        if has_targets and targets:
+            result.targets = torch.cat(targets, 0)
+            if result.targets.shape[0] != len(result):
+                raise InvalidInputError(
+                    f"The loader's targets have {result.targets.shape[0]} rows for {len(result)} inputs."
+                )
+        return result
+
+    def describe(self) -> Any:
+        """The stochastic sites as a pandas DataFrame (path, kind, module type, rate, sampled, note).
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+            >>> mcdrop.MCDropout(net).describe()[["path", "kind", "rate"]].values.tolist()
+            [['1', 'dropout', 0.1]]
+        """
+        import pandas as pd
+
+        return pd.DataFrame(self.policy.describe())
+
+    def __repr__(self) -> str:
+        sampled = len(self.policy.sampled_sites)
+        return (
+            f"MCDropout({type(self.model).__name__}, n_samples={self.n_samples}, task={self.task!r}, "
+            f"sampled_sites={sampled})"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        device, dtype = model_device_dtype(self.model)
+        return prepare_inputs(args, kwargs, batch_dim=self.batch_dim, device=device, dtype=dtype)
+
+    def _chunks(self, inputs: Any) -> Iterator[tuple[int, int, Any]]:
+        return sample_chunks(
+            self.model,
+            inputs,
+            n_samples=self.n_samples,
+            max_batch_size=self.max_batch_size,
+            memory_budget=self.memory_budget,
+            output=self.output,
+            output_batch_dim=self.output_batch_dim,
+            pair=self.aleatoric is not None,
+        )
+
+    def _predict_one(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prediction:
+        inputs = self._prepare(args, kwargs)
+        stats: ClassificationStats | RegressionStats | None = None
+        store = SampleStore(self.n_samples) if self.keep_samples else None
+        task = self.task
+        for start, stop, chunk in self._chunks(inputs):
+            if stats is None:
+                task = self._resolve_task(chunk)
+                stats = (
+                    ClassificationStats(self.output_type, self.class_dim)
+                    if task == "classification"
+                    else RegressionStats(self.aleatoric)
+                )
+            stats.update(start, stop, chunk, inputs.batch_size)
+            if store is not None:
+                store.update(start, stop, chunk[0] if isinstance(chunk, tuple) else chunk, inputs.batch_size)
+        assert stats is not None
+        if isinstance(stats, ClassificationStats):
+            pred: Prediction = ClassificationPrediction.from_stats(
+                stats, self.n_samples, store, self.class_dim
+            )
+            moments = stats.probs
+        else:
+            pred = RegressionPrediction.from_stats(stats, self.n_samples, store)
+            moments = stats.mean
+        if self.n_samples > 1 and self.policy.has_randomness and _negligible(moments.variance, moments.mean):
+            self._warn_identical()
+        return pred
+
+    def _resolve_task(self, chunk: Any) -> str:
+        if self.task != "auto":
+            return self.task
+        if self.aleatoric is not None or self.output_type != "logits":
+            return "regression" if self.aleatoric is not None else "classification"
+        per_input = chunk.shape[2:]
+        if len(per_input) == 0 or (len(per_input) == 1 and per_input[0] == 1):
+            return "regression"
+        return "classification"
+
+    def _warn_if_identical_samples(self, samples: torch.Tensor) -> None:
+        var, mean = torch.var_mean(samples.float(), 0, correction=0)
+        if self.n_samples > 1 and self.policy.has_randomness and _negligible(var, mean):
+            self._warn_identical()
+
+    def _warn_identical(self) -> None:
+        warnings.warn(
+            f"All {self.n_samples} MC samples are identical although the model has dropout sites "
+            f"({', '.join(s.path or '<model>' for s in self.policy.sampled_sites)}): the dropout does not "
+            "reach the selected output (e.g. it sits in a branch that is not used, or is applied to a "
+            "tensor that is all zeros). The uncertainty estimates are all zero.",
+            NoRandomnessWarning,
+            stacklevel=3,
+        )
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[None]:
+        """Dropout on, gradients off, and the wrapper's own RNG stream when seeded."""
+        with self.policy.activate(), torch.no_grad(), self._rng():
+            yield
+
+    @contextlib.contextmanager
+    def _rng(self) -> Iterator[None]:
+        if self.seed is None:
+            yield
+            return
+        device, _ = model_device_dtype(self.model)
+        cuda_index = None
+        if device is not None and device.type == "cuda":
+            cuda_index = device.index if device.index is not None else torch.cuda.current_device()
+        devices = [] if cuda_index is None else [cuda_index]
+        with torch.random.fork_rng(devices=devices):
+            if self._rng_state is None:
+                torch.random.default_generator.manual_seed(self.seed)
+                if cuda_index is not None:
+                    torch.cuda.default_generators[cuda_index].manual_seed(self.seed)
+            else:
+                torch.set_rng_state(self._rng_state["cpu"])
+                if cuda_index is not None and "cuda" in self._rng_state:
+                    torch.cuda.set_rng_state(self._rng_state["cuda"], cuda_index)
+            try:
+                yield
+            finally:
+                state = {"cpu": torch.get_rng_state()}
+                if cuda_index is not None:
+                    state["cuda"] = torch.cuda.get_rng_state(cuda_index)
+                self._rng_state = state
+
+
+def _negligible(variance: torch.Tensor, mean: torch.Tensor) -> bool:
+    """True when the samples differ by no more than float rounding (relative 1e-6)."""
+    return bool((variance <= (1e-6 * mean.abs().clamp(min=1.0)).square()).all())
+
+
+def _default_unpack(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k not in _TARGET_KEYS}
+        target = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
+        return inputs, target
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise InvalidInputError("The loader yielded an empty batch tuple.")
+        if len(batch) == 1:
+            return batch[0], None
+        return batch[0], batch[1]
+    raise InvalidTypeError(
+        f"Cannot unpack a batch of type {type(batch).__name__}; pass unpack=lambda batch: (inputs, targets)."
+    )
