@@ -1,0 +1,268 @@
+"""The ``mcdrop`` command: ``mcdrop demo`` and ``mcdrop report``.
+
+Bad input (a missing file, an unreadable model, wrong columns, mismatched shapes) exits with code 2
+and one clear message on stderr, never a traceback.
+
+Example:
+    >>> from mcdrop.cli import build_parser
+    >>> build_parser().parse_args(["demo", "--out", "rep"]).out
+    'rep'
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``mcdrop`` command."""
+    parser = argparse.ArgumentParser(
+        prog="mcdrop", description="Monte Carlo dropout uncertainty reports for PyTorch models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small dropout MLP on bundled digits and write its report")
+    demo.add_argument("--out", default="mcdrop-report", help="report folder (default: %(default)s)")
+    demo.add_argument("--n-samples", type=int, default=100, help="MC passes per input (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=40, help="training epochs (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="overwrite an existing report folder")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
+
+    rep = sub.add_parser("report", help="evaluate a saved model on a data file and write its report")
+    rep.add_argument("--model", required=True, help="TorchScript file (.pt), or package.module:factory")
+    rep.add_argument("--weights", help="state-dict file for a package.module:factory model")
+    rep.add_argument("--trust-code", action="store_true", help="allow importing the factory's module")
+    rep.add_argument("--data", required=True, help=".npz, .pt or .csv file with inputs and targets")
+    rep.add_argument("--target", default="y", help="target column/key (default: %(default)s)")
+    rep.add_argument("--inputs", default=None, help="input key for .npz/.pt (default: 'x' or 'X')")
+    rep.add_argument("--ood", help="out-of-distribution data file, same format (targets optional)")
+    rep.add_argument("--task", choices=["classification", "regression", "auto"], default="auto")
+    rep.add_argument("--n-samples", type=int, default=50)
+    rep.add_argument("--batch-size", type=int, default=256)
+    rep.add_argument("--device", default="cpu", help="where to evaluate, e.g. cpu or cuda:0 (default: cpu)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--out", default="mcdrop-report", help="report folder (default: %(default)s)")
+    rep.add_argument("--force", action="store_true", help="overwrite an existing report folder")
+    rep.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit code (0 success, 2 bad input).
+
+    Example:
+        >>> from mcdrop.cli import main
+        >>> main(["report", "--model", "missing.pt", "--data", "missing.npz", "--out", "x"])
+        2
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from mcdrop.errors import McdropError
+
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        return _report(args)
+    except (CliError, McdropError, FileNotFoundError, FileExistsError) as err:
+        print(f"mcdrop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import mcdrop
+    from mcdrop._demo import load_digits_data, train_digits_mlp
+
+    out = Path(args.out)
+    _check_out(out, args.force)
+    started = time.perf_counter()
+    _say(args, "mcdrop demo: training a dropout MLP on scikit-learn's digits ...")
+    data = load_digits_data(seed=args.seed)
+    model = train_digits_mlp(data, epochs=args.epochs, seed=args.seed)
+    _say(
+        args,
+        f"  trained in {time.perf_counter() - started:.1f} s; evaluating with MC dropout (N = {args.n_samples}) ...",
+    )
+    mc = mcdrop.MCDropout(model, n_samples=args.n_samples, seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data.x_test, data.y_test), batch_size=256
+    )
+    pred = mc.predict_loader(loader, progress=not args.quiet)
+    ood = mc.predict(data.x_ood)
+    report = mcdrop.report(pred, ood=ood, title="mcdrop demo: dropout MLP on scikit-learn digits", model=mc)
+    if not args.quiet:
+        print(report.summary[["metric", "value"]].to_string(index=False))
+    report.save(out, overwrite=args.force)
+    _say(args, f"mcdrop demo: report written to {out.resolve()} (open {out.resolve() / 'report.html'})")
+    return 0
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force and any(out.iterdir()):
+        raise CliError(f"the output folder {out} exists and is not empty; pass --force to overwrite it")
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    import torch
+
+    spec = args.model
+    path = Path(spec)
+    if path.suffix in (".pt", ".pth", ".ts", ".torchscript") or path.exists():
+        if not path.exists():
+            raise CliError(f"model file {spec} not found")
+        try:
+            return torch.jit.load(str(path), map_location=args.device)
+        except Exception as err:  # noqa: BLE001 - any failure here means "not a TorchScript file"
+            raise CliError(
+                f"could not load {spec} as a TorchScript model ({type(err).__name__}). Save it with "
+                "torch.jit.save(torch.jit.script(model), path), or give package.module:factory with --weights"
+            ) from None
+    if ":" not in spec:
+        raise CliError(f"--model {spec!r} is neither an existing file nor of the form package.module:factory")
+    if not args.trust_code:
+        raise CliError(
+            f"--model {spec} imports and runs Python code from module {spec.split(':')[0]!r}; pass --trust-code "
+            "if you trust it"
+        )
+    module_name, factory_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise CliError(f"cannot import module {module_name!r}: {err}") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise CliError(f"module {module_name!r} has no callable {factory_name!r}")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    if args.weights:
+        wpath = Path(args.weights)
+        if not wpath.exists():
+            raise CliError(f"weights file {wpath} not found")
+        try:
+            state = torch.load(str(wpath), map_location=args.device, weights_only=True)
+            model.load_state_dict(state)
+        except Exception as err:  # noqa: BLE001
+            raise CliError(f"could not load weights {wpath}: {err}") from None
+    return model.to(args.device).eval()
+
+
+def _load_data(path_text: str, args: argparse.Namespace, need_target: bool) -> tuple[Any, Any]:
+    import numpy as np
+    import torch
+
+    path = Path(path_text)
+    if not path.exists():
+        raise CliError(f"data file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path)
+        except Exception as err:  # noqa: BLE001
+            raise CliError(f"could not read {path} as CSV: {err}") from None
+        if args.target in frame.columns:
+            y = frame[args.target].to_numpy()
+            x = frame.drop(columns=[args.target])
+        elif need_target:
+            raise CliError(f"{path} has no target column {args.target!r}; columns are {list(frame.columns)}")
+        else:
+            y, x = None, frame
+        non_numeric = [c for c in x.columns if not np.issubdtype(x[c].dtype, np.number)]
+        if non_numeric:
+            raise CliError(f"{path}: input columns must be numeric; these are not: {non_numeric}")
+        xs = torch.from_numpy(x.to_numpy(dtype=np.float32))
+        return xs, None if y is None else torch.from_numpy(np.asarray(y))
+    if suffix == ".npz":
+        try:
+            store = dict(np.load(path, allow_pickle=False))
+        except Exception as err:  # noqa: BLE001
+            raise CliError(f"could not read {path} as .npz: {err}") from None
+    elif suffix in (".pt", ".pth"):
+        try:
+            store = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise CliError(f"could not read {path} as a tensor dict: {err}") from None
+        if not isinstance(store, dict):
+            raise CliError(f"{path} must hold a dict of tensors, e.g. {{'x': X, 'y': y}}")
+    else:
+        raise CliError(f"unsupported data format {suffix!r} for {path}; use .npz, .pt or .csv")
+    keys = [args.inputs] if args.inputs else ["x", "X", "inputs"]
+    x_key = next((k for k in keys if k in store), None)
+    if x_key is None:
+        raise CliError(f"{path} has no inputs under {keys}; keys are {sorted(store)} (use --inputs)")
+    x = torch.as_tensor(store[x_key])
+    if x.is_floating_point():
+        x = x.float()
+    y = store.get(args.target)
+    if y is None and need_target:
+        raise CliError(
+            f"{path} has no targets under {args.target!r}; keys are {sorted(store)} (use --target)"
+        )
+    y = None if y is None else torch.as_tensor(y)
+    if y is not None and len(y) != len(x):
+        raise CliError(f"{path}: {len(x)} inputs but {len(y)} targets")
+    return x, y
+
+
+def _report(args: argparse.Namespace) -> int:
+    import torch
+
+    import mcdrop
+
+    out = Path(args.out)
+    _check_out(out, args.force)
+    if args.n_samples < 1:
+        raise CliError(f"--n-samples must be at least 1; got {args.n_samples}")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1; got {args.batch_size}")
+    model = _load_model(args)
+    x, y = _load_data(args.data, args, need_target=True)
+    mc = mcdrop.MCDropout(model, n_samples=args.n_samples, task=args.task, seed=args.seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch_size)
+    try:
+        pred = mc.predict_loader(loader, progress=not args.quiet)
+    except mcdrop.McdropError:
+        raise
+    except RuntimeError as err:
+        raise CliError(
+            f"the model failed on inputs of shape {tuple(x.shape)} from {args.data}: {str(err).splitlines()[0]}"
+        ) from None
+    ood = None
+    if args.ood:
+        x_ood, _ = _load_data(args.ood, args, need_target=False)
+        if x_ood.shape[1:] != x.shape[1:]:
+            raise CliError(
+                f"--ood inputs have shape {tuple(x_ood.shape[1:])} per row; --data has {tuple(x.shape[1:])}"
+            )
+        ood = mcdrop.concat_predictions(
+            [mc.predict(x_ood[i : i + args.batch_size]) for i in range(0, len(x_ood), args.batch_size)]
+        )
+    report = mcdrop.report(pred, ood=ood, title=f"mcdrop report: {args.model} on {args.data}", model=mc)
+    report.save(out, overwrite=args.force)
+    _say(args, f"mcdrop report: written to {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
