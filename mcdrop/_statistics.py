@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mcdrop.errors import InvalidInputError
+from mcdrop.errors import InvalidInputError, NonFiniteError
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -166,6 +166,12 @@ class RegressionStats:
         self, start: int, stop: int, chunk: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_size: int
     ) -> None:
         """Merge a chunk (or a ``(mean, variance)`` pair of chunks) for rows ``start:stop``."""
+        for part in chunk if isinstance(chunk, tuple) else (chunk,):
+            if bool(torch.isinf(part).any()):
+                raise NonFiniteError(
+                    "The model produced infinite regression outputs while dropout was on; outputs must "
+                    "be finite (check for overflow, e.g. exp of a large log-variance, or float16 range)."
+                )
         if self.noise is None:
             assert isinstance(chunk, torch.Tensor)
             self.mean.update(start, stop, chunk, batch_size)

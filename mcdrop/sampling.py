@@ -96,10 +96,17 @@ def _path_name(path: tuple[Any, ...]) -> str:
 
 
 def _dim_for(path: tuple[Any, ...], batch_dim: int | Mapping[Any, int | None]) -> int | None:
+    """The batch dim of the leaf at ``path``.
+
+    String keys name keywords or dict keys (innermost first); int keys name positional arguments
+    only (never list elements).
+    """
     if isinstance(batch_dim, Mapping):
-        for key in (path[-1], path[0]):
-            if key in batch_dim:
+        for key in reversed(path):
+            if isinstance(key, str) and key in batch_dim:
                 return batch_dim[key]
+        if isinstance(path[0], int) and path[0] in batch_dim:
+            return batch_dim[path[0]]
         return batch_dim.get("*", 0)
     return batch_dim
 
@@ -158,9 +165,6 @@ def prepare_inputs(
     batch_size = distinct.pop()
     if batch_size == 0:
         raise InvalidInputError("The batch is empty (batch size 0): there is nothing to predict.")
-    for path, tensor in leaves:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise NonFiniteError(f"{_path_name(path)} contains NaN or infinity; inputs must be finite.")
 
     def convert(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -176,12 +180,27 @@ def prepare_inputs(
             return type(obj)(convert(v) for v in obj)
         return obj
 
-    return Inputs(
+    converted = Inputs(
         args=tuple(convert(a) for a in args),
         kwargs={k: convert(v) for k, v in kwargs.items()},
         batch_size=batch_size,
         dims=dims,
     )
+    # Checked after the cast to the model's dtype, so a float64 value that overflows float32 is caught.
+    for i, a in enumerate(converted.args):
+        _check_finite_inputs(_leaves(a, (i,)))
+    for k, v in converted.kwargs.items():
+        _check_finite_inputs(_leaves(v, (k,)))
+    return converted
+
+
+def _check_finite_inputs(leaves: Iterator[tuple[tuple[Any, ...], torch.Tensor]]) -> None:
+    for path, tensor in leaves:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"{_path_name(path)} contains NaN or infinity (after casting to the model's dtype "
+                f"{tensor.dtype}); inputs must be finite."
+            )
 
 
 def input_bytes_per_row(inputs: Inputs) -> int:
@@ -209,7 +228,9 @@ def slice_batch(inputs: Inputs, start: int, stop: int) -> Inputs:
 def replicate(inputs: Inputs, k: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Repeat every batched input ``k`` times along its batch dim, sample-major (``s * b + i``)."""
     if k == 1:
-        return inputs.args, inputs.kwargs
+        # A copy all the same: a model that modifies its input in place (e.g. an in-place dropout
+        # on the input) must neither change the caller's tensors nor compound across passes.
+        return inputs.map(lambda t, d: t.clone())
 
     def rep(t: torch.Tensor, d: int) -> torch.Tensor:
         shape = list(t.shape)
@@ -374,6 +395,9 @@ def sample_chunks(
     allow; its output size then fixes the row budget for the rest.
     """
     batch = inputs.batch_size
+    # Off the CPU, bad rows are flagged on the device and checked once after the last chunk, so the
+    # loop never waits for the device (no host-device synchronisation per chunk).
+    bad_rows: list[torch.Tensor] = []
 
     def run(s: int, e: int, k: int) -> Any:
         part = slice_batch(inputs, s, e)
@@ -385,12 +409,17 @@ def sample_chunks(
         else:
             chunk = to_samples_first(chosen, k, e - s, output_batch_dim)
         if check_finite:
-            _check_finite(chunk)
+            first = chunk[0] if isinstance(chunk, tuple) else chunk
+            if first.device.type == "cpu":
+                _check_finite(chunk)
+            else:
+                _flag_bad_rows(chunk, s, e, batch, bad_rows)
         return chunk
 
     if max_batch_size is not None:
         for s, e, k in plan_work(0, batch, n_samples, max_batch_size):
             yield s, e, run(s, e, k)
+        _raise_if_bad_rows(bad_rows)
         return
     first_rows = min(batch, auto_max_batch_size(inputs, None, memory_budget, n_samples))
     chunk = run(0, first_rows, 1)
@@ -403,13 +432,40 @@ def sample_chunks(
     )
     for s, e, k in work:
         yield s, e, run(s, e, k)
+    _raise_if_bad_rows(bad_rows)
+
+
+def _flag_bad_rows(chunk: Any, start: int, stop: int, batch: int, flags: list[torch.Tensor]) -> None:
+    """Mark (on the chunk's device, without a sync) the rows whose outputs hold NaN or +inf."""
+    for t in chunk if isinstance(chunk, tuple) else (chunk,):
+        if t.is_floating_point():
+            if not flags:
+                flags.append(torch.zeros(batch, dtype=torch.bool, device=t.device))
+            bad = torch.isnan(t) | (t == float("inf"))
+            flags[0][start:stop] |= bad.reshape(t.shape[0], t.shape[1], -1).any(-1).any(0)
+
+
+def _raise_if_bad_rows(flags: list[torch.Tensor]) -> None:
+    if flags and bool(flags[0].any()):
+        rows = torch.nonzero(flags[0]).flatten()[:5].tolist()
+        raise NonFiniteError(
+            f"The model produced NaN or infinity in its output (batch rows {rows} among others) "
+            "while dropout was on. Check the model in train-mode dropout (e.g. a log of 0, an "
+            "overflow in float16) and the inputs of those rows."
+        )
 
 
 def _check_finite(chunk: Any) -> None:
+    """Raise on NaN or +inf anywhere.
+
+    -inf is allowed here (a masked logit, or a log-probability of 0) and checked by the statistics
+    that cannot take it.
+    """
     tensors = chunk if isinstance(chunk, tuple) else (chunk,)
     for t in tensors:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = (~torch.isfinite(t)).flatten(2).any(-1) if t.dim() > 2 else ~torch.isfinite(t)
+        if t.is_floating_point() and bool((torch.isnan(t) | (t == float("inf"))).any()):
+            finite = ~(torch.isnan(t) | (t == float("inf")))
+            bad = (~finite).flatten(2).any(-1) if t.dim() > 2 else ~finite
             rows = torch.nonzero(bad.any(0)).flatten()[:5].tolist()
             raise NonFiniteError(
                 f"The model produced NaN or infinity in its output (batch rows {rows} among others) "

@@ -141,6 +141,13 @@ class MCDropout:
         self.keep_samples = bool(keep_samples)
         self.policy = StochasticPolicy(model, drop_path=drop_path, include=include, exclude=exclude)
         self._rng_state: dict[str, torch.Tensor] | None = None
+        if not self.policy.has_randomness:
+            warnings.warn(
+                "Every sampled dropout site has rate 0, so all MC samples will be identical and every "
+                "uncertainty estimate zero: " + ", ".join(s.path or "<model>" for s in self.policy.sampled_sites),
+                NoRandomnessWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ public API
     @property
@@ -242,8 +249,14 @@ class MCDropout:
         parts: list[Prediction] = []
         targets: list[torch.Tensor] = []
         has_targets = True
-        with self._session():
-            for batch in tqdm(loader, desc="MC dropout", unit="batch", disable=not progress, leave=False):
+        # The loader is iterated outside the wrapper's RNG stream: its shuffling and augmentations
+        # draw from the global RNG as usual, and the dropout masks do not depend on the loader.
+        # tqdm is updated by hand rather than wrapped around the loader: wrapping a DataLoader in
+        # tqdm changes which global random numbers its shuffling sampler draws.
+        total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        bar = tqdm(total=total, desc="MC dropout", unit="batch", disable=not progress, leave=False)
+        with bar, self.policy.activate(), torch.no_grad():
+            for batch in loader:
                 inputs, target = (unpack or _default_unpack)(batch)
                 if isinstance(inputs, Mapping):
                     args, kwargs = (), dict(inputs)
@@ -251,7 +264,9 @@ class MCDropout:
                     args, kwargs = inputs, {}
                 else:
                     args, kwargs = (inputs,), {}
-                parts.append(self._predict_one(args, kwargs))
+                with self._rng():
+                    parts.append(self._predict_one(args, kwargs))
+                bar.update()
                 if target is None:
                     has_targets = False
                 elif has_targets:

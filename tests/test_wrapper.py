@@ -1,0 +1,567 @@
+"""Tests for mcdrop/wrapper.py: ``MCDropout`` ties policy, engine and predictions together.
+
+Covered here: argument and input validation (every error an ``McdropError`` with a helpful
+message), seeding and the global RNG, the model's state before/after (and during) sampling,
+``predict_loader`` and a hypothesis property test of the sample/predict contract.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mcdrop
+from mcdrop import (
+    ClassificationPrediction,
+    InvalidInputError,
+    InvalidTypeError,
+    McdropError,
+    MCDropout,
+    NoDropoutError,
+    NonFiniteError,
+    NoRandomnessWarning,
+    RegressionPrediction,
+    concat_predictions,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mlp(d_in=4, d_out=3, hidden=32, p=0.5, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Dropout(p), nn.Linear(hidden, d_out)).eval()
+
+
+def bn_net(seed=0, p=0.3) -> nn.Module:
+    """Linear -> BatchNorm -> ReLU -> Dropout -> Linear, with non-trivial running statistics.
+
+    ``p=None`` leaves the dropout out (an ``nn.Identity`` in its place).
+    """
+    torch.manual_seed(seed)
+    drop = nn.Identity() if p is None else nn.Dropout(p)
+    net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), drop, nn.Linear(16, 3))
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(32, 4) * 3 + 1)
+    return net.eval()
+
+
+def x_in(b=5, d=4, seed=1) -> torch.Tensor:
+    return torch.randn(b, d, generator=torch.Generator().manual_seed(seed))
+
+
+def fields_equal(a, b) -> bool:
+    names = ("probs", "std", "predictive_entropy", "expected_entropy", "variation_ratio") if isinstance(
+        a, ClassificationPrediction) else ("mean", "variance")
+    return all(torch.equal(getattr(a, n), getattr(b, n)) for n in names)
+
+
+# --------------------------------------------------------------------------- construction errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"n_samples": 0}, InvalidInputError, "n_samples must be at least 1; got 0"),
+        ({"n_samples": -1}, InvalidInputError, "n_samples must be at least 1; got -1"),
+        ({"n_samples": 2.5}, InvalidTypeError, "n_samples must be an integer; got 2.5"),
+        ({"n_samples": True}, InvalidTypeError, "n_samples must be an integer"),
+        ({"task": "foo"}, InvalidInputError, "task must be one of 'auto', 'classification', 'regression'; got 'foo'"),
+        ({"output_type": "foo"}, InvalidInputError, "output_type must be one of 'logits', 'probs', 'log_probs'"),
+        ({"aleatoric": "std"}, InvalidInputError, "aleatoric must be one of 'variance', 'log_variance'"),
+        ({"aleatoric": "variance", "task": "classification"}, InvalidInputError, "applies to regression"),
+        ({"max_batch_size": 0}, InvalidInputError, "max_batch_size must be at least 1"),
+        ({"memory_budget": 0}, InvalidInputError, "memory_budget must be at least 1"),
+        ({"seed": -3}, InvalidInputError, "seed must be at least 0"),
+        ({"seed": 1.5}, InvalidTypeError, "seed must be an integer"),
+        ({"output": 1.5}, InvalidTypeError, "output must be None, a key/attribute name, a tuple index or a callable"),
+        ({"batch_dim": "0"}, InvalidTypeError, "batch_dim must be an integer"),
+    ],
+)
+def test_bad_arguments_are_rejected_up_front(kwargs, error, match):
+    with pytest.raises(error, match=match) as info:
+        MCDropout(mlp(), **kwargs)
+    assert isinstance(info.value, McdropError)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(InvalidTypeError, match="model must be a torch.nn.Module; got function"):
+        MCDropout(lambda x: x)
+
+
+def test_model_without_dropout_fails_at_construction():
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(NoDropoutError, match=r"Sequential has no source of dropout randomness.*nn\.Dropout"):
+        MCDropout(net)
+    with pytest.raises(NoDropoutError, match=r"rate is 0"):
+        MCDropout(nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.0)))
+    assert issubclass(NoDropoutError, McdropError)
+
+
+# --------------------------------------------------------------------------- input errors
+
+
+def test_empty_batch():
+    with pytest.raises(InvalidInputError, match=r"batch is empty \(batch size 0\)"):
+        MCDropout(mlp(), n_samples=2).predict(torch.randn(0, 4))
+
+
+def test_inputs_disagree_on_batch_size():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, a, b):
+            return self.net(a + b)
+
+    mc = MCDropout(Two(), n_samples=2)
+    with pytest.raises(InvalidInputError, match=r"disagree on the batch size \(argument 0: 5, argument 1: 3\)"):
+        mc.predict(torch.randn(5, 4), torch.randn(3, 4))
+    with pytest.raises(InvalidInputError, match=r"argument 0: 5, keyword 'b': 2"):
+        mc.predict(torch.randn(5, 4), b=torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("args", [(), ([1.0, 2.0],), ("text",), (3.0,)])
+def test_no_tensor_inputs(args):
+    with pytest.raises(InvalidInputError, match="No tensor among the inputs"):
+        MCDropout(mlp(), n_samples=2).predict(*args)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs(bad):
+    x = x_in()
+    x[2, 1] = bad
+    with pytest.raises(NonFiniteError, match=r"argument 0 contains NaN or infinity"):
+        MCDropout(mlp(), n_samples=2).predict(x)
+    with pytest.raises(NonFiniteError, match=r"keyword 'input' contains NaN or infinity"):
+        MCDropout(mlp(), n_samples=2).sample(input=x)
+
+
+def test_model_that_outputs_nan():
+    class NaNRow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            out = self.net(x)
+            return torch.where(x[:, :1] > 100, torch.full_like(out, float("nan")), out)
+
+    x = x_in()
+    x[3, 0] = 1000.0
+    with pytest.raises(NonFiniteError, match=r"produced NaN or infinity in its output \(batch rows \[3\]"):
+        MCDropout(NaNRow(), n_samples=3).predict(x)
+    assert issubclass(NonFiniteError, McdropError)
+
+
+def test_zero_dim_tensor_input():
+    with pytest.raises(InvalidInputError, match="0-d tensor"):
+        MCDropout(mlp(), n_samples=2).predict(torch.tensor(1.0))
+
+
+# --------------------------------------------------------------------------- seeds and the global RNG
+
+
+def test_same_seed_gives_identical_predictions_in_fresh_wrappers():
+    x = x_in()
+    a, b = MCDropout(mlp(), n_samples=10, seed=7), MCDropout(mlp(), n_samples=10, seed=7)
+    torch.manual_seed(1)
+    pa1, pa2 = a.predict(x), a.predict(x)
+    torch.manual_seed(2)  # a seeded wrapper ignores the global RNG
+    pb1, pb2 = b.predict(x), b.predict(x)
+    assert fields_equal(pa1, pb1) and fields_equal(pa2, pb2)
+    assert not torch.equal(pa1.probs, pa2.probs)  # successive calls draw new samples
+    assert torch.equal(MCDropout(mlp(), n_samples=4, seed=7).sample(x), MCDropout(mlp(), n_samples=4, seed=7).sample(x))
+    assert not torch.equal(MCDropout(mlp(), n_samples=4, seed=7).sample(x), MCDropout(mlp(), n_samples=4, seed=8).sample(x))
+
+
+def test_seeded_calls_leave_the_global_rng_untouched():
+    x = x_in()
+    mc = MCDropout(mlp(), n_samples=6, seed=0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    mc.predict(x)
+    mc.sample(x)
+    mc.predict_loader([x, x], progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_unseeded_calls_draw_from_the_global_rng():
+    x = x_in()
+    mc = MCDropout(mlp(), n_samples=6)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = mc.sample(x)
+    assert not torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(5)
+    assert torch.equal(mc.sample(x), first)
+
+
+def test_seeded_call_that_raises_leaves_the_global_rng_untouched():
+    mc = MCDropout(RaisesOnCall(3), n_samples=8, seed=0, max_batch_size=2)
+    before = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="boom on call 3"):
+        mc.predict(x_in())
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# --------------------------------------------------------------------------- model state
+
+
+class RaisesOnCall(nn.Module):
+    """An MLP with BatchNorm that raises on its n-th forward call."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.net = bn_net()
+        self.n = n
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError(f"boom on call {self.n}")
+        return self.net(x)
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "training": {name: m.training for name, m in model.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def assert_same_state(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+        assert after["state"][k].dtype == v.dtype
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    if mode == "eval":
+        model.eval()
+    elif mode == "train":
+        model.train()
+    else:  # mixed: BatchNorm in train mode, dropout in eval mode, the rest mixed
+        model.eval()
+        for i, m in enumerate(model.modules()):
+            if isinstance(m, nn.BatchNorm1d) or i % 2:
+                m.train()
+    return model
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "mixed"])
+def test_predict_leaves_the_model_exactly_as_it_was(mode):
+    model = set_mode(bn_net(), mode)
+    model[0].weight.requires_grad_(False)
+    before = snapshot(model)
+    mc = MCDropout(model, n_samples=7, max_batch_size=4)
+    pred = mc.predict(x_in(b=6))
+    mc.sample(x_in(b=6))
+    mc.predict_loader([x_in(b=3)], progress=False)
+    assert_same_state(model, before)
+    assert not pred.probs.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "mixed"])
+@pytest.mark.parametrize("call", ["predict", "sample", "predict_loader"])
+def test_state_is_restored_after_an_exception_mid_sampling(mode, call):
+    model = set_mode(RaisesOnCall(3), mode)
+    before = snapshot(model)
+    mc = MCDropout(model, n_samples=8, max_batch_size=4, seed=0)
+    x = x_in(b=2)  # two samples per pass: the third pass raises half way through
+    with pytest.raises(RuntimeError, match="boom on call 3"):
+        if call == "predict_loader":
+            mc.predict_loader([x, x], progress=False)
+        else:
+            getattr(mc, call)(x)
+    assert model.calls == 3
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_only_dropout_is_in_train_mode_during_sampling(mode):
+    model = set_mode(bn_net(), mode)
+    seen: dict[str, list[bool]] = {}
+    for name, m in model.named_modules():
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(mod.training))
+    MCDropout(model, n_samples=5, max_batch_size=6).predict(x_in(b=4))
+    assert seen["3"] and all(seen["3"])  # the dropout
+    for name in ("", "0", "1", "2", "4"):
+        assert seen[name] and not any(seen[name]), name
+
+
+class SideBranch(nn.Module):
+    """BatchNorm model whose dropout sits on a branch that does not reach the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = bn_net(p=None)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return {"logits": self.body(x), "unused": self.drop(x)}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_batchnorm_runs_in_eval_mode_so_the_mean_equals_the_eval_output(mode):
+    model = SideBranch()
+    x = x_in(b=6) * 2
+    with torch.no_grad():
+        expected = model.eval()(x)["logits"].softmax(-1)
+    set_mode(model, mode)
+    before = snapshot(model)
+    mc = MCDropout(model, n_samples=4, max_batch_size=8)
+    with pytest.warns(NoRandomnessWarning, match="samples are identical"):
+        pred = mc.predict(x)
+    torch.testing.assert_close(pred.probs, expected, atol=1e-6, rtol=0)
+    assert torch.equal(pred.std, torch.zeros_like(pred.std))
+    assert torch.equal(pred.mutual_information, torch.zeros(6))
+    with pytest.warns(NoRandomnessWarning):
+        samples = mc.sample(x)
+    torch.testing.assert_close(samples.softmax(-1), expected.expand(4, 6, 3), atol=1e-6, rtol=0)
+    assert_same_state(model, before)
+
+
+def test_rows_do_not_influence_each_other_through_batchnorm():
+    """With BatchNorm in eval mode, a row's samples do not depend on the other rows of the batch."""
+    model = SideBranch()
+    x = x_in(b=4)
+    mc = MCDropout(model, n_samples=3, max_batch_size=3)
+    with pytest.warns(NoRandomnessWarning):
+        full = mc.sample(x)
+    with pytest.warns(NoRandomnessWarning):
+        single = mc.sample(x[2:3])
+    torch.testing.assert_close(full[:, 2:3], single, atol=1e-6, rtol=0)
+
+
+def test_included_dropout_with_rate_zero_warns_that_samples_are_identical():
+    """Every sampled site at rate 0: the user is warned when building the wrapper, not left with zeros."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.0))
+    with pytest.warns(NoRandomnessWarning, match="rate 0"):
+        mc = MCDropout(net, n_samples=5, include=[nn.Dropout], task="classification")
+    pred = mc.predict(x_in())
+    assert torch.equal(pred.mutual_information, torch.zeros_like(pred.mutual_information))
+
+
+# --------------------------------------------------------------------------- predict_loader
+
+
+def test_predict_loader_with_tuple_batches_equals_concatenated_predictions():
+    x, y = x_in(b=10), torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(0))
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)]
+    pred = MCDropout(mlp(), n_samples=6, seed=3, max_batch_size=5).predict_loader(batches, progress=False)
+    assert isinstance(pred, ClassificationPrediction)
+    assert len(pred) == 10 and pred.probs.shape == (10, 3)
+    assert torch.equal(pred.targets, y)
+    other = MCDropout(mlp(), n_samples=6, seed=3, max_batch_size=5)
+    parts = concat_predictions([other.predict(bx) for bx, _ in batches])
+    assert fields_equal(pred, parts)  # one seeded stream over the calls: the very same draws
+    assert parts.targets is None
+
+
+def test_predict_loader_with_a_dataloader():
+    x, y = x_in(b=10), torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    mc = MCDropout(mlp(), n_samples=40, seed=3)
+    pred = mc.predict_loader(loader, progress=False)
+    assert len(pred) == 10 and pred.probs.shape == (10, 3) and pred.n_samples == 40
+    assert torch.equal(pred.targets, y)
+    again = MCDropout(mlp(), n_samples=40, seed=3).predict_loader(loader, progress=False)
+    assert fields_equal(pred, again)
+    # In distribution, the same as one prediction of the whole batch (5 standard errors).
+    whole = MCDropout(mlp(), n_samples=40, seed=4, keep_samples=True).predict(x)
+    se = (2 * whole.std.square() / 40).sqrt()
+    assert bool(((pred.probs - whole.probs).abs() <= 5 * se + 1e-6).all())
+
+
+def test_dataloader_randomness_is_not_drawn_from_the_wrappers_stream():
+    """A seeded predict_loader iterates the loader outside its own RNG stream.
+
+    The loader's random draws (a shuffling sampler's seed, random augmentations in the dataset) come
+    from the global RNG as usual, and the dropout draws do not depend on where the batches came from.
+    """
+    x = x_in(b=10)
+    loader = DataLoader(TensorDataset(x, torch.arange(10)), batch_size=4, shuffle=True)
+    orders = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        expected_order = [int(i) for batch in loader for i in batch[1]]
+        model = mlp()  # built before seeding: its initialisation draws from the global RNG too
+        torch.manual_seed(global_seed)
+        pred = MCDropout(model, n_samples=2, seed=3).predict_loader(loader, progress=False)
+        assert pred.targets.tolist() == expected_order
+        orders.append(expected_order)
+    assert orders[0] != orders[1]
+
+    plain = DataLoader(TensorDataset(x), batch_size=4)
+    from_loader = MCDropout(mlp(), n_samples=6, seed=3).predict_loader(plain, progress=False)
+    mc = MCDropout(mlp(), n_samples=6, seed=3)
+    assert fields_equal(from_loader, concat_predictions([mc.predict(b) for (b,) in plain]))
+
+
+def test_predict_loader_with_dict_batches_takes_labels_out():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, features, offset):
+            return {"logits": self.net(features + offset)}
+
+    data = [{"features": f, "offset": torch.ones(1), "labels": torch.tensor(i % 3)}
+            for i, f in enumerate(x_in(b=7))]
+    loader = DataLoader(data, batch_size=3)
+    pred = MCDropout(Keyword(), n_samples=5, seed=0).predict_loader(loader, progress=False)
+    assert len(pred) == 7
+    assert torch.equal(pred.targets, torch.tensor([i % 3 for i in range(7)]))
+
+
+@pytest.mark.parametrize("key", ["label", "targets", "target", "y"])
+def test_predict_loader_other_target_keys(key):
+    batches = [{"input": x_in(b=2), key: torch.tensor([1, 2])}, {"input": x_in(b=1), key: torch.tensor([0])}]
+    pred = MCDropout(mlp(), n_samples=3, seed=0).predict_loader(batches, progress=False)
+    assert torch.equal(pred.targets, torch.tensor([1, 2, 0]))
+
+
+def test_predict_loader_with_custom_unpack():
+    x, y = x_in(b=6), torch.randn(6)
+    batches = [{"data": (x[:4], y[:4])}, {"data": (x[4:], y[4:])}]
+    mc = MCDropout(mlp(d_out=1), n_samples=5, seed=0)
+    pred = mc.predict_loader(batches, unpack=lambda b: b["data"], progress=False)
+    assert isinstance(pred, RegressionPrediction) and pred.mean.shape == (6, 1)
+    assert torch.equal(pred.targets, y)
+
+    two_args = [(x[:3], x[:3] * 0), (x[3:], x[3:] * 0)]
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, a, b):
+            return self.net(a + b)
+
+    pred = MCDropout(Pair(), n_samples=3, seed=0).predict_loader(
+        two_args, unpack=lambda b: (tuple(b), None), progress=False)
+    assert len(pred) == 6 and pred.targets is None
+
+
+def test_predict_loader_plain_tensor_batches_have_no_targets():
+    pred = MCDropout(mlp(), n_samples=3, seed=0).predict_loader([x_in(b=2), x_in(b=3)], progress=False)
+    assert len(pred) == 5 and pred.targets is None
+    pred = MCDropout(mlp(), n_samples=3, seed=0).predict_loader([(x_in(b=2),)], progress=False)
+    assert len(pred) == 2 and pred.targets is None
+
+
+def test_predict_loader_with_progress_bar(capsys):
+    pred = MCDropout(mlp(), n_samples=2, seed=0).predict_loader([x_in(b=2)], progress=True)
+    assert len(pred) == 2
+
+
+def test_predict_loader_errors():
+    mc = MCDropout(mlp(), n_samples=2)
+    with pytest.raises(InvalidInputError, match="yielded no batches"):
+        mc.predict_loader([], progress=False)
+    with pytest.raises(InvalidInputError, match="empty batch tuple"):
+        mc.predict_loader([()], progress=False)
+    with pytest.raises(InvalidTypeError, match=r"Cannot unpack a batch of type int.*unpack=lambda"):
+        mc.predict_loader([3], progress=False)
+    with pytest.raises(InvalidInputError, match="targets have 3 rows for 2 inputs"):
+        mc.predict_loader([(x_in(b=2), torch.tensor([0, 1, 2]))], progress=False)
+
+
+# --------------------------------------------------------------------------- misc public surface
+
+
+def test_sites_describe_and_repr():
+    mc = MCDropout(bn_net(), n_samples=9)
+    assert [(s.path, s.kind, s.rate, s.sampled) for s in mc.sites] == [("3", "dropout", 0.3, True)]
+    df = mc.describe()
+    assert df[["path", "kind", "rate", "sampled"]].values.tolist() == [["3", "dropout", 0.3, True]]
+    assert repr(mc) == "MCDropout(Sequential, n_samples=9, task='auto', sampled_sites=1)"
+
+
+def test_task_auto_and_forced():
+    x = x_in()
+    assert MCDropout(mlp(d_out=3), n_samples=3).predict(x).task == "classification"
+    assert MCDropout(mlp(d_out=1), n_samples=3).predict(x).task == "regression"
+    assert MCDropout(mlp(d_out=3), n_samples=3, task="regression").predict(x).task == "regression"
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp(d_out=1)
+
+        def forward(self, x):
+            return self.net(x)[:, 0]
+
+    pred = MCDropout(Flat(), n_samples=3).predict(x)
+    assert pred.task == "regression" and pred.mean.shape == (5,)
+
+
+def test_n_samples_one_gives_zero_spread():
+    pred = MCDropout(mlp(), n_samples=1, seed=0, keep_samples=True).predict(x_in())
+    assert torch.equal(pred.std, torch.zeros_like(pred.std))
+    assert torch.equal(pred.variation_ratio, torch.zeros(5))
+    torch.testing.assert_close(pred.probs, pred.samples[0].softmax(-1), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- property test
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 7),
+    n=st.integers(1, 12),
+    max_batch_size=st.integers(1, 20),
+    d_in=st.integers(1, 4),
+    d_out=st.integers(1, 4),
+    task=st.sampled_from(["regression", "classification"]),
+    seed=st.integers(0, 2**16),
+)
+def test_sample_shape_and_kept_samples_reproduce_predict(b, n, max_batch_size, d_in, d_out, task, seed):
+    net = mlp(d_in=d_in, d_out=d_out, hidden=24, seed=seed % 7)
+    x = torch.randn(b, d_in, generator=torch.Generator().manual_seed(seed))
+    kw = {"n_samples": n, "seed": seed, "max_batch_size": max_batch_size, "task": task}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoRandomnessWarning)  # e.g. N=2 drawing the same mask twice
+        samples = MCDropout(net, **kw).sample(x)
+        pred = MCDropout(net, keep_samples=True, **kw).predict(x)
+    assert samples.shape == (n, b, d_out)
+    assert torch.equal(pred.samples, samples)  # same seed, same plan: the very same draws
+    if task == "regression":
+        torch.testing.assert_close(pred.mean, samples.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pred.variance, samples.var(0, correction=0), atol=1e-5, rtol=1e-4)
+    else:
+        p = samples.double()
+        p = torch.cat([1 - p.sigmoid(), p.sigmoid()], -1) if d_out == 1 else p.softmax(-1)
+        assert pred.probs.shape == (b, max(d_out, 2))
+        torch.testing.assert_close(pred.probs.double(), p.mean(0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(pred.std.double(), p.std(0, correction=0), atol=1e-5, rtol=0)
+
+
+def test_errors_are_all_mcdrop_errors():
+    for cls in (InvalidInputError, InvalidTypeError, NoDropoutError, NonFiniteError,
+                mcdrop.ModelStateError, mcdrop.UnsupportedModelError):
+        assert issubclass(cls, McdropError)
