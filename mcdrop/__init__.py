@@ -10,7 +10,7 @@ Example:
     torch.Size([8, 3])
 """
 
-from mcdrop import nn
+from mcdrop import metrics, nn
 from mcdrop.errors import (
     InvalidInputError,
     InvalidTypeError,
@@ -20,6 +20,7 @@ from mcdrop.errors import (
     NoDropoutError,
     NonFiniteError,
     NoRandomnessWarning,
+    ReportExistsError,
     UnsupportedModelError,
 )
 from mcdrop.predictions import (
@@ -28,13 +29,18 @@ from mcdrop.predictions import (
     RegressionPrediction,
     concat_predictions,
 )
+from mcdrop.recalibration import IsotonicRecalibration, TemperatureScaling, VarianceScaling
 from mcdrop.stochastic import (
+    RateChange,
     StochasticPolicy,
     StochasticSite,
+    add_dropout,
+    describe,
     enable_dropout,
     find_stochastic_sites,
     register_deterministic,
     register_stochastic,
+    set_dropout_rate,
 )
 from mcdrop.wrapper import MCDropout
 
@@ -46,6 +52,10 @@ __all__ = [
     "find_stochastic_sites",
     "register_stochastic",
     "register_deterministic",
+    "describe",
+    "add_dropout",
+    "set_dropout_rate",
+    "RateChange",
     "StochasticPolicy",
     "StochasticSite",
     "Prediction",
@@ -53,6 +63,10 @@ __all__ = [
     "RegressionPrediction",
     "concat_predictions",
     "nn",
+    "metrics",
+    "TemperatureScaling",
+    "VarianceScaling",
+    "IsotonicRecalibration",
     "InvalidInputError",
     "InvalidTypeError",
     "McdropError",
@@ -62,5 +76,19 @@ __all__ = [
     "NonFiniteError",
     "NoRandomnessWarning",
     "UnsupportedModelError",
+    "ReportExistsError",
+    "report",
+    "compare",
+    "UncertaintyReport",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Load the report layer (pandas, matplotlib, seaborn) only when it is first used."""
+    if name in ("report", "compare", "UncertaintyReport"):
+        import importlib
+
+        module = importlib.import_module("mcdrop.report")  # callable: mcdrop.report(pred) works
+        return module if name == "report" else getattr(module, name)
+    raise AttributeError(f"module 'mcdrop' has no attribute {name!r}")

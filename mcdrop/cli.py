@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -106,7 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data.x_test, data.y_test), batch_size=256
     )
-    pred = mc.predict_loader(loader, progress=not args.quiet)
+    pred = mc.predict_loader(loader, progress=False)  # about a second: no bar needed
     ood = mc.predict(data.x_ood)
     report = mcdrop.report(pred, ood=ood, title="mcdrop demo: dropout MLP on scikit-learn digits", model=mc)
     if not args.quiet:
@@ -236,6 +237,8 @@ def _report(args: argparse.Namespace) -> int:
         raise CliError(f"--n-samples must be at least 1; got {args.n_samples}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1; got {args.batch_size}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _report_distributed(args, out)
     model = _load_model(args)
     x, y = _load_data(args.data, args, need_target=True)
     mc = mcdrop.MCDropout(model, n_samples=args.n_samples, task=args.task, seed=args.seed)
@@ -261,6 +264,62 @@ def _report(args: argparse.Namespace) -> int:
     report = mcdrop.report(pred, ood=ood, title=f"mcdrop report: {args.model} on {args.data}", model=mc)
     report.save(out, overwrite=args.force)
     _say(args, f"mcdrop report: written to {out.resolve()}")
+    return 0
+
+
+def _report_distributed(args: argparse.Namespace, out: Path) -> int:
+    """``mcdrop report`` under ``torchrun``: each rank evaluates its shard, rank 0 writes the report.
+
+    The process group comes from torchrun's environment (``gloo`` for ``--device cpu``, ``nccl`` for
+    CUDA, where rank r uses ``cuda:LOCAL_RANK``); the data are sharded with ``DistributedSampler`` and
+    the per-input rows gathered to rank 0 in data-set order (:mod:`mcdrop.distributed`).
+    """
+    import torch
+
+    import mcdrop
+    from mcdrop import distributed
+
+    with distributed.process_group(device=args.device) as world:
+        rank = distributed.get_rank()
+        if torch.device(args.device).type == "cuda":
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per process
+        if rank != 0:
+            args.quiet = True
+        model = _load_model(args)
+        x, y = _load_data(args.data, args, need_target=True)
+        x_ood = None
+        if args.ood:
+            x_ood, _ = _load_data(args.ood, args, need_target=False)
+            if x_ood.shape[1:] != x.shape[1:]:
+                raise CliError(
+                    f"--ood inputs have shape {tuple(x_ood.shape[1:])} per row; --data has {tuple(x.shape[1:])}"
+                )
+        mc = mcdrop.MCDropout(model, n_samples=args.n_samples, task=args.task, seed=args.seed)
+        _say(args, f"mcdrop report: evaluating {len(x)} inputs on {world} processes ...")
+        dataset = torch.utils.data.TensorDataset(x, y)
+        try:
+            loader = distributed.shard_loader(dataset, batch_size=args.batch_size)
+            pred = distributed.predict_loader(mc, loader, progress=not args.quiet)
+            ood = None
+            if x_ood is not None:
+                ood_loader = distributed.shard_loader(
+                    torch.utils.data.TensorDataset(x_ood), batch_size=args.batch_size
+                )
+                ood = distributed.predict_loader(mc, ood_loader, progress=False)
+        except mcdrop.McdropError:
+            raise
+        except RuntimeError as err:
+            if isinstance(err, torch.distributed.DistError):
+                raise
+            raise CliError(
+                f"the model failed on inputs of shape {tuple(x.shape)} from {args.data}: {str(err).splitlines()[0]}"
+            ) from None
+        if rank == 0:
+            report = mcdrop.report(
+                pred, ood=ood, title=f"mcdrop report: {args.model} on {args.data}", model=mc
+            )
+            report.save(out, overwrite=args.force)
+            _say(args, f"mcdrop report: written to {out.resolve()} ({world} processes)")
     return 0
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "NonFiniteError",
     "ModelStateError",
     "UnsupportedModelError",
+    "ReportExistsError",
     "McdropWarning",
     "NoRandomnessWarning",
 ]
@@ -57,6 +58,10 @@ class ModelStateError(McdropError):
 
 class UnsupportedModelError(McdropError):
     """The model uses a construct mcdrop cannot sample correctly."""
+
+
+class ReportExistsError(McdropError, FileExistsError):
+    """A report folder already exists with content, and overwriting it was not allowed (or not safe)."""
 
 
 class McdropWarning(UserWarning):

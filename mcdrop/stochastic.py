@@ -18,9 +18,10 @@ How the policy decides, module by module (the first rule that matches wins):
 4. Dropout layers: ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout``,
    ``mcdrop.nn.Dropout``/``Dropout2d`` and classes registered with :func:`register_stochastic`
    (kind ``"dropout"``). Sampled when their rate is above zero.
-5. Drop-path / stochastic depth (classes named ``DropPath`` or ``StochasticDepth``, as in timm and
-   torchvision, or registered with kind ``"drop_path"``): found and listed, sampled only with
-   ``drop_path=True``.
+5. Drop-path / stochastic depth (classes whose name ends in ``DropPath`` or ``StochasticDepth``:
+   timm's ``DropPath``, torchvision's ``StochasticDepth``, Hugging Face's ``ConvNextDropPath``,
+   ``SwinDropPath``, ...; or classes registered with kind ``"drop_path"``): found and listed, with
+   the rate from ``drop_prob`` or ``p``, sampled only with ``drop_path=True``.
 6. ``nn.MultiheadAttention`` with ``dropout > 0`` (kind ``"attention_dropout"``): its internal
    dropout on the attention weights only runs in train mode.
 7. ``nn.RNN``/``LSTM``/``GRU`` with ``dropout > 0`` and more than one layer (kind
@@ -39,8 +40,26 @@ How the policy decides, module by module (the first rule that matches wins):
     the buffers are put back and :class:`~mcdrop.errors.ModelStateError` is raised naming the
     module and the fix (``exclude=`` or :func:`register_deterministic`).
 
+    The code searched is every function defined by the class and its non-torch bases, including
+    the originals behind decorators (``functools.wraps``' ``__wrapped__``). Not counted as reads:
+    methods named ``train``/``eval`` (they set the flag, they do not gate randomness), reads that
+    pass the mode on (``self.head.train(self.training)``), and reads that sit in a
+    gradient-checkpointing condition (``self.gradient_checkpointing and self.training``, as in every
+    Hugging Face ``PreTrainedModel`` and ``GradientCheckpointingLayer``).
+
+    A gate whose class name contains ``Attention``/``Attn`` and whose code reads one of the
+    attributes ``attention_dropout``, ``attn_dropout``, ``attn_drop``, ``attn_pdrop``,
+    ``dropout_prob``, ``dropout_p`` or ``dropout`` (a number, or an ``nn.Dropout`` whose ``p`` is
+    read) is attention dropout (kind ``"attention_dropout"``) with that rate: this is how Hugging Face
+    and timm attention passes ``dropout_p`` to ``scaled_dot_product_attention`` or to the eager
+    attention function only in train mode. With a known rate of 0 it is not sampled.
+
 TorchScript modules are classified by their original class name and, for user classes, by whether
-their compiled code reads ``self.training``.
+their compiled code reads ``self.training``. Traced modules (``torch.jit.trace``) froze the mode
+they were traced in into their graph, so flags cannot switch their dropout:
+:class:`StochasticPolicy` raises :class:`~mcdrop.errors.UnsupportedModelError` for them.
+``torch.compile``'d models (``OptimizedModule``, whose sites sit under ``_orig_mod``) are supported:
+TorchDynamo guards on the ``training`` flags, so switching them recompiles once per mode.
 
 Inside :func:`enable_dropout` every module that is not a sampled site is in eval mode, whatever
 mode the model was in; on exit every module's ``training`` flag is restored exactly, also when the
@@ -50,23 +69,28 @@ body raises.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dis
 import fnmatch
 import sys
 import types
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from mcdrop._checks import check_real
 from mcdrop.errors import (
     InvalidInputError,
     InvalidTypeError,
+    McdropWarning,
     ModelStateError,
     NoDropoutError,
     NoRandomnessWarning,
+    UnsupportedModelError,
 )
 
 __all__ = [
@@ -76,6 +100,10 @@ __all__ = [
     "find_stochastic_sites",
     "register_stochastic",
     "register_deterministic",
+    "describe",
+    "add_dropout",
+    "set_dropout_rate",
+    "RateChange",
     "SITE_KINDS",
 ]
 
@@ -120,7 +148,18 @@ _SCRIPTED_DETERMINISTIC_NAMES = frozenset(
 # User registries: class -> (kind, rate attribute name)
 _REGISTERED_STOCHASTIC: dict[type, tuple[str, str | None]] = {}
 _REGISTERED_DETERMINISTIC: set[type] = set()
-_READS_TRAINING_CACHE: dict[type, bool] = {}
+_CLASS_CODE_CACHE: dict[type, tuple[bool, frozenset[str]]] = {}
+_MODE_SETTERS = frozenset({"train", "eval"})
+# Attributes through which Hugging Face and timm attention modules hold their attention-dropout rate.
+_ATTENTION_RATE_ATTRS = (
+    "attention_dropout",
+    "attn_dropout",
+    "attn_drop",
+    "attn_pdrop",
+    "dropout_prob",
+    "dropout_p",
+    "dropout",
+)
 
 
 def register_stochastic(cls: type[nn.Module], kind: str = "dropout", rate_attr: str | None = "p") -> None:
@@ -188,6 +227,9 @@ class StochasticSite:
         rate: The drop rate where it is known, else ``None``.
         sampled: Whether MC dropout switches it on under the current options.
         note: Why it is or is not sampled.
+        rate_attr: The (dotted) attribute of the module that holds ``rate`` (``"p"``,
+            ``"dropout"``, ``"attn_dropout.p"``, ...), which :func:`set_dropout_rate` changes;
+            ``None`` where the rate is unknown.
     """
 
     path: str
@@ -196,37 +238,119 @@ class StochasticSite:
     rate: float | None
     sampled: bool
     note: str = ""
+    rate_attr: str | None = None
+
+
+def _iter_codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _iter_codes(const)
 
 
 def _code_reads_training(code: types.CodeType) -> bool:
-    if "training" in code.co_names:
-        return True
-    return any(isinstance(c, types.CodeType) and _code_reads_training(c) for c in code.co_consts)
+    """True if ``code`` (or code nested in it) loads an attribute ``training``.
+
+    Loads that sit next to a load of ``gradient_checkpointing`` (``self.gradient_checkpointing and
+    self.training``) are not counted: they choose whether to checkpoint, not whether to drop; nor
+    are loads passed to a ``train`` method (``self.head.train(self.training)``).
+    """
+    for inner in _iter_codes(code):
+        if "training" not in inner.co_names:
+            continue
+        instructions = [i for i in dis.get_instructions(inner) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+        for index, ins in enumerate(instructions):
+            if ins.argval != "training" or not ins.opname.startswith("LOAD_"):
+                continue
+            window = instructions[max(0, index - 8) : index + 7]
+            if any(w.argval == "gradient_checkpointing" for w in window):  # attribute, or getattr's name
+                continue
+            if any(w.argval == "train" for w in instructions[max(0, index - 3) : index]):
+                continue  # ``child.train(self.training)`` passes the mode on, it gates nothing
+            return True
+    return False
+
+
+def _function_codes(attr: Any) -> Iterator[types.CodeType]:
+    """Yield the code objects behind a class attribute.
+
+    That is functions, static/class methods, properties, and the originals behind decorators
+    (``__wrapped__``).
+    """
+    if isinstance(attr, (staticmethod, classmethod)):
+        attr = attr.__func__
+    if isinstance(attr, property):
+        candidates = [attr.fget, attr.fset]
+    else:
+        candidates = [attr]
+    for func in candidates:
+        for _ in range(16):  # a decorator chain; bounded against cycles
+            if func is None:
+                break
+            code = getattr(func, "__code__", None)
+            if isinstance(code, types.CodeType):
+                yield code
+            func = getattr(func, "__wrapped__", None)
+
+
+def _class_code(cls: type) -> tuple[bool, frozenset[str]]:
+    """Return whether ``cls``'s code reads ``.training``, and the names its code uses.
+
+    The code is that of ``cls`` and its non-torch bases (see :func:`_code_reads_training`; methods
+    named ``train``/``eval`` set the flag and are skipped); the names are the attribute/global names
+    used by that code outside ``__init__``.
+    """
+    cached = _CLASS_CODE_CACHE.get(cls)
+    if cached is not None:
+        return cached
+    reads = False
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object or _is_torch_class(klass):
+            continue
+        for attr_name, attr in vars(klass).items():
+            if attr_name in _MODE_SETTERS:
+                continue
+            for code in _function_codes(attr):
+                if attr_name != "__init__":
+                    for inner in _iter_codes(code):
+                        names.update(inner.co_names)
+                if not reads and _code_reads_training(code):
+                    reads = True
+    result = (reads, frozenset(names))
+    _CLASS_CODE_CACHE[cls] = result
+    return result
 
 
 def _class_reads_training(cls: type) -> bool:
     """True if code defined by ``cls`` or its non-torch bases reads an attribute named ``training``."""
-    cached = _READS_TRAINING_CACHE.get(cls)
-    if cached is not None:
-        return cached
-    found = False
-    for klass in cls.__mro__:
-        if klass is nn.Module or klass is object or _is_torch_class(klass):
+    return _class_code(cls)[0]
+
+
+def _attention_rate(module: nn.Module, cls: type) -> tuple[float, str] | None:
+    """Return the attention-dropout rate of a Hugging Face / timm style attention gate.
+
+    Returns ``(rate, dotted attribute it comes from)``, or ``None`` when the module is not such a
+    gate.
+    """
+    lowered = cls.__name__.lower()
+    if "attention" not in lowered and "attn" not in lowered:
+        return None
+    names = _class_code(cls)[1]
+    for attr in _ATTENTION_RATE_ATTRS:
+        if attr not in names:
             continue
-        for attr in vars(klass).values():
-            func = attr
-            if isinstance(attr, (staticmethod, classmethod)):
-                func = attr.__func__
-            elif isinstance(attr, property):
-                func = attr.fget
-            code = getattr(func, "__code__", None)
-            if isinstance(code, types.CodeType) and _code_reads_training(code):
-                found = True
-                break
-        if found:
-            break
-    _READS_TRAINING_CACHE[cls] = found
-    return found
+        value = module._modules[attr] if attr in module._modules else getattr(module, attr, None)
+        if isinstance(value, nn.Module):
+            if "p" in names and (isinstance(value, _TORCH_DROPOUT_TYPES) or _is_mcdrop_dropout(type(value))):
+                rate = _rate(value, "p")
+                if rate is not None:
+                    return rate, f"{attr}.p"
+            continue
+        rate = _rate(module, attr)
+        if rate is not None:
+            return rate, attr
+    return None
 
 
 def _is_torch_class(cls: type) -> bool:
@@ -285,65 +409,134 @@ def _classify(
     if isinstance(module, torch.jit.ScriptModule):
         name = getattr(module, "original_name", name)
     site = _classify_kind(module, name)
+    if site is not None and _is_traced(module):
+        return StochasticSite(path, site[0], name, site[1], False, _TRACED_NOTE, site[2])
     if _matches(path, module, exclude):
         if site is None:
             return None
-        return StochasticSite(path, site[0], name, site[1], False, "excluded by the user")
+        return StochasticSite(path, site[0], name, site[1], False, "excluded by the user", site[2])
     if _matches(path, module, include):
         kind = site[0] if site is not None else "custom"
         rate = site[1] if site is not None else None
-        return StochasticSite(path, kind, name, rate, True, "included by the user")
+        rate_attr = site[2] if site is not None else None
+        return StochasticSite(path, kind, name, rate, True, "included by the user", rate_attr)
     if site is None:
         return None
-    kind, rate = site
+    kind, rate, rate_attr = site
     if kind == "drop_path":
         note = "sampled (drop_path=True)" if drop_path else "not sampled: pass drop_path=True to sample it"
-        return StochasticSite(path, kind, name, rate, drop_path and rate != 0.0, note)
+        return StochasticSite(path, kind, name, rate, drop_path and rate != 0.0, note, rate_attr)
     if rate is not None and rate == 0.0:
-        return StochasticSite(path, kind, name, rate, False, "rate is 0: nothing to sample")
-    return StochasticSite(path, kind, name, rate, True, "")
+        return StochasticSite(path, kind, name, rate, False, "rate is 0: nothing to sample", rate_attr)
+    note = ""
+    if (
+        kind == "attention_dropout"
+        and rate_attr is not None
+        and not isinstance(module, nn.MultiheadAttention)
+    ):
+        note = f"dropout on the attention weights, applied by the module's code in train mode (rate: {rate_attr})"
+    return StochasticSite(path, kind, name, rate, True, note, rate_attr)
 
 
-def _classify_kind(module: nn.Module, name: str) -> tuple[str, float | None] | None:
+_TRACED_NOTE = (
+    "traced with torch.jit.trace: the train/eval mode is frozen into the graph, so it cannot be "
+    "switched; use the eager model or torch.jit.script"
+)
+
+
+def _is_traced(module: nn.Module) -> bool:
+    try:
+        from torch.jit._trace import TracedModule
+    except ImportError:  # pragma: no cover - present in every supported torch
+        return False
+    return isinstance(module, TracedModule)
+
+
+def _scripted_torch_class(module: torch.jit.ScriptModule) -> bool:
+    """True if a scripted module was compiled from a ``torch`` class (e.g. ``torch.nn.Linear``)."""
+    try:
+        qualified = module._c._type().qualified_name()
+    except (RuntimeError, AttributeError):
+        return False
+    return qualified.startswith("__torch__.torch.")
+
+
+def _scripted_code(module: torch.jit.ScriptModule) -> str:
+    """The TorchScript source of the module's own methods (``forward`` and any others)."""
+    try:
+        return str(module.code)
+    except (RuntimeError, AttributeError):
+        pass
+    parts = []
+    try:
+        method_names = module._c._method_names()
+    except (RuntimeError, AttributeError):
+        return ""
+    for method in method_names:
+        try:
+            parts.append(str(getattr(module, method).code))
+        except (RuntimeError, AttributeError):
+            continue
+    return "\n".join(parts)
+
+
+def _classify_kind(module: nn.Module, name: str) -> tuple[str, float | None, str | None] | None:
+    """``(kind, rate, rate attribute)`` of a module that is a site, else ``None``."""
     cls = type(module)
     for registered, (kind, attr) in _REGISTERED_STOCHASTIC.items():
         if isinstance(module, registered):
-            return kind, _rate(module, attr)
+            rate = _rate(module, attr)
+            return kind, rate, attr if rate is not None else None
     if any(isinstance(module, t) for t in _REGISTERED_DETERMINISTIC):
         return None
     if isinstance(module, torch.jit.ScriptModule):
         if name in _SCRIPTED_DETERMINISTIC_NAMES:
             return None
         if name in _SCRIPTED_DROPOUT_NAMES or name in ("Dropout", "Dropout2d"):
-            return "dropout", _rate(module, "p")
-        if name in _DROP_PATH_NAMES:
-            return "drop_path", _rate(module, "p") if hasattr(module, "p") else _rate(module, "drop_prob")
-        try:
-            code = module.code
-        except (RuntimeError, AttributeError):
-            code = ""
-        return ("functional", None) if "training" in code else None
+            return "dropout", _rate(module, "p"), "p"
+        if _is_drop_path_name(name):
+            attr = "p" if hasattr(module, "p") else "drop_prob"
+            return "drop_path", _rate(module, attr), attr
+        if name == "MultiheadAttention" and hasattr(module, "dropout"):
+            return "attention_dropout", _rate(module, "dropout"), "dropout"
+        if name in ("LSTM", "GRU", "RNN") and hasattr(module, "dropout"):
+            layers = getattr(module, "num_layers", 1)
+            return "rnn_dropout", (_rate(module, "dropout") if layers > 1 else 0.0), "dropout"
+        if _scripted_torch_class(module):  # the same rules as for eager torch.nn modules
+            if name in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+                return "fast_path_gate", None, None
+            return None
+        return ("functional", None, None) if "training" in _scripted_code(module) else None
     if isinstance(module, _TORCH_DETERMINISTIC_TYPES):
         return None
     if isinstance(module, _TORCH_DROPOUT_TYPES):
-        return "dropout", float(module.p)
-    if name in _DROP_PATH_NAMES:
-        rate = _rate(module, "drop_prob") if hasattr(module, "drop_prob") else _rate(module, "p")
-        return "drop_path", rate
+        return "dropout", float(module.p), "p"
+    if _is_drop_path_name(name):
+        attr = "drop_prob" if hasattr(module, "drop_prob") else "p"
+        rate = _rate(module, attr)
+        return "drop_path", rate, attr if rate is not None else None
     if _is_mcdrop_dropout(cls):
-        return "dropout", _rate(module, "p")
+        rate = _rate(module, "p")
+        return "dropout", rate, "p" if rate is not None else None
     if isinstance(module, nn.MultiheadAttention):
-        return "attention_dropout", float(module.dropout)
+        return "attention_dropout", float(module.dropout), "dropout"
     if isinstance(module, nn.RNNBase):
         rate = float(module.dropout) if module.num_layers > 1 else 0.0
-        return "rnn_dropout", rate
+        return "rnn_dropout", rate, "dropout"
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return "fast_path_gate", None
+        return "fast_path_gate", None, None
     if _is_torch_class(cls):
         return None
     if _class_reads_training(cls):
-        return "functional", None
+        found = _attention_rate(module, cls)
+        if found is not None:
+            return "attention_dropout", found[0], found[1]
+        return "functional", None, None
     return None
+
+
+def _is_drop_path_name(name: str) -> bool:
+    return name in _DROP_PATH_NAMES or name.endswith(tuple(_DROP_PATH_NAMES))
 
 
 def _is_mcdrop_dropout(cls: type) -> bool:
@@ -427,8 +620,12 @@ class StochasticPolicy:
         include: Extra modules to switch on (see :func:`find_stochastic_sites`).
         exclude: Modules to keep off (see :func:`find_stochastic_sites`).
 
+    The sites are found again on every :meth:`activate`, so rates changed after construction (with
+    :func:`set_dropout_rate` or by hand) are honoured: a site raised from rate 0 is sampled.
+
     Raises:
         NoDropoutError: The model has no source of dropout randomness at all.
+        UnsupportedModelError: The model contains ``torch.jit.trace``'d modules.
 
     Example:
         >>> import torch, mcdrop
@@ -442,12 +639,30 @@ class StochasticPolicy:
         self, model: nn.Module, *, drop_path: bool = False, include: Any = None, exclude: Any = None
     ):
         self.model = model
-        self.sites = find_stochastic_sites(model, drop_path=drop_path, include=include, exclude=exclude)
+        self._options = {"drop_path": drop_path, "include": include, "exclude": exclude}
+        if not isinstance(model, nn.Module):
+            raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        traced = [path or "<model>" for path, m in model.named_modules() if _is_traced(m)]
+        if traced:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} contains modules made by torch.jit.trace ({', '.join(traced[:5])}"
+                f"{', ...' if len(traced) > 5 else ''}). Tracing records the ops of one forward pass in "
+                "the mode it ran in, so dropout is either absent from the graph (traced in eval mode) or "
+                "always on (traced in train mode), whatever the training flags say: MC dropout cannot "
+                "switch it. Pass the eager model, or a torch.jit.script'ed one (scripted code honours "
+                "the flags)."
+            )
+        self._find_sites()
+
+    def _find_sites(self) -> None:
+        self.sites = find_stochastic_sites(self.model, **self._options)
         self.sampled_sites = [s for s in self.sites if s.sampled]
         if not self.sampled_sites:
-            raise NoDropoutError(_no_dropout_message(model, self.sites))
+            raise NoDropoutError(_no_dropout_message(self.model, self.sites))
         self._sampled_paths = {s.path for s in self.sampled_sites}
-        self._gate_paths = {s.path for s in self.sampled_sites if s.kind in ("functional", "custom")}
+        self._gate_paths = {
+            s.path for s in self.sampled_sites if s.kind in ("functional", "custom", "attention_dropout")
+        }
 
     @property
     def has_randomness(self) -> bool:
@@ -466,6 +681,7 @@ class StochasticPolicy:
         Yields:
             The policy itself.
         """
+        self._find_sites()
         modules = list(self.model.named_modules())
         saved = [(module, module.training) for _, module in modules]
         snapshots: list[tuple[str, nn.Module, str, torch.Tensor]] = []
@@ -484,7 +700,7 @@ class StochasticPolicy:
                 module.training = flag
             changed = []
             for path, module, bname, before in snapshots:
-                now = module._buffers.get(bname)
+                now = dict(module._buffers.items()).get(bname)  # scripted modules wrap _buffers
                 if now is None or now.shape != before.shape or not torch.equal(now, before):
                     changed.append(f"{path or '<model>'}.{bname}")
                     if now is not None and now.shape == before.shape:
@@ -584,3 +800,426 @@ def enable_dropout(
         )
     with policy.activate(check_buffers=check_buffers):
         yield policy
+
+
+# ----------------------------------------------------------------------------- inspection
+_DESCRIBE_COLUMNS = ("path", "kind", "module_type", "rate", "sampled", "note")
+
+
+def describe(
+    model: Any,
+    *,
+    drop_path: bool = False,
+    include: Any = None,
+    exclude: Any = None,
+) -> Any:
+    """Every stochastic site of a model as a table: where it is, what kind, its rate, sampled or not.
+
+    The table shows what MC dropout will (and will not) switch on, so it is the first thing to look
+    at with a new architecture: attention dropout inside Hugging Face attention modules, drop-path
+    that is off by default, dropout layers with rate 0, modules excluded by the user. pandas is
+    imported only when this is called.
+
+    Args:
+        model: An ``nn.Module``; or a :class:`StochasticPolicy` or :class:`mcdrop.MCDropout`, whose
+            own options are then used (and the keyword arguments must be left out).
+        drop_path: Sample drop-path / stochastic-depth modules too.
+        include: Extra modules to switch on (see :func:`find_stochastic_sites`).
+        exclude: Modules to keep off (see :func:`find_stochastic_sites`).
+
+    Returns:
+        A ``pandas.DataFrame`` with one row per site, in ``named_modules()`` order, and the columns
+        ``path`` (``"<model>"`` for the model itself), ``kind`` (one of :data:`SITE_KINDS`),
+        ``module_type``, ``rate`` (NaN where unknown, e.g. for ``"functional"`` gates),
+        ``sampled`` and ``note``. A model without any site gives an empty table with these
+        columns.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2),
+        ...                           torch.nn.MultiheadAttention(8, 2, dropout=0.0))
+        >>> table = mcdrop.describe(net)
+        >>> table[["path", "kind", "rate", "sampled"]].values.tolist()
+        [['1', 'dropout', 0.2, True], ['2', 'attention_dropout', 0.0, False]]
+    """
+    import pandas as pd
+
+    policy = model if isinstance(model, StochasticPolicy) else getattr(model, "policy", None)
+    if isinstance(policy, StochasticPolicy) and not isinstance(model, nn.Module):
+        if drop_path or include is not None or exclude is not None:
+            raise InvalidInputError(
+                "describe() of an MCDropout or a StochasticPolicy uses the options they were built "
+                "with; leave drop_path=, include= and exclude= out, or pass the model itself."
+            )
+        sites = find_stochastic_sites(policy.model, **policy._options)  # current rates
+    else:
+        sites = find_stochastic_sites(model, drop_path=drop_path, include=include, exclude=exclude)
+    rows = [
+        {
+            "path": s.path or "<model>",
+            "kind": s.kind,
+            "module_type": s.module_type,
+            "rate": s.rate,
+            "sampled": s.sampled,
+            "note": s.note,
+        }
+        for s in sites
+    ]
+    table = pd.DataFrame(rows, columns=list(_DESCRIBE_COLUMNS))
+    return table.astype({"rate": "object", "sampled": "bool"}) if table.empty else table
+
+
+# ----------------------------------------------------------------------------- adding dropout
+#: Name of the dropout child that :func:`add_dropout` gives a module.
+ADDED_DROPOUT_NAME = "mcdrop_dropout"
+
+
+def _dropout_before_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook of :func:`add_dropout`: dropout on the module's first positional input."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise InvalidInputError(
+            f"add_dropout put dropout before this {type(module).__name__}, which applies it to the first "
+            "positional input, but it was called with "
+            f"{'no positional input' if not args else f'a {type(args[0]).__name__} first'}. Call the "
+            "module with its input tensor as the first positional argument, or add dropout elsewhere "
+            "(before=, where=)."
+        )
+    return (getattr(module, ADDED_DROPOUT_NAME)(args[0]), *args[1:]), kwargs
+
+
+def _check_unsupported_for_edit(model: nn.Module, what: str) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"{what} cannot change a TorchScript module ({type(model).__name__}): its code is compiled. "
+            f"Call {what} on the eager model, then torch.jit.script the result."
+        )
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise UnsupportedModelError(
+            f"{what} cannot change a torch.compile'd model (OptimizedModule): its graphs were captured "
+            f"without the new layers. Call {what} on the original model (compiled._orig_mod, or the "
+            "model you compiled), then torch.compile the result."
+        )
+
+
+def _check_classes(value: Any, name: str) -> tuple[type[nn.Module], ...]:
+    classes = (value,) if isinstance(value, type) else tuple(value) if isinstance(value, Iterable) else None
+    if not classes or not all(isinstance(c, type) and issubclass(c, nn.Module) for c in classes):
+        raise InvalidTypeError(
+            f"{name} must be an nn.Module subclass or a tuple of them (e.g. (nn.Linear, nn.Conv2d)); "
+            f"got {value!r}."
+        )
+    return classes
+
+
+def add_dropout(
+    model: nn.Module,
+    p: float,
+    *,
+    before: type[nn.Module] | tuple[type[nn.Module], ...] = (nn.Linear,),
+    where: Any = "last",
+    inplace: bool = False,
+    layer: Callable[[float], nn.Module] = nn.Dropout,
+) -> nn.Module:
+    """Put dropout in front of chosen layers of a model that has none (or too little).
+
+    The "last-layer MC dropout" recipe for a pretrained network trained without dropout: dropout
+    before its classification head, then MC dropout as usual (optionally fine-tuning first). The
+    dropout is a child module named ``mcdrop_dropout`` of each chosen layer, applied to the layer's
+    first positional input by a forward pre-hook. The model's parameters, buffers and
+    ``state_dict`` keys do not change, so checkpoints of the original model still load into it; the
+    hook travels with ``copy.deepcopy`` and ``pickle``, but ``save_pretrained``/``from_pretrained``
+    of Hugging Face store weights only, so call ``add_dropout`` again after loading. Calling it
+    again on a layer that already has one changes that dropout's rate.
+
+    Args:
+        model: An eager ``nn.Module`` (not scripted, traced or compiled: add dropout first, then
+            script or compile the result).
+        p: The dropout rate, in ``[0, 1)``.
+        before: The layer classes in front of which dropout goes.
+        where: Which of those layers: ``"last"`` (default; the last one in ``named_modules()``
+            order, which is the output head of nearly every model — check with :func:`describe`),
+            ``"all"``, or module-path patterns (``fnmatch`` style, e.g. ``"classifier"`` or
+            ``"encoder.layer.?.output.dense"``; ``*`` also matches dots), module classes, or callables
+            ``(path, module) -> bool``, alone or in a list.
+        inplace: Change ``model`` itself instead of a deep copy of it.
+        layer: Makes the dropout module from ``p``: ``nn.Dropout`` (default), or e.g.
+            ``nn.Dropout2d`` before a convolution, ``mcdrop.nn.Dropout``.
+
+    Returns:
+        The model with dropout added: a copy, or ``model`` itself when ``inplace=True``.
+
+    Raises:
+        InvalidInputError: ``p`` is outside ``[0, 1)``, or no layer matches ``before``/``where``.
+        UnsupportedModelError: The model is a TorchScript, traced or compiled module.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+        >>> mc_net = mcdrop.add_dropout(net, 0.2)
+        >>> [(s.path, s.rate) for s in mcdrop.find_stochastic_sites(mc_net)]
+        [('2.mcdrop_dropout', 0.2)]
+        >>> mcdrop.find_stochastic_sites(net)  # the original is unchanged
+        []
+        >>> mcdrop.MCDropout(mc_net, n_samples=8, seed=0).predict(torch.randn(5, 4)).probs.shape
+        torch.Size([5, 3])
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    rate = check_real(p, "p", low=0.0, high=1.0, high_open=True)
+    classes = _check_classes(before, "before")
+    if not callable(layer):
+        raise InvalidTypeError(f"layer must be a callable p -> nn.Module, such as nn.Dropout; got {layer!r}.")
+    if not isinstance(inplace, bool):
+        raise InvalidTypeError(f"inplace must be True or False; got {inplace!r}.")
+    _check_unsupported_for_edit(model, "add_dropout")
+    traced = [path or "<model>" for path, m in model.named_modules() if _is_traced(m)]
+    if traced:
+        raise UnsupportedModelError(
+            f"add_dropout cannot change modules made by torch.jit.trace ({', '.join(traced[:5])}). Add "
+            "dropout to the eager model, then trace or script the result."
+        )
+    candidates = [
+        (path, m)
+        for path, m in model.named_modules()
+        if isinstance(m, classes) and not _is_added_dropout_path(path)
+    ]
+    class_names = "/".join(c.__name__ for c in classes)
+    if not candidates:
+        raise InvalidInputError(
+            f"{type(model).__name__} has no {class_names} layer to put dropout in front of. Pass the "
+            "classes of the layers you want it before, e.g. before=(nn.Linear, nn.Conv2d)."
+        )
+    if isinstance(where, str) and where in ("last", "all"):
+        chosen = candidates[-1:] if where == "last" else candidates
+    else:
+        patterns = _check_patterns(where, "where")
+        chosen = [(path, m) for path, m in candidates if _matches(path, m, patterns)]
+        if not chosen:
+            listing = ", ".join(path or "<model>" for path, _ in candidates[:12])
+            more = f" and {len(candidates) - 12} more" if len(candidates) > 12 else ""
+            raise InvalidInputError(
+                f"where={where!r} matches none of the {class_names} layers of {type(model).__name__}: "
+                f"{listing}{more}. Pass one of these paths (fnmatch patterns work), 'last' or 'all'."
+            )
+    if not inplace:
+        try:
+            target = copy.deepcopy(model)
+        except Exception as err:  # noqa: BLE001 - any failure to copy has the same fix
+            raise UnsupportedModelError(
+                f"add_dropout could not copy {type(model).__name__} ({type(err).__name__}: {err}). "
+                "Pass inplace=True to add the dropout to the model itself."
+            ) from err
+        chosen_paths = [path for path, _ in chosen]
+        modules = dict(target.named_modules())
+        chosen = [(path, modules[path]) for path in chosen_paths]
+    else:
+        target = model
+    for _, module in chosen:
+        dropout = layer(rate)
+        if not isinstance(dropout, nn.Module):
+            raise InvalidTypeError(
+                f"layer({rate}) returned a {type(dropout).__name__}, not an nn.Module; pass a dropout "
+                "class such as nn.Dropout."
+            )
+        hooked = any(h is _dropout_before_hook for h in module._forward_pre_hooks.values())
+        existing = module._modules.get(ADDED_DROPOUT_NAME)
+        if existing is not None and not hooked:
+            raise InvalidInputError(
+                f"{type(module).__name__} already has a child named {ADDED_DROPOUT_NAME!r} that "
+                "add_dropout did not put there; rename it or choose another layer."
+            )
+        _move_like(dropout, module)
+        dropout.train(module.training)
+        module.add_module(ADDED_DROPOUT_NAME, dropout)
+        if not hooked:
+            module.register_forward_pre_hook(_dropout_before_hook, with_kwargs=True)
+    return target
+
+
+def _is_added_dropout_path(path: str) -> bool:
+    return path == ADDED_DROPOUT_NAME or path.endswith(f".{ADDED_DROPOUT_NAME}")
+
+
+def _move_like(new: nn.Module, reference: nn.Module) -> None:
+    """Put ``new`` on the device of ``reference``'s first parameter or buffer (if any)."""
+    for tensor in (*reference.parameters(recurse=False), *reference.buffers(recurse=False)):
+        new.to(tensor.device)
+        return
+
+
+# ----------------------------------------------------------------------------- changing rates
+_RATE_KINDS = ("dropout", "attention_dropout", "rnn_dropout", "drop_path")
+_DEFAULT_RATE_KINDS = ("dropout", "attention_dropout", "rnn_dropout")
+
+
+class RateChange:
+    """The dropout rates changed by :func:`set_dropout_rate`, and how to put them back.
+
+    Used as a context manager, it restores the old rates on exit (also when the body raises);
+    otherwise the change stays until :meth:`restore` is called.
+
+    Attributes:
+        changes: One ``(path, attribute, old value, new value)`` per changed rate, where
+            ``attribute`` is the (dotted) attribute of the module at ``path`` that was set.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+        >>> change = mcdrop.set_dropout_rate(net, 0.3)
+        >>> change.changes
+        [('1', 'p', 0.1, 0.3)]
+        >>> change.restore()
+        >>> net[1].p
+        0.1
+    """
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str, Any, float]] = []
+        self._targets: list[tuple[Any, str, Any]] = []
+        self._restored = False
+
+    def _set(self, path: str, attribute: str, owner: Any, name: str, value: float) -> None:
+        old = getattr(owner, name)
+        setattr(owner, name, value)
+        self._targets.append((owner, name, old))
+        self.changes.append((path, attribute, old, value))
+
+    def restore(self) -> None:
+        """Put every changed rate back to its old value (a second call does nothing)."""
+        if self._restored:
+            return
+        self._restored = True
+        for owner, name, old in reversed(self._targets):
+            setattr(owner, name, old)
+
+    def __enter__(self) -> RateChange:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        state = "restored" if self._restored else "active"
+        return f"RateChange({len(self.changes)} rates, {state})"
+
+
+def _resolve_attr(module: Any, dotted: str) -> tuple[Any, str]:
+    owner = module
+    *parents, name = dotted.split(".")
+    for part in parents:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def set_dropout_rate(
+    model: nn.Module,
+    p: float,
+    *,
+    where: Any = None,
+    kinds: Iterable[str] | None = None,
+) -> RateChange:
+    """Change the dropout rate of a model's stochastic sites, e.g. to study MC dropout at other rates.
+
+    Every site of the chosen kinds whose rate lives in an attribute is set to ``p``: ``nn.Dropout*``
+    and ``mcdrop.nn`` layers (``p``), ``nn.MultiheadAttention`` and multi-layer RNNs (``dropout``),
+    Hugging Face / timm attention (``attention_dropout``, ``attn_dropout.p``, ``dropout.p``, ...),
+    drop-path (``drop_prob``/``p``) and registered classes (their ``rate_attr``). Use it as a
+    context manager to have the old rates restored on exit, or call
+    :meth:`RateChange.restore`. Rates raised from 0 are sampled: MC dropout finds the sites again
+    on every call.
+
+    Args:
+        model: Any ``nn.Module``.
+        p: The new rate, in ``[0, 1]``.
+        where: Which sites: module-path patterns (``fnmatch`` style), module classes, or callables
+            ``(path, module) -> bool``, alone or in a list; ``None`` for all.
+        kinds: Which kinds of site: any of ``"dropout"``, ``"attention_dropout"``,
+            ``"rnn_dropout"``, ``"drop_path"``. Default: all but ``"drop_path"``.
+
+    Returns:
+        A :class:`RateChange` listing what changed; a context manager that restores it.
+
+    Raises:
+        InvalidInputError: ``p`` is outside ``[0, 1]``, an unknown kind is asked for, or no site
+            with a settable rate matches.
+        UnsupportedModelError: A matching rate cannot be set (a TorchScript constant, such as the
+            ``p`` of a scripted ``nn.Dropout``); then nothing is changed.
+
+    Warns:
+        McdropWarning: Matching sites whose rate mcdrop cannot see (custom code that reads
+            ``self.training``, kind ``"functional"``) keep their rate; the warning names them.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1),
+        ...                           torch.nn.MultiheadAttention(8, 2, dropout=0.1))
+        >>> with mcdrop.set_dropout_rate(net, 0.5, kinds=["dropout"]):
+        ...     print(net[1].p, net[2].dropout)
+        0.5 0.1
+        >>> net[1].p
+        0.1
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    rate = check_real(p, "p", low=0.0, high=1.0)
+    if kinds is None:
+        chosen_kinds: tuple[str, ...] = _DEFAULT_RATE_KINDS
+    else:
+        if isinstance(kinds, str):
+            kinds = (kinds,)
+        chosen_kinds = tuple(kinds)
+        unknown = [k for k in chosen_kinds if k not in _RATE_KINDS]
+        if unknown or not chosen_kinds:
+            raise InvalidInputError(
+                f"kinds must be a non-empty list of {', '.join(map(repr, _RATE_KINDS))}; got {list(chosen_kinds)!r}."
+            )
+    patterns = _check_patterns(where, "where")
+    modules = dict(model.named_modules())
+    sites = find_stochastic_sites(model, drop_path=True)
+    selected = [s for s in sites if not patterns or _matches(s.path, modules[s.path], patterns)]
+    change = RateChange()
+    seen: set[tuple[int, str]] = set()
+    unknown_rate = []
+    for site in selected:
+        if site.kind not in chosen_kinds:
+            if site.kind == "functional":
+                unknown_rate.append(site.path or "<model>")
+            continue
+        if site.rate_attr is None:
+            unknown_rate.append(site.path or "<model>")
+            continue
+        module = modules[site.path]
+        if site.kind == "rnn_dropout" and getattr(module, "num_layers", 2) < 2:
+            continue  # a one-layer RNN has no inter-layer dropout to set
+        owner, name = _resolve_attr(module, site.rate_attr)
+        key = (id(owner), name)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            change._set(site.path or "<model>", site.rate_attr, owner, name, rate)
+        except RuntimeError as err:  # a TorchScript constant, e.g. nn.Dropout's p
+            change.restore()
+            raise UnsupportedModelError(
+                f"The rate {site.rate_attr!r} of {site.path or '<model>'} ({site.module_type}) cannot be "
+                f"changed: {err}. In a TorchScript module it is a constant compiled into the code; set "
+                "the rate on the eager model, then script it again. Nothing was changed."
+            ) from err
+    if unknown_rate:
+        warnings.warn(
+            f"set_dropout_rate cannot change the rate of {', '.join(unknown_rate)}: their own code "
+            "applies dropout in train mode at a rate mcdrop cannot see. Change it in their attributes, "
+            "or register their class with mcdrop.register_stochastic(cls, rate_attr=...).",
+            McdropWarning,
+            stacklevel=2,
+        )
+    if not change.changes:
+        listing = ", ".join(f"{s.path or '<model>'} ({s.kind})" for s in sites) or "none"
+        raise InvalidInputError(
+            f"No site of kind {'/'.join(chosen_kinds)} with a settable rate matches where={where!r} in "
+            f"{type(model).__name__}. Sites found: {listing}. Widen where= or kinds=, or add dropout "
+            "with mcdrop.add_dropout."
+        )
+    return change

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +16,11 @@ from torch import nn
 from mcdrop._checks import check_choice, check_int
 from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
 from mcdrop.errors import InvalidInputError, InvalidTypeError, NoRandomnessWarning
+from mcdrop.metrics.streaming import (
+    StreamingClassificationMetrics,
+    StreamingMetrics,
+    StreamingRegressionMetrics,
+)
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction, concat_predictions
 from mcdrop.sampling import (
     DEFAULT_MEMORY_BUDGET,
@@ -217,8 +225,21 @@ class MCDropout:
         *,
         unpack: Callable[[Any], tuple[Any, Any]] | None = None,
         progress: bool = True,
-    ) -> Prediction:
-        """One prediction over a whole ``DataLoader`` (or any iterable of batches), with targets.
+        keep: str = "predictions",
+        metrics: StreamingMetrics | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 100,
+    ) -> Any:
+        """Predict a whole ``DataLoader`` (or any iterable of batches), with its targets.
+
+        With ``keep="predictions"`` (default) the per-input statistics of every input are kept and
+        returned as one :class:`~mcdrop.Prediction` (float32 unless the model runs in float64; raw
+        samples only with ``keep_samples=True``), so memory grows with the number of inputs. With
+        ``keep="metrics"`` only streaming metric accumulators are kept
+        (:mod:`mcdrop.metrics.streaming`: calibration bins, sums for Brier score and NLL, score
+        histograms for the misclassification AUROC), so memory is O(bins) whatever the size of the
+        data set, and ECE, Brier score, NLL and accuracy equal those of the in-memory path to float64
+        rounding. For several processes or GPUs see :func:`mcdrop.distributed.predict_loader`.
 
         Args:
             loader: Yields batches: a tensor; a tuple/list ``(inputs, targets, ...)``; or a dict of
@@ -228,10 +249,25 @@ class MCDropout:
                 tensor, a tuple of positional inputs or a dict of keyword inputs; ``targets`` may be
                 ``None``.
             progress: Show a tqdm progress bar.
+            keep: ``"predictions"`` (default) or ``"metrics"`` (needs targets in every batch).
+            metrics: An accumulator to add to, e.g. ``StreamingClassificationMetrics(n_bins=20)`` for
+                other bins; implies ``keep="metrics"``. ``None`` builds one with the default options.
+            checkpoint: ``keep="metrics"`` only: a file where the accumulators, the number of batches
+                done and the wrapper's RNG state are saved every ``checkpoint_every`` batches and at
+                the end. If the file exists, the run resumes from it: the batches already done are
+                read from the loader but not evaluated, and a seeded wrapper continues its random
+                stream, so the result equals that of an uninterrupted run (the loader must yield the
+                same batches in the same order). A finished checkpoint returns its result at once.
+            checkpoint_every: Batches between two checkpoints (default 100).
 
         Returns:
-            The predictions of all batches concatenated, with ``targets`` filled in when the
-            batches carried them.
+            ``keep="predictions"``: the predictions of all batches concatenated, with ``targets``
+            filled in when the batches carried them. ``keep="metrics"``: a
+            :class:`~mcdrop.metrics.streaming.StreamingMetrics`; ``.summary()`` gives the metrics.
+
+        Raises:
+            InvalidInputError: An empty loader, targets that do not match, an unknown ``keep``,
+                ``keep="metrics"`` without targets, or a checkpoint from another configuration.
 
         Example:
             >>> import torch, mcdrop
@@ -243,30 +279,44 @@ class MCDropout:
             ...     DataLoader(data, batch_size=4), progress=False)
             >>> len(pred), pred.targets.shape
             (10, torch.Size([10]))
+            >>> stream = mcdrop.MCDropout(net, n_samples=5, seed=0).predict_loader(
+            ...     DataLoader(data, batch_size=4), progress=False, keep="metrics")
+            >>> abs(stream.summary()["ECE"] - mcdrop.metrics.expected_calibration_error(
+            ...     pred.probs, pred.targets)) < 1e-12
+            True
         """
-        from tqdm.auto import tqdm
+        keep = check_choice(keep, ("predictions", "metrics"), "keep")
+        if metrics is not None:
+            if not isinstance(metrics, StreamingMetrics):
+                raise InvalidTypeError(
+                    f"metrics must be a StreamingMetrics accumulator; got {type(metrics).__name__}."
+                )
+            keep = "metrics"
+        if keep == "metrics":
+            result = self._stream_metrics(
+                loader,
+                unpack=unpack,
+                progress=progress,
+                metrics=metrics,
+                checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every,
+            )
+            if result is None:
+                raise InvalidInputError("The loader yielded no batches: there is nothing to predict.")
+            return result
+        if checkpoint is not None:
+            raise InvalidInputError(
+                "checkpoint= needs keep='metrics': a checkpoint holds the streaming accumulators, not "
+                "per-input predictions."
+            )
 
         parts: list[Prediction] = []
         targets: list[torch.Tensor] = []
         has_targets = True
-        # The loader is iterated outside the wrapper's RNG stream: its shuffling and augmentations
-        # draw from the global RNG as usual, and the dropout masks do not depend on the loader.
-        # tqdm is updated by hand rather than wrapped around the loader: wrapping a DataLoader in
-        # tqdm changes which global random numbers its shuffling sampler draws.
-        total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-        bar = tqdm(total=total, desc="MC dropout", unit="batch", disable=not progress, leave=False)
-        with bar, self.policy.activate(), torch.no_grad():
-            for batch in loader:
-                inputs, target = (unpack or _default_unpack)(batch)
-                if isinstance(inputs, Mapping):
-                    args, kwargs = (), dict(inputs)
-                elif isinstance(inputs, tuple):
-                    args, kwargs = inputs, {}
-                else:
-                    args, kwargs = (inputs,), {}
-                with self._rng():
-                    parts.append(self._predict_one(args, kwargs))
-                bar.update()
+        with contextlib.closing(self._iter_loader(loader, unpack, progress)) as batches:
+            for pred, target in batches:
+                assert pred is not None
+                parts.append(pred)
                 if target is None:
                     has_targets = False
                 elif has_targets:
@@ -281,6 +331,145 @@ class MCDropout:
                     f"The loader's targets have {result.targets.shape[0]} rows for {len(result)} inputs."
                 )
         return result
+
+    def _iter_loader(
+        self,
+        loader: Iterable[Any],
+        unpack: Callable[[Any], tuple[Any, Any]] | None,
+        progress: bool,
+        skip: int = 0,
+    ) -> Iterator[tuple[Prediction | None, Any]]:
+        """``(prediction, targets)`` per batch; the first ``skip`` batches are read, not evaluated.
+
+        Dropout stays on and gradients off between the yields: wrap the generator in
+        ``contextlib.closing`` so that an exception in the consumer restores the model at once.
+        """
+        from tqdm.auto import tqdm
+
+        # The loader is iterated outside the wrapper's RNG stream: its shuffling and augmentations
+        # draw from the global RNG as usual, and the dropout masks do not depend on the loader.
+        # tqdm is updated by hand rather than wrapped around the loader: wrapping a DataLoader in
+        # tqdm changes which global random numbers its shuffling sampler draws.
+        total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        bar = tqdm(total=total, desc="MC dropout", unit="batch", disable=not progress, leave=False)
+        with bar, self.policy.activate(), torch.no_grad():
+            for number, batch in enumerate(loader):
+                inputs, target = (unpack or _default_unpack)(batch)
+                if number < skip:
+                    bar.update()
+                    yield None, target
+                    continue
+                if isinstance(inputs, Mapping):
+                    args, kwargs = (), dict(inputs)
+                elif isinstance(inputs, tuple):
+                    args, kwargs = inputs, {}
+                else:
+                    args, kwargs = (inputs,), {}
+                with self._rng():
+                    pred = self._predict_one(args, kwargs)
+                bar.update()
+                yield pred, target
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What must not change between a checkpoint and its resumption."""
+        return {
+            "model": type(self.model).__name__,
+            "n_samples": self.n_samples,
+            "task": self.task,
+            "output_type": self.output_type,
+            "aleatoric": self.aleatoric,
+            "class_dim": self.class_dim,
+            "seed": self.seed,
+            "max_batch_size": self.max_batch_size,
+            "memory_budget": self.memory_budget,
+        }
+
+    def _stream_metrics(
+        self,
+        loader: Iterable[Any],
+        *,
+        unpack: Callable[[Any], tuple[Any, Any]] | None,
+        progress: bool,
+        metrics: StreamingMetrics | None,
+        checkpoint: str | os.PathLike[str] | None,
+        checkpoint_every: int,
+        row_filter: Callable[[], torch.Tensor | None] | None = None,
+        fingerprint: Mapping[str, Any] | None = None,
+    ) -> StreamingMetrics | None:
+        """The ``keep="metrics"`` loop: accumulate, checkpoint, resume.
+
+        ``row_filter()`` is called once per batch of the loader, in order (evaluated or skipped), and
+        returns a bool mask of the rows to count (``None``: all). Returns ``None`` when no batch had a
+        row to count.
+        """
+        check_int(checkpoint_every, "checkpoint_every", minimum=1)
+        path = None if checkpoint is None else Path(checkpoint)
+        expected = {**self._fingerprint(), **dict(fingerprint or {})}
+        if hasattr(loader, "__len__"):
+            expected["loader_batches"] = len(loader)  # type: ignore[arg-type]
+        acc = metrics
+        done = 0
+        if path is not None and path.exists():
+            state = _read_checkpoint(path)
+            if state["fingerprint"] != expected:
+                changed = sorted(
+                    k
+                    for k in set(expected) | set(state["fingerprint"])
+                    if expected.get(k) != state["fingerprint"].get(k)
+                )
+                raise InvalidInputError(
+                    f"the checkpoint {path} was written by another configuration (differs in "
+                    f"{', '.join(changed)}: {[state['fingerprint'].get(k) for k in changed]} then, "
+                    f"{[expected.get(k) for k in changed]} now). Delete it to start afresh, or resume "
+                    "with the same wrapper settings and loader."
+                )
+            done = int(state["batches"])
+            if state["metrics"] is not None:
+                acc = (
+                    StreamingMetrics.from_state_dict(state["metrics"])
+                    if acc is None
+                    else acc.load_state_dict(state["metrics"])
+                )
+            if self.seed is not None:
+                self._rng_state = state["rng"]
+            if state["complete"]:
+                return acc
+
+        def save(count: int, complete: bool) -> None:
+            if path is not None:
+                state = {
+                    "format": _CHECKPOINT_FORMAT,
+                    "version": 1,
+                    "fingerprint": expected,
+                    "batches": count,
+                    "complete": complete,
+                    "metrics": None if acc is None else acc.state_dict(),
+                    "rng": self._rng_state if self.seed is not None else None,
+                }
+                _write_checkpoint(path, state)
+
+        count = 0
+        with contextlib.closing(self._iter_loader(loader, unpack, progress, skip=done)) as batches:
+            for pred, target in batches:
+                count += 1
+                mask = row_filter() if row_filter is not None else None
+                if pred is None:
+                    continue
+                if target is None:
+                    raise InvalidInputError(
+                        "keep='metrics' needs targets in every batch (a tuple (inputs, targets), a dict "
+                        "with a 'labels'/'targets'/'y' key, or unpack=); this batch had none."
+                    )
+                acc = _accumulate(acc, pred, torch.as_tensor(target), mask)
+                if count % checkpoint_every == 0:
+                    save(count, complete=False)
+        if count < done:
+            raise InvalidInputError(
+                f"the checkpoint {path} records {done} batches done, but the loader yielded only {count}: "
+                "it is not the loader the checkpoint was written for."
+            )
+        save(count, complete=True)
+        return acc
 
     def describe(self) -> Any:
         """The stochastic sites as a pandas DataFrame (path, kind, module type, rate, sampled, note).
@@ -410,6 +599,85 @@ class MCDropout:
 def _negligible(variance: torch.Tensor, mean: torch.Tensor) -> bool:
     """True when the samples differ by no more than float rounding (relative 1e-6)."""
     return bool((variance <= (1e-6 * mean.abs().clamp(min=1.0)).square()).all())
+
+
+_CHECKPOINT_FORMAT = "mcdrop-predict-loader-checkpoint"
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means "not our checkpoint"
+        raise InvalidInputError(
+            f"could not read the checkpoint {path} ({type(err).__name__}: {err}); delete it to start afresh."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        raise InvalidInputError(
+            f"{path} is not a predict_loader checkpoint; pass another checkpoint= path or delete the file."
+        )
+    return state
+
+
+def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def _select_rows(pred: Prediction, rows: torch.Tensor) -> Prediction:
+    """The prediction of the selected inputs (``rows``: a bool mask or indices along the batch)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(pred):
+        value = getattr(pred, f.name)
+        if isinstance(value, torch.Tensor):
+            value = value[:, rows] if f.name == "samples" else value[rows]
+        values[f.name] = value
+    return type(pred)(**values)
+
+
+def _accumulate(
+    acc: StreamingMetrics | None, pred: Prediction, target: torch.Tensor, mask: torch.Tensor | None
+) -> StreamingMetrics | None:
+    """Add a batch's prediction (the rows in ``mask``) to the streaming accumulator."""
+    if mask is not None:
+        mask = mask.to(torch.bool).cpu()
+        if mask.shape != (len(pred),):
+            raise InvalidInputError(
+                f"a batch of {len(pred)} inputs came with {mask.shape[0]} data-set indices; the loader's "
+                "collate_fn must keep one row per index."
+            )
+        if not bool(mask.any()):
+            return acc
+        if not bool(mask.all()):
+            pred = _select_rows(pred.cpu(), mask)
+            target = target.cpu()[mask]
+    if isinstance(pred, ClassificationPrediction):
+        if acc is None:
+            acc = StreamingClassificationMetrics(n_classes=pred.n_classes)
+        if not isinstance(acc, StreamingClassificationMetrics):
+            raise InvalidInputError(
+                f"a classifier's predictions cannot be added to a {type(acc).__name__}; use "
+                "StreamingClassificationMetrics."
+            )
+        probs, entropy, mi = pred.probs, pred.predictive_entropy, pred.mutual_information
+        if probs.dim() > 2:  # dense predictions: every position is one prediction
+            probs = probs.movedim(pred.class_dim, -1).reshape(-1, pred.n_classes)
+            entropy, mi, target = entropy.reshape(-1), mi.reshape(-1), target.reshape(-1)
+        acc.update(probs, target.to(probs.device), entropy=entropy, mutual_information=mi)
+    else:
+        assert isinstance(pred, RegressionPrediction)
+        if acc is None:
+            acc = StreamingRegressionMetrics()
+        if not isinstance(acc, StreamingRegressionMetrics):
+            raise InvalidInputError(
+                f"a regression model's predictions cannot be added to a {type(acc).__name__}; use "
+                "StreamingRegressionMetrics."
+            )
+        acc.update(pred.mean, pred.total_std, target.to(pred.mean.device))
+    acc.n_samples = pred.n_samples
+    return acc
 
 
 def _default_unpack(batch: Any) -> tuple[Any, Any]:

@@ -1,0 +1,803 @@
+"""Tests for mcdrop/report/: tables against mcdrop.metrics, figures, files, HTML, Markdown, compare.
+
+Every number of a report is checked against the mcdrop.metrics function called directly on the same
+inputs; the figures are checked for the artists they promise; save() for its files, its atomicity
+and its refusal to overwrite. Predictions come from small random MLPs (fast, with both right and
+wrong predictions); figures are closed after every test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from statistics import NormalDist
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mcdrop  # noqa: E402
+from mcdrop import metrics  # noqa: E402
+from mcdrop.errors import (  # noqa: E402
+    InvalidInputError,
+    InvalidTypeError,
+    McdropError,
+    ReportExistsError,
+)
+from mcdrop.report import UncertaintyReport, compare, figures  # noqa: E402
+from mcdrop.report._render import markdown_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture()
+def fast_png(monkeypatch):
+    """Replace the figures' PNG rendering by a tiny fixed PNG (for tests about files, not figures)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 3), (200, 30, 30)).save(buf, format="PNG")
+    png = buf.getvalue()
+    monkeypatch.setattr(UncertaintyReport, "_png", lambda self, name: png)
+    return png
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def _mlp(d_in: int, d_out: int, p: float = 0.5, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 32), nn.Tanh(), nn.Dropout(p), nn.Linear(32, d_out)).eval()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def cls():
+    """A 4-class prediction with labels that agree with it ~70% of the time, plus OOD data."""
+    mc = mcdrop.MCDropout(_mlp(6, 4), n_samples=8, seed=0)
+    x = torch.randn(120, 6, generator=_gen(1)) * 2
+    pred = mc.predict(x)
+    labels = pred.predicted.clone()
+    flip = torch.rand(120, generator=_gen(2)) < 0.3
+    labels[flip] = torch.randint(0, 4, (int(flip.sum()),), generator=_gen(3))
+    ood = mc.predict(torch.randn(60, 6, generator=_gen(4)) * 6)
+    return {"mc": mc, "pred": pred, "labels": labels, "ood": ood}
+
+
+@pytest.fixture(scope="module")
+def cls_report(cls):
+    return mcdrop.report(cls["pred"], cls["labels"], ood=cls["ood"], model=cls["mc"], title="cls <&> test")
+
+
+class _Hetero(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.fixture(scope="module")
+def reg():
+    """A heteroscedastic regression prediction (mean and log-variance head) with OOD data."""
+    mc = mcdrop.MCDropout(_Hetero().eval(), n_samples=10, task="regression", aleatoric="log_variance", seed=0)
+    x = torch.randn(80, 3, generator=_gen(5))
+    y = x.sum(1) * 0.3 + 0.5 * torch.randn(80, generator=_gen(6))
+    return {
+        "mc": mc,
+        "pred": mc.predict(x),
+        "y": y,
+        "ood": mc.predict(torch.randn(30, 3, generator=_gen(7)) * 5),
+    }
+
+
+@pytest.fixture(scope="module")
+def reg_report(reg):
+    return mcdrop.report(reg["pred"], reg["y"], ood=reg["ood"], model=reg["mc"], level=0.9)
+
+
+def _values(rep: UncertaintyReport) -> dict[str, float]:
+    return dict(zip(rep.summary["metric"], rep.summary["value"], strict=True))
+
+
+def _assert_values(rep: UncertaintyReport, expected: dict[str, float]) -> None:
+    got = _values(rep)
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        if isinstance(value, float) and math.isnan(value):
+            assert math.isnan(got[name]), name
+        else:
+            assert got[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+
+
+# ----------------------------------------------------------------------------------------------
+# package face
+# ----------------------------------------------------------------------------------------------
+def test_import_mcdrop_does_not_load_pandas_matplotlib_or_seaborn():
+    code = (
+        "import mcdrop, sys; "
+        "assert 'pandas' not in sys.modules and 'matplotlib' not in sys.modules "
+        "and 'seaborn' not in sys.modules, sorted(m for m in ('pandas', 'matplotlib', 'seaborn') if m in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_report_is_exported_lazily_and_callable():
+    import mcdrop.report as package
+
+    assert mcdrop.report is package and callable(mcdrop.report)
+    assert mcdrop.compare is compare
+    assert mcdrop.UncertaintyReport is UncertaintyReport
+    assert mcdrop.report.figures is figures
+    assert {"report", "compare", "UncertaintyReport", "ReportExistsError"} <= set(mcdrop.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mcdrop.nope  # noqa: B018
+
+
+# ----------------------------------------------------------------------------------------------
+# classification tables
+# ----------------------------------------------------------------------------------------------
+def test_classification_summary_equals_metrics(cls, cls_report):
+    pred, y, ood = cls["pred"], cls["labels"], cls["ood"]
+    p, h, mi = pred.probs, pred.predictive_entropy, pred.mutual_information
+    err = pred.predicted != y
+    h_out, mi_out = ood.predictive_entropy, ood.mutual_information
+    expected = {
+        "accuracy": metrics.accuracy(p, y),
+        "NLL": metrics.negative_log_likelihood(p, y),
+        "Brier": metrics.brier_score(p, y),
+        "ECE": metrics.expected_calibration_error(p, y, n_bins=15),
+        "MCE": metrics.expected_calibration_error(p, y, n_bins=15, norm="max"),
+        "adaptive ECE": metrics.expected_calibration_error(p, y, n_bins=15, binning="quantile"),
+        "classwise ECE": metrics.classwise_calibration_error(p, y, n_bins=15),
+        "AURC": metrics.aurc(h, err),
+        "E-AURC": metrics.e_aurc(h, err),
+        "misclassification AUROC (entropy)": metrics.misclassification_auroc(h, err),
+        "misclassification AUROC (MI)": metrics.misclassification_auroc(mi, err),
+        "mean predictive entropy": float(h.double().mean()),
+        "mean mutual information": float(mi.double().mean()),
+        "n_inputs": 120,
+        "n_samples": 8,
+        "OOD AUROC (entropy)": metrics.ood_auroc(h, h_out),
+        "OOD AUPR-In (entropy)": metrics.ood_aupr(h, h_out),
+        "OOD FPR@95TPR (entropy)": metrics.fpr_at_tpr(h, h_out, tpr=0.95),
+        "OOD AUROC (MI)": metrics.ood_auroc(mi, mi_out),
+        "OOD AUPR-In (MI)": metrics.ood_aupr(mi, mi_out),
+        "OOD FPR@95TPR (MI)": metrics.fpr_at_tpr(mi, mi_out, tpr=0.95),
+        "n_ood": 60,
+    }
+    _assert_values(cls_report, expected)
+    summary = cls_report.summary
+    assert list(summary.columns) == ["metric", "value", "definition", "higher_is_better"]
+    assert summary["value"].dtype == np.float64
+    assert all(isinstance(d, str) and len(d) > 10 for d in summary["definition"])
+    better = dict(zip(summary["metric"], summary["higher_is_better"], strict=True))
+    assert better["accuracy"] is True and better["ECE"] is False and better["n_inputs"] is None
+    assert better["OOD AUROC (MI)"] is True and better["OOD FPR@95TPR (MI)"] is False
+    assert cls_report.metrics["ECE"] == expected["ECE"]
+    assert cls_report.notes == []
+    assert (
+        repr(cls_report)
+        == "UncertaintyReport(task='classification', n_inputs=120, n_samples=8, n_ood=60, metrics=22)"
+    )
+
+
+def test_n_bins_changes_every_binned_metric_and_the_reliability_table(cls):
+    pred, y = cls["pred"], cls["labels"]
+    rep = mcdrop.report(pred, y, n_bins=7)
+    values = _values(rep)
+    assert values["ECE"] == pytest.approx(
+        metrics.expected_calibration_error(pred.probs, y, n_bins=7), rel=1e-12
+    )
+    assert values["classwise ECE"] == pytest.approx(
+        metrics.classwise_calibration_error(pred.probs, y, n_bins=7)
+    )
+    assert len(rep.reliability) == 7
+    assert "OOD AUROC (entropy)" not in values and rep.ood is None and rep.n_ood is None
+
+
+def test_reliability_table_is_the_metrics_table(cls, cls_report):
+    table = metrics.reliability_table(cls["pred"].probs, cls["labels"], n_bins=15)
+    expected = table.to_frame()
+    rel = cls_report.reliability
+    assert list(rel.columns) == ["bin", *expected.columns, "weight"]
+    pd.testing.assert_frame_equal(rel[expected.columns], expected)
+    np.testing.assert_array_equal(rel["bin"], np.arange(15))
+    np.testing.assert_allclose(rel["weight"], table.weight)
+    assert float((rel["weight"] * rel["gap"].abs()).sum()) == pytest.approx(
+        _values(cls_report)["ECE"], abs=1e-12
+    )
+
+
+def test_per_input_classification(cls, cls_report):
+    pred, y = cls["pred"], cls["labels"]
+    table = cls_report.per_input
+    base = replace(pred, targets=y).to_frame()
+    assert list(table.columns[:8]) == [
+        "predicted",
+        "confidence",
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+        "variation_ratio",
+        "target",
+        "correct",
+    ]
+    assert "error" in table.columns and "prob_3" in table.columns
+    assert table.index.name == "input" and len(table) == 120
+    # most uncertain first, and the rows are the inputs' own rows
+    assert table["predictive_entropy"].is_monotonic_decreasing
+    back = table.sort_index()
+    pd.testing.assert_frame_equal(back[base.columns], base, check_names=False, check_index_type=False)
+    np.testing.assert_array_equal(back["error"].to_numpy(), (pred.predicted != y).long().numpy())
+    np.testing.assert_array_equal(back["target"].to_numpy(), y.numpy())
+
+
+def test_sort_by(cls):
+    pred, y = cls["pred"], cls["labels"]
+    assert mcdrop.report(pred, y, sort_by="confidence").per_input["confidence"].is_monotonic_decreasing
+    rep = mcdrop.report(pred, y, sort_by="+confidence")
+    assert rep.per_input["confidence"].is_monotonic_increasing and "smallest first" in rep.sort_by
+    assert list(mcdrop.report(pred, y, sort_by="input").per_input.index) == list(range(120))
+    with pytest.raises(InvalidInputError, match="not a column of the per-input table.*'mutual_information'"):
+        mcdrop.report(pred, y, sort_by="entropy")
+
+
+def test_targets_default_to_the_predictions_and_explicit_targets_win(cls):
+    pred, y = cls["pred"], cls["labels"]
+    with_targets = replace(pred, targets=y)
+    a = mcdrop.report(with_targets)
+    b = mcdrop.report(pred, y)
+    pd.testing.assert_frame_equal(a.summary, b.summary)
+    other = torch.zeros_like(y)
+    c = mcdrop.report(with_targets, other)
+    assert _values(c)["accuracy"] == metrics.accuracy(pred.probs, other)
+    # numpy arrays and lists work too
+    d = mcdrop.report(pred, y.numpy().tolist())
+    pd.testing.assert_frame_equal(d.summary, b.summary)
+
+
+def test_undefined_metric_is_nan_with_a_note(cls):
+    pred = cls["pred"]
+    rep = mcdrop.report(pred, pred.predicted)  # every prediction right
+    values = _values(rep)
+    assert values["accuracy"] == 1.0
+    assert math.isnan(values["misclassification AUROC (entropy)"]) and math.isnan(
+        values["misclassification AUROC (MI)"]
+    )
+    assert len(rep.notes) == 2 and "misclassification AUROC (entropy) is undefined" in rep.notes[0]
+    assert "n/a" in rep.to_markdown() and "undefined" in rep.to_markdown()
+
+
+def test_classification_errors(cls, reg):
+    pred, y = cls["pred"], cls["labels"]
+    with pytest.raises(InvalidInputError, match="needs targets"):
+        mcdrop.report(pred)
+    with pytest.raises(InvalidInputError, match="120 inputs but the targets have 119 rows"):
+        mcdrop.report(pred, y[:-1])
+    with pytest.raises(InvalidInputError, match="class indices in \\[0, 3\\]"):
+        mcdrop.report(pred, y + 4)
+    with pytest.raises(InvalidInputError, match="One-hot rows"):
+        mcdrop.report(pred, torch.nn.functional.one_hot(y, 4))
+    with pytest.raises(InvalidTypeError, match="ClassificationPrediction or RegressionPrediction"):
+        mcdrop.report(pred.probs, y)
+    with pytest.raises(InvalidTypeError, match="same task"):
+        mcdrop.report(pred, y, ood=reg["ood"])
+    with pytest.raises(InvalidTypeError, match="MCDropout wrapper"):
+        mcdrop.report(pred, y, model=cls["mc"].model)
+    with pytest.raises(InvalidInputError, match="level must be in"):
+        mcdrop.report(pred, y, level=1.5)
+    with pytest.raises(InvalidInputError, match="n_bins must be at least 1"):
+        mcdrop.report(pred, y, n_bins=0)
+    dense = replace(pred, probs=pred.probs[:, :, None].expand(-1, -1, 2))
+    with pytest.raises(InvalidInputError, match="one class distribution per input"):
+        mcdrop.report(dense, y)
+    assert issubclass(InvalidInputError, McdropError)
+
+
+# ----------------------------------------------------------------------------------------------
+# regression tables
+# ----------------------------------------------------------------------------------------------
+def test_regression_summary_equals_metrics(reg, reg_report):
+    pred, y, ood = reg["pred"], reg["y"], reg["ood"]
+    mu, sd, epi = pred.mean[:, 0], pred.total_std[:, 0], pred.std[:, 0]
+    ale = pred.aleatoric_variance[:, 0].sqrt()
+    sd_out, epi_out = ood.total_std[:, 0], ood.std[:, 0]
+    expected = {
+        "RMSE": metrics.rmse(mu, y),
+        "MAE": metrics.mae(mu, y),
+        "Gaussian NLL": metrics.gaussian_nll(mu, sd, y),
+        "CRPS": metrics.crps_gaussian(mu, sd, y),
+        "PICP (90%)": metrics.picp(mu, sd, y, level=0.9),
+        "MPIW (90%)": metrics.mpiw(sd, level=0.9),
+        "miscalibration area": metrics.miscalibration_area(mu, sd, y),
+        "MACE": metrics.mean_absolute_calibration_error(mu, sd, y),
+        "RMSCE": metrics.root_mean_squared_calibration_error(mu, sd, y),
+        "sharpness": metrics.sharpness(sd),
+        "mean epistemic std": float(epi.double().mean()),
+        "mean aleatoric std": float(ale.double().mean()),
+        "n_inputs": 80,
+        "n_samples": 10,
+        "OOD AUROC (total std)": metrics.ood_auroc(sd, sd_out),
+        "OOD AUPR-In (total std)": metrics.ood_aupr(sd, sd_out),
+        "OOD FPR@95TPR (total std)": metrics.fpr_at_tpr(sd, sd_out),
+        "OOD AUROC (epistemic std)": metrics.ood_auroc(epi, epi_out),
+        "OOD AUPR-In (epistemic std)": metrics.ood_aupr(epi, epi_out),
+        "OOD FPR@95TPR (epistemic std)": metrics.fpr_at_tpr(epi, epi_out),
+        "n_ood": 30,
+    }
+    # the report works in float64; the metrics agree to float32 rounding of their inputs
+    got = _values(reg_report)
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    assert "1.645" in reg_report.summary.set_index("metric").loc["PICP (90%)", "definition"]
+
+
+def test_regression_tables(reg, reg_report):
+    pred, y = reg["pred"], reg["y"]
+    mu, sd = pred.mean[:, 0].double(), pred.total_std[:, 0].double()
+    table = reg_report.per_input
+    assert table["total_std"].is_monotonic_decreasing and table.index.name == "input"
+    for column in (
+        "mean",
+        "std",
+        "aleatoric_std",
+        "total_std",
+        "lower_0.9",
+        "upper_0.9",
+        "target",
+        "error",
+        "abs_error",
+        "z_score",
+        "inside_0.9",
+    ):
+        assert column in table.columns, column
+    back = table.sort_index()
+    np.testing.assert_allclose(back["error"], (y.double() - mu).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(back["z_score"], ((y.double() - mu) / sd).numpy(), rtol=1e-5, atol=1e-6)
+    z = NormalDist().inv_cdf(0.95)
+    np.testing.assert_array_equal(back["inside_0.9"], back["abs_error"] <= z * back["total_std"])
+    assert back["inside_0.9"].mean() == pytest.approx(_values(reg_report)["PICP (90%)"], rel=1e-12)
+    curve = metrics.calibration_curve(pred.mean[:, 0], pred.total_std[:, 0], y)
+    assert list(reg_report.reliability.columns) == ["expected", "observed", "gap"]
+    np.testing.assert_allclose(reg_report.reliability["expected"], curve.expected)
+    np.testing.assert_allclose(reg_report.reliability["observed"], curve.observed, rtol=1e-12)
+    assert reg_report.figure_names == ("calibration", "intervals", "residuals", "ood")
+    assert list(reg_report.sites["path"]) == ["body.2"]
+
+
+def test_regression_without_aleatoric_head_and_1d_mean():
+    mc = mcdrop.MCDropout(_mlp(3, 1, p=0.3), n_samples=12, task="regression", seed=0)
+    x = torch.randn(50, 3, generator=_gen(8))
+    pred = mc.predict(x)
+    flat = replace(pred, mean=pred.mean[:, 0], variance=pred.variance[:, 0])
+    y = torch.randn(50, 1, generator=_gen(9))
+    ood = mc.predict(torch.randn(20, 3, generator=_gen(10)) * 4)
+    rep = mcdrop.report(flat, y, ood=ood)
+    values = _values(rep)
+    assert "mean aleatoric std" not in values and "OOD AUROC (epistemic std)" not in values
+    assert values["OOD AUROC (std)"] == pytest.approx(metrics.ood_auroc(pred.std[:, 0], ood.std[:, 0]))
+    assert values["RMSE"] == pytest.approx(metrics.rmse(pred.mean[:, 0], y[:, 0]))
+    assert "aleatoric_std" not in rep.per_input.columns
+
+
+def test_multi_output_regression_needs_output():
+    mc = mcdrop.MCDropout(_mlp(3, 2, p=0.3), n_samples=6, task="regression", seed=0)
+    pred = mc.predict(torch.randn(40, 3, generator=_gen(11)))
+    y = torch.randn(40, 2, generator=_gen(12))
+    with pytest.raises(InvalidInputError, match="2 outputs per input.*output=j"):
+        mcdrop.report(pred, y)
+    rep = mcdrop.report(pred, y, output=1)
+    assert _values(rep)["RMSE"] == pytest.approx(metrics.rmse(pred.mean[:, 1], y[:, 1]))
+    assert _values(rep)["CRPS"] == pytest.approx(
+        metrics.crps_gaussian(pred.mean[:, 1], pred.std[:, 1], y[:, 1])
+    )
+    with pytest.raises(InvalidInputError, match="output must be in \\[0, 1\\]"):
+        mcdrop.report(pred, y, output=2)
+    with pytest.raises(InvalidInputError, match="targets have 3 values per input"):
+        mcdrop.report(pred, torch.randn(40, 3), output=0)
+
+
+def test_zero_std_gives_nan_gaussian_metrics_and_no_interval_figures(tmp_path):
+    mc = mcdrop.MCDropout(_mlp(3, 1, p=0.3), n_samples=1, task="regression", seed=0)
+    pred = mc.predict(torch.randn(20, 3, generator=_gen(13)))
+    rep = mcdrop.report(pred, torch.zeros(20))
+    values = _values(rep)
+    assert values["RMSE"] == pytest.approx(metrics.rmse(pred.mean, torch.zeros(20, 1)))
+    assert math.isnan(values["CRPS"]) and math.isnan(values["PICP (95%)"])
+    assert rep.figure_names == () and "predicted std of 0" in rep.notes[0]
+    out = rep.save(tmp_path / "zero")
+    assert json.loads((out / "summary.json").read_text())["metrics"]["CRPS"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------
+def test_reliability_diagram(cls):
+    probs, y = cls["pred"].probs, cls["labels"]
+    fig, ax = plt.subplots()
+    out = figures.reliability_diagram(probs, y, n_bins=10, ax=ax)
+    assert out is ax
+    table = metrics.reliability_table(probs, y, n_bins=10)
+    bars, gaps = ax.containers[0], ax.containers[1]
+    assert len(bars) == 10 and len(gaps) == 10
+    np.testing.assert_allclose([b.get_height() for b in bars], np.nan_to_num(table.accuracy))
+    np.testing.assert_allclose([b.get_width() for b in bars], table.upper - table.lower)
+    assert f"{metrics.expected_calibration_error(probs, y, n_bins=10):.3f}" in ax.get_title()
+    assert len(ax.get_lines()) == 1 and ax.get_legend() is not None
+    mass = [a for a in fig.axes if a is not ax]
+    assert len(mass) == 1
+    np.testing.assert_allclose([b.get_height() for b in mass[0].patches], table.weight)
+    # a prediction with targets works alone
+    ax2 = figures.reliability_diagram(replace(cls["pred"], targets=y))
+    assert len(ax2.containers[0]) == 15 and ax2.figure is not fig
+
+
+def test_confidence_histogram(cls):
+    probs, y = cls["pred"].probs, cls["labels"]
+    ax = figures.confidence_histogram(probs, y, bins=12)
+    assert len(ax.patches) == 2 * 12
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[:2] == ["correct", "wrong"]
+    assert f"accuracy = {metrics.accuracy(probs, y):.3f}" in texts
+    assert sum(p.get_height() for p in ax.patches) == 120
+
+
+def test_uncertainty_histogram(cls):
+    ax = figures.uncertainty_histogram(cls["pred"])
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(texts) == 2 and texts[0].startswith("predictive entropy (mean")
+    assert len(ax.collections) == 2  # one filled step histogram per score
+    ax = figures.uncertainty_histogram([0.1, 0.4, 0.2])
+    assert len(ax.get_legend().get_texts()) == 1
+    with pytest.raises(InvalidInputError, match="one value per input"):
+        figures.uncertainty_histogram([0.1, 0.4, 0.2], [0.1])
+
+
+def test_risk_coverage_plot(cls):
+    pred, y = cls["pred"], cls["labels"]
+    err = pred.predicted != y
+    scores = {"entropy": pred.predictive_entropy, "MI": pred.mutual_information}
+    ax = figures.risk_coverage_plot(scores, err)
+    lines = ax.get_lines()
+    assert len(lines) == 3 and ax.get_legend() is not None
+    curve = metrics.risk_coverage_curve(pred.predictive_entropy, err)
+    np.testing.assert_allclose(lines[0].get_xdata(), curve.coverage)
+    np.testing.assert_allclose(lines[0].get_ydata(), curve.risk)
+    assert lines[0].get_label() == f"entropy (AURC = {metrics.aurc(pred.predictive_entropy, err):.3f})"
+    assert lines[2].get_label().startswith("oracle")
+    assert len(figures.risk_coverage_plot(replace(pred, targets=y), oracle=False).get_lines()) == 2
+    with pytest.raises(InvalidInputError, match="errors are needed"):
+        figures.risk_coverage_plot(pred.predictive_entropy)
+
+
+def test_ood_histogram(cls):
+    pred, ood = cls["pred"], cls["ood"]
+    auroc = metrics.ood_auroc(pred.predictive_entropy, ood.predictive_entropy)
+    ax = figures.ood_histogram(pred, ood)
+    assert ax.get_legend().get_title().get_text() == f"AUROC = {auroc:.3f}"
+    assert f"{auroc:.3f}" in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "in-distribution (n=120)",
+        "out-of-distribution (n=60)",
+    ]
+    ax = figures.ood_histogram(pred, ood, score="mutual_information")
+    assert ax.get_xlabel() == "mutual information"
+    with pytest.raises(InvalidInputError, match="not a per-input tensor"):
+        figures.ood_histogram(pred, ood, score="nope")
+
+
+def test_regression_figures(reg):
+    pred, y = reg["pred"], reg["y"]
+    mu, sd = pred.mean[:, 0], pred.total_std[:, 0]
+    ax = figures.regression_calibration_plot(mu, sd, y)
+    curve = metrics.calibration_curve(mu, sd, y)
+    assert len(ax.get_lines()) == 2 and len(ax.collections) == 1
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), curve.observed)
+    area = metrics.miscalibration_area(mu, sd, y)
+    assert f"miscalibration area = {area:.3f}" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+    ax = figures.ordered_intervals_plot(replace(pred, targets=y), level=0.9)
+    assert ax.get_title() == f"90% intervals ordered by std (PICP = {metrics.picp(mu, sd, y, level=0.9):.3f})"
+    band, points = ax.collections[0], ax.collections[1]
+    assert len(points.get_offsets()) == 80 and band is not None
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "90% interval",
+        "predicted mean",
+        "target inside",
+        "target outside",
+    ]
+    ax = figures.ordered_intervals_plot(mu, sd, y, max_points=20, centered=False)
+    assert len(ax.collections[1].get_offsets()) == 20
+
+    ax = figures.residuals_vs_std_plot(mu, sd, y)
+    offsets = ax.collections[0].get_offsets()
+    np.testing.assert_allclose(np.asarray(offsets)[:, 1], (y - mu).numpy(), rtol=1e-5, atol=1e-6)
+    assert any("±1.96·std" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_figure_input_errors(cls, reg):
+    with pytest.raises(InvalidTypeError, match="for classification"):
+        figures.reliability_diagram(reg["pred"])
+    with pytest.raises(InvalidTypeError, match="for regression"):
+        figures.regression_calibration_plot(cls["pred"])
+    with pytest.raises(InvalidInputError, match="labels are needed"):
+        figures.confidence_histogram(cls["pred"])
+    with pytest.raises(InvalidInputError, match="std must be strictly positive"):
+        figures.residuals_vs_std_plot([0.0, 1.0], [1.0, 0.0], [0.0, 0.0])
+    with pytest.raises(InvalidInputError, match="std is needed"):
+        figures.ordered_intervals_plot([0.0, 1.0])
+
+
+def test_report_figure(cls_report):
+    fig = cls_report.figure("ood")
+    assert len(fig.axes) == 2
+    assert all("AUROC" in ax.get_title() for ax in fig.axes)
+    with pytest.raises(InvalidInputError, match="unknown figure 'nope'.*'reliability'"):
+        cls_report.figure("nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# text outputs
+# ----------------------------------------------------------------------------------------------
+def test_to_html_writes_the_page_and_repr_html_is_a_fragment(cls_report, tmp_path, fast_png):
+    page = cls_report.to_html(tmp_path / "sub" / "page.html")
+    assert (tmp_path / "sub" / "page.html").read_text(encoding="utf-8") == page
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["page.html"]
+    assert page.count('src="data:image/png;base64,') == 5
+    fragment = cls_report._repr_html_()
+    assert (
+        fragment.startswith("<style>")
+        and '<div class="mcdrop-report">' in fragment
+        and "<html" not in fragment
+    )
+    assert fragment.count('src="data:image/png;base64,') == 5
+
+
+def test_html_is_self_contained_and_complete(cls_report, saved):
+    page = (saved / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert (
+        page.count("<img ") == page.count('src="data:image/png;base64,') == len(cls_report.figure_names) == 5
+    )
+    for external in ('src="http', 'href="http', "<link", "<script", "@import", "url("):
+        assert external not in page
+    import html
+
+    for definition in cls_report.summary["definition"]:
+        assert html.escape(definition) in page
+    assert "<title>cls &lt;&amp;&gt; test</title>" in page and "<h1>cls &lt;&amp;&gt; test</h1>" in page
+    assert "Stochastic sites" in page and ">2<" in page  # the sites table: path '2' of the Sequential
+    assert "n_samples" in page and cls_report.created.strftime("%Y-%m-%d") in page
+    assert page.count('<figure id="fig-') == 5 and 'class="wide"' in page  # the two-panel OOD figure
+
+
+def test_to_markdown_needs_no_tabulate(cls_report, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tabulate", None)  # importing it would fail
+    text = cls_report.to_markdown()
+    lines = text.splitlines()
+    assert lines[0] == "# cls <&> test"
+    assert "## Summary" in lines and "| metric | value | better | definition |" in lines
+    for metric in cls_report.summary["metric"]:
+        assert f"| {metric} |" in text
+    assert "| ECE | " + f"{_values(cls_report)['ECE']:.4f}" + " | ↓ |" in text
+    assert "| n_inputs | 120 |" in text
+    assert "## Stochastic sites" in text and "`reliability.png`" in text
+    header = next(line for line in lines if line.startswith("| input | predicted"))
+    assert header.count("|") - 1 == 1 + len(cls_report.per_input.columns)
+
+
+def test_markdown_table_escapes_and_aligns():
+    frame = pd.DataFrame({"name": ["a|b", "line\nbreak"], "x": [0.5, float("nan")], "ok": [True, False]})
+    assert markdown_table(frame).splitlines() == [
+        "| name | x | ok |",
+        "|:---|---:|:---|",
+        "| a\\|b | 0.5 | True |",
+        "| line break |  | False |",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------
+CLS_FILES = {
+    "summary.csv",
+    "per_input.csv",
+    "reliability.csv",
+    "summary.json",
+    "report.html",
+    "sites.csv",
+    "reliability.png",
+    "confidence.png",
+    "uncertainty.png",
+    "risk_coverage.png",
+    "ood.png",
+}
+
+
+@pytest.fixture(scope="module")
+def saved(cls_report, tmp_path_factory):
+    return cls_report.save(tmp_path_factory.mktemp("saved") / "nested" / "report")
+
+
+def test_save_writes_every_file(cls_report, saved):
+    assert {p.name for p in saved.iterdir()} == CLS_FILES
+    summary = pd.read_csv(saved / "summary.csv")
+    assert list(summary.columns) == ["metric", "value", "definition", "higher_is_better"]
+    np.testing.assert_allclose(summary["value"], cls_report.summary["value"], rtol=1e-12)
+    per_input = pd.read_csv(saved / "per_input.csv", index_col="input")
+    assert list(per_input.index) == list(cls_report.per_input.index)
+    np.testing.assert_allclose(
+        per_input["predictive_entropy"], cls_report.per_input["predictive_entropy"], rtol=1e-6
+    )
+    assert len(pd.read_csv(saved / "reliability.csv")) == 15
+    assert list(pd.read_csv(saved / "sites.csv")["path"].astype(str)) == ["2"]
+    info = json.loads((saved / "summary.json").read_text(encoding="utf-8"))
+    assert info["generator"] == "mcdrop" and info["task"] == "classification" and info["n_samples"] == 8
+    assert info["metrics"]["ECE"] == pytest.approx(_values(cls_report)["ECE"], rel=1e-15)
+    assert sorted(info["files"]) == sorted(CLS_FILES) and set(info["figures"]) == set(cls_report.figure_names)
+    for name in cls_report.figure_names:
+        image = plt.imread(saved / f"{name}.png")
+        assert image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0.05  # not blank
+    page = (saved / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 5
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert saved.stat().st_mode & 0o777 == 0o777 & ~mask  # the usual mode, not mkdtemp's 0700
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_save_refuses_to_overwrite(cls_report, saved):
+    before = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}
+    with pytest.raises(ReportExistsError, match="exists and is not empty.*overwrite=True") as info:
+        cls_report.save(saved)
+    assert isinstance(info.value, FileExistsError) and isinstance(info.value, McdropError)
+    assert {p.name: p.stat().st_mtime_ns for p in saved.iterdir()} == before
+
+
+def test_save_into_an_empty_folder_and_overwrite_a_report(cls, tmp_path, fast_png):
+    target = tmp_path / "out"
+    target.mkdir()
+    rep = mcdrop.report(cls["pred"], cls["labels"])  # no OOD, no model: fewer files
+    rep.save(target)
+    assert "ood.png" not in {p.name for p in target.iterdir()}
+    bigger = mcdrop.report(cls["pred"], cls["labels"], ood=cls["ood"], title="second")
+    bigger.save(target, overwrite=True)
+    assert {p.name for p in target.iterdir()} == CLS_FILES - {"sites.csv"}
+    assert json.loads((target / "summary.json").read_text())["title"] == "second"
+    rep.save(target, overwrite=True)  # a smaller report replaces the whole folder
+    assert "ood.png" not in {p.name for p in target.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_never_deletes_foreign_files(cls_report, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    with pytest.raises(ReportExistsError, match="refusing to overwrite.*thesis.tex"):
+        cls_report.save(folder, overwrite=True)
+    (folder / "thesis.tex").unlink()
+    (folder / "summary.csv").write_text("not ours")
+    with pytest.raises(ReportExistsError, match="no mcdrop summary.json"):
+        cls_report.save(folder, overwrite=True)
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(ReportExistsError, match="is a file"):
+        cls_report.save(file, overwrite=True)
+
+
+def test_save_is_atomic_when_a_figure_fails(cls_report, saved, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("figure exploded")
+
+    monkeypatch.setattr(figures, "uncertainty_histogram", broken)  # the third figure
+    target = tmp_path / "new"
+    with pytest.raises(RuntimeError, match="figure exploded"):
+        cls_report.save(target)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary sibling is left
+    # an existing report stays exactly as it was
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    monkeypatch.setattr(figures, "reliability_diagram", broken)  # fail fast this time
+    with pytest.raises(RuntimeError, match="figure exploded"):
+        cls_report.save(saved, overwrite=True)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert not [p for p in saved.parent.iterdir() if p.name != saved.name]
+
+
+def test_save_is_atomic_when_writing_fails_late(cls, saved, tmp_path, monkeypatch, fast_png):
+    from mcdrop.report import _report
+
+    rep = mcdrop.report(cls["pred"], cls["labels"])
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_report.UncertaintyReport, "_summary_json", broken)
+    with pytest.raises(OSError, match="disk full"):
+        rep.save(tmp_path / "late")  # every other file was written when this fails
+    assert list(tmp_path.iterdir()) == []
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(OSError, match="disk full"):
+        rep.save(saved, overwrite=True)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def test_regression_report_saves(reg_report, tmp_path):
+    out = reg_report.save(tmp_path / "reg")
+    assert {p.name for p in out.iterdir()} == {
+        "summary.csv",
+        "per_input.csv",
+        "reliability.csv",
+        "summary.json",
+        "report.html",
+        "sites.csv",
+        "calibration.png",
+        "intervals.png",
+        "residuals.png",
+        "ood.png",
+    }
+    assert len(pd.read_csv(out / "reliability.csv")) == 100
+    text = reg_report.to_markdown()
+    assert "## Calibration curve" in text and "| PICP (90%) |" in text and "interval level" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# compare
+# ----------------------------------------------------------------------------------------------
+def test_compare_layout(cls, cls_report):
+    small = mcdrop.report(cls["pred"], cls["labels"], title="no ood")
+    table = compare([small, cls_report], names=["N=8", "with OOD"])
+    assert list(table.columns) == ["N=8", "with OOD"] and table.index.name == "metric"
+    assert list(table.index) == list(cls_report.summary["metric"])  # union, in order
+    assert table.loc["ECE", "N=8"] == table.loc["ECE", "with OOD"] == _values(cls_report)["ECE"]
+    assert math.isnan(table.loc["OOD AUROC (entropy)", "N=8"])
+    assert table.dtypes.tolist() == [np.float64, np.float64]
+    by_title = compare([small, cls_report])
+    assert list(by_title.columns) == ["no ood", "cls <&> test"]
+    same_title = compare([small, small])
+    assert list(same_title.columns) == ["report 1", "report 2"]
+    mapping = compare({"a": small, "b": cls_report})
+    assert list(mapping.columns) == ["a", "b"]
+
+
+def test_compare_errors(cls_report, reg_report):
+    with pytest.raises(InvalidInputError, match="at least one report"):
+        compare([])
+    with pytest.raises(InvalidInputError, match="one task"):
+        compare([cls_report, reg_report])
+    with pytest.raises(InvalidInputError, match="names has 1 entries for 2 reports"):
+        compare([cls_report, cls_report], names=["x"])
+    with pytest.raises(InvalidInputError, match="unique.*'x'"):
+        compare([cls_report, cls_report], names=["x", "x"])
+    with pytest.raises(InvalidTypeError, match="reports\\[1\\] is a DataFrame"):
+        compare([cls_report, cls_report.summary])
+    with pytest.raises(InvalidInputError, match="not both"):
+        compare({"a": cls_report}, names=["b"])
