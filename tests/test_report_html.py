@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import html
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
