@@ -940,7 +940,7 @@ def add_dropout(
         before: The layer classes in front of which dropout goes.
         where: Which of those layers: ``"last"`` (default; the last one in ``named_modules()``
             order, which is the output head of nearly every model — check with :func:`describe`),
-            ``"all"``, or module-path patterns (``fnmatch`` style, e.g. ``"classifier"`` or
+            ``"all"`` (or ``None``), or module-path patterns (``fnmatch`` style, e.g. ``"classifier"`` or
             ``"encoder.layer.?.output.dense"``; ``*`` also matches dots), module classes, or callables
             ``(path, module) -> bool``, alone or in a list.
         inplace: Change ``model`` itself instead of a deep copy of it.
@@ -991,7 +991,7 @@ def add_dropout(
             f"{type(model).__name__} has no {class_names} layer to put dropout in front of. Pass the "
             "classes of the layers you want it before, e.g. before=(nn.Linear, nn.Conv2d)."
         )
-    if isinstance(where, str) and where in ("last", "all"):
+    if where is None or (isinstance(where, str) and where in ("last", "all")):
         chosen = candidates[-1:] if where == "last" else candidates
     else:
         patterns = _check_patterns(where, "where")
@@ -1016,7 +1016,9 @@ def add_dropout(
         chosen = [(path, modules[path]) for path in chosen_paths]
     else:
         target = model
-    for _, module in chosen:
+    # Check everything first, so that a failure leaves the model (in place) untouched.
+    planned = []
+    for path, module in chosen:
         dropout = layer(rate)
         if not isinstance(dropout, nn.Module):
             raise InvalidTypeError(
@@ -1024,12 +1026,14 @@ def add_dropout(
                 "class such as nn.Dropout."
             )
         hooked = any(h is _dropout_before_hook for h in module._forward_pre_hooks.values())
-        existing = module._modules.get(ADDED_DROPOUT_NAME)
-        if existing is not None and not hooked:
+        if module._modules.get(ADDED_DROPOUT_NAME) is not None and not hooked:
             raise InvalidInputError(
-                f"{type(module).__name__} already has a child named {ADDED_DROPOUT_NAME!r} that "
-                "add_dropout did not put there; rename it or choose another layer."
+                f"{path or '<model>'} ({type(module).__name__}) already has a child named "
+                f"{ADDED_DROPOUT_NAME!r} that add_dropout did not put there; rename it or choose "
+                "another layer with where=."
             )
+        planned.append((module, dropout, hooked))
+    for module, dropout, hooked in planned:
         _move_like(dropout, module)
         dropout.train(module.training)
         module.add_module(ADDED_DROPOUT_NAME, dropout)

@@ -1,0 +1,688 @@
+"""The support matrix of docs/support.md: architecture x kind of randomness x sampled or not.
+
+Every row is checked both ways: with only that kind of randomness switched on (rate > 0) MC samples
+vary, and with its rate at 0 there is nothing to sample (``NoDropoutError``) and, even with every
+module forced into train mode, two forward passes are bit-identical (no hidden randomness the policy
+does not know about).
+
+Hugging Face models are built from tiny configs with random weights (nothing is downloaded); the
+tests that need ``transformers``, ``timm`` or ``torchvision`` are skipped when they cannot be
+imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mcdrop
+from mcdrop import stochastic
+from mcdrop.errors import NoDropoutError, NoRandomnessWarning, UnsupportedModelError
+
+N = 6  # MC samples per check
+RATE = 0.3
+
+
+def optional_import(name: str) -> ModuleType:
+    """Import an optional dependency, or skip: missing, or broken beside this torch build."""
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - e.g. torchvision's C++ ops built for another torch
+        pytest.skip(f"{name} cannot be imported here ({type(err).__name__}: {err})")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: thread-pool hand-offs cost more than they save (and a shared runner is busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def T() -> ModuleType:
+    transformers = optional_import("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+@pytest.fixture
+def registry():
+    """Undo registrations made by a test."""
+    stochastic_before = dict(stochastic._REGISTERED_STOCHASTIC)
+    deterministic_before = set(stochastic._REGISTERED_DETERMINISTIC)
+    yield
+    stochastic._REGISTERED_STOCHASTIC.clear()
+    stochastic._REGISTERED_STOCHASTIC.update(stochastic_before)
+    stochastic._REGISTERED_DETERMINISTIC.clear()
+    stochastic._REGISTERED_DETERMINISTIC.update(deterministic_before)
+
+
+# ----------------------------------------------------------------------------- shared checks
+def draw(model: nn.Module, *args: Any, drop_path: bool = False, output: Any = None, **kwargs: Any):
+    mc = mcdrop.MCDropout(model, n_samples=N, seed=0, task="regression", drop_path=drop_path, output=output)
+    return mc.sample(*args, **kwargs)
+
+
+def assert_varies(samples: torch.Tensor) -> None:
+    assert samples.shape[0] == N
+    assert torch.isfinite(samples).all()
+    assert any(not torch.equal(samples[0], samples[i]) for i in range(1, N)), "MC samples do not vary"
+
+
+def not_norm(path: str, module: nn.Module) -> bool:
+    """Every module but BatchNorm-like ones (whose train mode would update running statistics)."""
+    name = getattr(module, "original_name", type(module).__name__)  # scripted modules too
+    return not isinstance(module, nn.modules.batchnorm._NormBase) and "BatchNorm" not in name
+
+
+def assert_nothing_to_sample(model: nn.Module, call: Callable[[], torch.Tensor], **options: Any) -> None:
+    """No site to sample, and no hidden randomness: forced train mode gives identical passes."""
+    with pytest.raises(NoDropoutError):
+        mcdrop.MCDropout(model, **options)
+    flags = {name: m.training for name, m in model.named_modules()}
+    with (
+        mcdrop.enable_dropout(model, include=not_norm, drop_path=True, warn_if_inactive=False),
+        torch.no_grad(),
+    ):
+        assert all(m.training for p, m in model.named_modules() if not_norm(p, m))
+        first, second = call(), call()
+    assert torch.equal(first, second)
+    assert flags == {name: m.training for name, m in model.named_modules()}
+
+
+def sites(model: nn.Module, **options: Any) -> dict[str, stochastic.StochasticSite]:
+    return {s.path: s for s in mcdrop.find_stochastic_sites(model, **options)}
+
+
+# ----------------------------------------------------------------------------- Hugging Face models
+HF_ARCHS = ["bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa", "vit-eager", "vit-sdpa"]
+# The classes that hold attention dropout (the innermost one where a version nests two).
+ATTENTION_CLASSES = {
+    "bert": ("BertSelfAttention", "BertSdpaSelfAttention"),
+    "gpt2": ("GPT2Attention", "GPT2SdpaAttention"),
+    "vit": ("ViTSelfAttention", "ViTSdpaSelfAttention", "ViTAttention"),
+}
+LAYERS = 2
+
+
+def hf_model(T: ModuleType, arch: str, dropout: float = 0.0, attention_dropout: float = 0.0):
+    """A tiny randomly initialised model, its inputs (a dict) and the output to analyse."""
+    family, impl = arch.split("-")
+    torch.manual_seed(0)
+    if family == "bert":
+        config = T.BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            num_labels=3,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=attention_dropout,
+            attn_implementation=impl,
+        )
+        model = T.BertForSequenceClassification(config)
+        inputs = {
+            "input_ids": torch.randint(0, 64, (3, 8)),
+            "attention_mask": torch.ones(3, 8, dtype=torch.long),
+        }
+        inputs["attention_mask"][0, 5:] = 0  # a padded row
+        output = None  # .logits
+    elif family == "gpt2":
+        config = T.GPT2Config(
+            vocab_size=64,
+            n_embd=16,
+            n_layer=LAYERS,
+            n_head=2,
+            n_positions=16,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=attention_dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+            attn_implementation=impl,
+        )
+        model = T.GPT2LMHeadModel(config)
+        inputs = {"input_ids": torch.randint(0, 64, (3, 8))}
+
+        def output(out):
+            return out.logits[:, -1]  # the next-token distribution
+
+    else:
+        config = T.ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=attention_dropout,
+            attn_implementation=impl,
+        )
+        model = T.ViTForImageClassification(config)
+        inputs = {"pixel_values": torch.randn(3, 3, 8, 8)}
+        output = None
+    model.eval()
+    assert model.config._attn_implementation == impl
+    return model, inputs, output
+
+
+def select(out: Any, output: Any) -> torch.Tensor:
+    return out.logits if output is None else output(out)
+
+
+def attention_paths(model: nn.Module, family: str) -> set[str]:
+    names = ATTENTION_CLASSES[family]
+    found = {p for p, m in model.named_modules() if type(m).__name__ in names}
+    # keep the innermost where one attention class wraps another
+    return {p for p in found if not any(q.startswith(p + ".") for q in found)}
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+@pytest.mark.parametrize("kind", ["dropout", "attention_dropout"])
+def test_hf_samples_vary_exactly_where_there_is_randomness(T, arch: str, kind: str) -> None:
+    model, inputs, output = hf_model(T, arch, **{kind: RATE})
+    assert_varies(draw(model, output=output, **inputs))
+    found = sites(model)
+    sampled = {p for p, s in found.items() if s.sampled}
+    family = arch.split("-")[0]
+    if kind == "attention_dropout":
+        # the attention modules gate their dropout on self.training; the nn.Dropout they hold for
+        # the rate (or call in the eager path) is sampled too, nothing else
+        assert attention_paths(model, family) <= sampled
+        assert all(
+            found[p].kind == "attention_dropout" and found[p].rate == RATE
+            for p in attention_paths(model, family)
+        )
+    else:
+        assert not attention_paths(model, family) & sampled
+        assert sampled and all(found[p].kind == "dropout" and found[p].rate == RATE for p in sampled)
+
+    quiet, inputs, output = hf_model(T, arch)  # every rate 0
+    assert not any(s.sampled for s in sites(quiet).values())
+    assert_nothing_to_sample(quiet, lambda: select(quiet(**inputs), output))
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_hf_attention_dropout_reaches_the_attention_kernel(T, arch: str, monkeypatch) -> None:
+    """The rate arrives where attention is computed: SDPA's dropout_p, or F.dropout on the weights."""
+    model, inputs, output = hf_model(T, arch, attention_dropout=RATE)
+    seen: list[float] = []
+    if arch.endswith("sdpa"):
+        real_sdpa = F.scaled_dot_product_attention
+
+        def spy_sdpa(*args, **kwargs):
+            seen.append(float(kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)))
+            return real_sdpa(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
+    else:
+        real_dropout = F.dropout
+
+        def spy_dropout(x, p=0.5, training=True, inplace=False):
+            if x.dim() == 4 and x.shape[-1] == x.shape[-2]:  # (batch, heads, T, T) attention weights
+                seen.append(float(p) if training else 0.0)
+            return real_dropout(x, p, training, inplace)
+
+        monkeypatch.setattr(torch.nn.functional, "dropout", spy_dropout)
+    assert_varies(draw(model, output=output, **inputs))
+    assert len(seen) >= LAYERS and set(seen) == {RATE}
+    seen.clear()
+    with torch.no_grad():
+        first = select(model(**inputs), output)
+        assert torch.equal(first, select(model(**inputs), output))  # eval again afterwards
+    assert len(seen) >= LAYERS and set(seen) == {0.0}
+
+
+@pytest.mark.parametrize("arch", ["bert-eager", "bert-sdpa"])
+def test_switching_on_only_nn_dropout_misses_hf_attention_dropout(T, arch: str) -> None:
+    """What naive MC dropout code does: train() on every nn.Dropout. Attention dropout never runs."""
+    model, inputs, _ = hf_model(T, arch, attention_dropout=RATE)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.train()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    model.eval()
+    with mcdrop.enable_dropout(model), torch.no_grad():
+        assert not torch.equal(model(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_describe_lists_every_dropout_site_of_hf_models(T, arch: str) -> None:
+    model, _, _ = hf_model(T, arch, dropout=0.1, attention_dropout=0.2)
+    table = mcdrop.describe(model)
+    assert list(table.columns) == ["path", "kind", "module_type", "rate", "sampled", "note"]
+    rows = {row.path: row for row in table.itertuples()}
+    dropout = {p for p, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    attention = attention_paths(model, arch.split("-")[0])
+    assert len(attention) == LAYERS
+    # every dropout site is listed, and nothing else (no spurious "functional" gates: Hugging Face
+    # models read self.training for gradient checkpointing too, which is not randomness)
+    assert set(rows) == dropout | attention
+    for path in attention:
+        assert rows[path].kind == "attention_dropout" and rows[path].rate == 0.2 and rows[path].sampled
+        assert "attention weights" in rows[path].note
+    for path in dropout:
+        assert rows[path].kind == "dropout" and rows[path].sampled == (rows[path].rate > 0)
+
+
+def test_bert_training_flags_and_state_are_restored_exactly(T) -> None:
+    model, inputs, _ = hf_model(T, "bert-sdpa", dropout=0.1, attention_dropout=0.1)
+    model.eval()
+    model.bert.encoder.layer[1].train()  # mixed flags must come back as they were
+    model.classifier.train()
+    flags = {name: m.training for name, m in model.named_modules()}
+    state = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    assert any(k.endswith("position_ids") for k in state)  # buffers are part of it
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def assert_restored() -> None:
+        assert {name: m.training for name, m in model.named_modules()} == flags
+        after = dict([*model.named_parameters(), *model.named_buffers()])
+        assert after.keys() == state.keys()
+        for key, value in state.items():
+            assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+        assert all(p.grad is None for p in model.parameters())
+
+    mc = mcdrop.MCDropout(model, n_samples=5, seed=0, max_batch_size=6)
+    pred = mc.predict(**inputs)
+    assert pred.probs.shape == (3, 3) and bool((pred.mutual_information > 0).all())
+    assert_restored()
+
+    calls = {"n": 0}
+
+    def interrupt(module, args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    handle = model.bert.encoder.layer[0].register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mc.predict(**inputs)
+    finally:
+        handle.remove()
+    assert_restored()
+
+
+def test_hf_convnext_drop_path_is_off_by_default_and_sampled_on_request(T) -> None:
+    def convnext(rate: float) -> nn.Module:
+        torch.manual_seed(0)
+        config = T.ConvNextConfig(
+            num_channels=3,
+            hidden_sizes=[8, 16],
+            depths=[2, 2],
+            num_stages=2,
+            drop_path_rate=rate,
+            layer_scale_init_value=1.0,
+            num_labels=3,
+            image_size=16,
+            patch_size=2,
+        )
+        return T.ConvNextForImageClassification(config).eval()
+
+    x = torch.randn(2, 3, 16, 16)
+    model = convnext(RATE)
+    found = sites(model)
+    assert found and all(s.kind == "drop_path" and not s.sampled for s in found.values())
+    assert {type(m).__name__ for m in model.modules()} >= {"ConvNextDropPath"}
+    with pytest.raises(NoDropoutError, match="drop_path=True"):
+        mcdrop.MCDropout(model)
+    assert all(s.sampled for s in sites(model, drop_path=True).values() if s.rate)
+    assert_varies(draw(model, drop_path=True, pixel_values=x))
+    quiet = convnext(0.0)
+    assert_nothing_to_sample(quiet, lambda: quiet(pixel_values=x).logits, drop_path=True)
+
+
+# ----------------------------------------------------------------------------- timm / torchvision
+class TimmStyleAttention(nn.Module):
+    """timm's ``Attention`` forward (fused path): ``dropout_p=self.attn_drop.p if self.training else 0``."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class DropPath(nn.Module):
+    """timm's ``DropPath``: per-sample stochastic depth with rate ``drop_prob``."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+class StochasticDepth(nn.Module):
+    """torchvision's ``ops.StochasticDepth``: rate ``p``, ``mode`` "row" or "batch"."""
+
+    def __init__(self, p: float, mode: str = "row") -> None:
+        super().__init__()
+        self.p = p
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        shape = [x.shape[0]] + [1] * (x.dim() - 1) if self.mode == "row" else [1] * x.dim()
+        return x * x.new_empty(shape).bernoulli_(1 - self.p) / (1 - self.p)
+
+
+class Block(nn.Module):
+    def __init__(self, depth_layer: nn.Module, attn_drop: float = 0.0, drop: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.attn = TimmStyleAttention(attn_drop=attn_drop)
+        self.drop_path = depth_layer
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(drop), nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm(x)))
+        return x + self.drop_path(self.mlp(x))
+
+
+def vision_like(depth: Callable[[float], nn.Module], drop_path: float = 0.0, **rates: float) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(Block(depth(drop_path), **rates), Block(depth(drop_path), **rates)).eval()
+
+
+STYLE_X = torch.randn(4, 5, 8)
+
+
+@pytest.mark.parametrize(
+    "depth", [DropPath, StochasticDepth], ids=["timm-DropPath", "torchvision-StochasticDepth"]
+)
+def test_drop_path_styles_are_found_off_by_default_and_sampled_on_request(depth) -> None:
+    model = vision_like(depth, drop_path=RATE)
+    found = {p: s for p, s in sites(model).items() if s.kind == "drop_path"}
+    assert set(found) == {"0.drop_path", "1.drop_path"}
+    assert all(s.rate == RATE and not s.sampled for s in found.values())
+    with pytest.raises(NoDropoutError, match="drop_path=True"):
+        mcdrop.MCDropout(model)
+    assert_varies(draw(model, STYLE_X, drop_path=True))
+    quiet = vision_like(depth)
+    assert_nothing_to_sample(quiet, lambda: quiet(STYLE_X), drop_path=True)
+
+
+def test_timm_style_attention_dropout_is_sampled_with_its_rate() -> None:
+    model = vision_like(DropPath, attn_drop=RATE)
+    found = sites(model)
+    assert found["0.attn"].kind == "attention_dropout" and found["0.attn"].rate == RATE
+    assert found["0.attn"].rate_attr == "attn_drop.p"
+    assert_varies(draw(model, STYLE_X))
+    quiet = vision_like(DropPath)
+    assert not found.keys() - sites(quiet).keys()
+    assert_nothing_to_sample(quiet, lambda: quiet(STYLE_X))
+
+
+class RandomDepth(nn.Module):
+    """A user's own stochastic-depth layer, under a name no rule knows."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.rand(()) < self.rate:
+            return torch.zeros_like(x)
+        return x
+
+
+class GaussianNoise(nn.Module):
+    """A user's own noise layer, registered as dropout-like randomness with its scale as rate."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x) if self.training else x
+
+
+def test_user_registered_drop_path_and_noise_classes(registry) -> None:
+    mcdrop.register_stochastic(RandomDepth, kind="drop_path", rate_attr="rate")
+    mcdrop.register_stochastic(GaussianNoise, kind="dropout", rate_attr="sigma")
+
+    def model(rate: float, sigma: float) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), RandomDepth(rate), GaussianNoise(sigma), nn.Linear(8, 2)).eval()
+
+    x = torch.randn(16, 4)
+    depth_only = model(0.5, 0.0)
+    found = sites(depth_only)
+    assert (found["1"].kind, found["1"].rate, found["1"].sampled) == ("drop_path", 0.5, False)
+    assert (found["2"].kind, found["2"].rate, found["2"].sampled) == ("dropout", 0.0, False)
+    with pytest.raises(NoDropoutError):
+        mcdrop.MCDropout(depth_only)
+    assert_varies(draw(depth_only, x, drop_path=True))
+    assert_varies(draw(model(0.0, 0.5), x))
+    quiet = model(0.0, 0.0)
+    assert_nothing_to_sample(quiet, lambda: quiet(x), drop_path=True)
+
+
+def test_real_timm_vision_transformer() -> None:
+    optional_import("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    def vit(**rates: float) -> nn.Module:
+        torch.manual_seed(0)
+        kwargs = {"drop_rate": 0.0, "proj_drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0}
+        kwargs.update(rates)
+        return VisionTransformer(
+            img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3, **kwargs
+        ).eval()
+
+    x = torch.randn(2, 3, 16, 16)
+    model = vit(attn_drop_rate=RATE)
+    attention = {p for p, s in sites(model).items() if s.kind == "attention_dropout"}
+    assert len(attention) == 2 and all(sites(model)[p].rate == RATE for p in attention)
+    assert_varies(draw(model, x))
+    deep = vit(drop_path_rate=RATE)
+    depth_sites = [s for s in sites(deep, drop_path=True).values() if s.kind == "drop_path"]
+    assert depth_sites and all(s.module_type == "DropPath" for s in depth_sites)
+    with pytest.raises(NoDropoutError):
+        mcdrop.MCDropout(deep)
+    assert_varies(draw(deep, x, drop_path=True))
+    head = vit(drop_rate=RATE, proj_drop_rate=RATE)
+    assert_varies(draw(head, x))
+    quiet = vit()
+    assert_nothing_to_sample(quiet, lambda: quiet(x), drop_path=True)
+
+
+def test_real_torchvision_efficientnet() -> None:
+    optional_import("torchvision")
+    from torchvision.models import efficientnet_b0
+
+    def effnet(dropout: float, depth: float) -> nn.Module:
+        torch.manual_seed(0)
+        return efficientnet_b0(num_classes=3, dropout=dropout, stochastic_depth_prob=depth).eval()
+
+    x = torch.randn(2, 3, 32, 32)
+    deep = effnet(0.0, RATE)
+    depth_sites = [s for s in sites(deep, drop_path=True).values() if s.kind == "drop_path"]
+    assert depth_sites and all(s.module_type == "StochasticDepth" for s in depth_sites)
+    with pytest.raises(NoDropoutError):
+        mcdrop.MCDropout(deep)
+    assert_varies(draw(deep, x, drop_path=True))
+    assert_varies(draw(effnet(RATE, 0.0), x))
+    quiet = effnet(0.0, 0.0)
+    assert_nothing_to_sample(quiet, lambda: quiet(x), drop_path=True)
+
+
+# ----------------------------------------------------------------------------- TorchScript
+class FunctionalDropout(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(16, 2)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.dropout(torch.relu(self.fc1(x)), self.p, training=self.training))
+
+
+class RnnHead(nn.Module):
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, dropout=p, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def cnn(p: float) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout2d(p),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(p),
+        nn.Linear(8, 4),
+    )
+
+
+def encoder(p: float) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=p, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+SCRIPTED = {
+    "cnn-batchnorm-dropout": (cnn, (2, 3, 8, 8), "dropout"),
+    "F.dropout(training=self.training)": (FunctionalDropout, (4, 6), "functional"),
+    "lstm-2-layers": (
+        lambda p: RnnHead(nn.LSTM(4, 8, num_layers=2, dropout=p, batch_first=True)),
+        (2, 5, 4),
+        "rnn_dropout",
+    ),
+    "gru-2-layers": (
+        lambda p: RnnHead(nn.GRU(4, 8, num_layers=2, dropout=p, batch_first=True)),
+        (2, 5, 4),
+        "rnn_dropout",
+    ),
+    "multihead-attention": (SelfAttention, (2, 5, 8), "attention_dropout"),
+    "transformer-encoder": (encoder, (2, 5, 8), "dropout"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTED))
+def test_torchscript_models_honour_the_flags(name: str) -> None:
+    make, shape, kind = SCRIPTED[name]
+    torch.manual_seed(0)
+    scripted = torch.jit.script(make(RATE).eval())
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        before = scripted(x)
+    assert kind in {s.kind for s in mcdrop.find_stochastic_sites(scripted) if s.sampled}
+    assert_varies(draw(scripted, x))
+    with torch.no_grad():
+        assert torch.equal(scripted(x), before)
+    assert not any(m.training for m in scripted.modules())
+
+    quiet = torch.jit.script(make(0.0).eval())
+    if kind == "functional":
+        # a scripted gate's rate is unknown: mcdrop samples it and says when nothing varied
+        with pytest.warns(NoRandomnessWarning, match="identical"):
+            samples = draw(quiet, x)
+        assert all(torch.equal(samples[0], s) for s in samples)
+    else:
+        assert_nothing_to_sample(quiet, lambda: quiet(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+def test_traced_models_are_refused_with_a_clear_error() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(RATE), nn.Linear(8, 2)).eval()
+    traced = torch.jit.trace(model, torch.randn(3, 4))
+    with pytest.raises(UnsupportedModelError, match=r"torch\.jit\.trace.*torch\.jit\.script"):
+        mcdrop.MCDropout(traced)
+    with pytest.raises(UnsupportedModelError), mcdrop.enable_dropout(traced):
+        pass
+    table = mcdrop.describe(traced)
+    assert table.path.tolist() == ["1"] and not table.sampled.any() and "traced" in table.note[0]
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def compiled(model: nn.Module) -> nn.Module:
+    torch._dynamo.reset()
+    return torch.compile(model, backend="aot_eager")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda p: nn.Sequential(nn.Linear(6, 16), nn.Dropout(p), nn.Linear(16, 2)), FunctionalDropout],
+    ids=["nn.Dropout", "F.dropout-gate"],
+)
+def test_compiled_models_are_sampled_and_go_back_to_eval(make) -> None:
+    torch.manual_seed(0)
+    eager = make(RATE).eval()
+    model = compiled(eager)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        before = model(x)
+    assert all(
+        s.path.startswith("_orig_mod.") or s.path == "_orig_mod" for s in mcdrop.find_stochastic_sites(model)
+    )
+    # the compiled graph is guarded on the training flags: switching them recompiles
+    assert_varies(draw(model, x))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+        assert torch.equal(eager(x), before)
+    assert not any(m.training for m in model.modules())
+
+
+def test_compile_in_place_and_rate_changes_are_honoured() -> None:
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(RATE), nn.Linear(16, 2)).eval()
+    model.compile(backend="aot_eager")
+    x = torch.randn(4, 6)
+    assert_varies(draw(model, x))
+    with mcdrop.set_dropout_rate(model, 0.0):
+        assert_nothing_to_sample(model, lambda: model(x))
+    assert model[1].p == RATE
+    assert_varies(draw(model, x))
+
+
+def test_compiled_model_cannot_get_dropout_added() -> None:
+    model = compiled(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)))
+    with pytest.raises(UnsupportedModelError, match="before|original model"):
+        mcdrop.add_dropout(model, 0.1)
