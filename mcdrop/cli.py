@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ def _load_model(args: argparse.Namespace) -> Any:
         if not path.exists():
             raise CliError(f"model file {spec} not found")
         try:
-            return torch.jit.load(str(path), map_location=args.device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is still what users have
+                return torch.jit.load(str(path), map_location=args.device)
         except Exception as err:  # noqa: BLE001 - any failure here means "not a TorchScript file"
             raise CliError(
                 f"could not load {spec} as a TorchScript model ({type(err).__name__}). Save it with "
@@ -193,7 +196,7 @@ def _load_data(path_text: str, args: argparse.Namespace, need_target: bool) -> t
         if non_numeric:
             raise CliError(f"{path}: input columns must be numeric; these are not: {non_numeric}")
         xs = torch.from_numpy(x.to_numpy(dtype=np.float32))
-        return xs, None if y is None else torch.from_numpy(np.asarray(y))
+        return xs, None if y is None else torch.from_numpy(np.array(y))
     if suffix == ".npz":
         try:
             store = dict(np.load(path, allow_pickle=False))
