@@ -59,6 +59,13 @@ class Prediction:
         samples: The raw selected model outputs, samples-first ``(N, batch, ...)``, when kept
             (``keep_samples=True``), else ``None``.
         targets: The targets collected by :meth:`mcdrop.MCDropout.predict_loader`, else ``None``.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+        >>> pred = mcdrop.MCDropout(net.eval(), n_samples=4, keep_samples=True, seed=0).predict(torch.randn(5, 3))
+        >>> isinstance(pred, mcdrop.Prediction), pred.n_samples, pred.samples.shape, len(pred)
+        (True, 4, torch.Size([4, 5, 2]), 5)
     """
 
     n_samples: int

@@ -230,6 +230,12 @@ class StochasticSite:
         rate_attr: The (dotted) attribute of the module that holds ``rate`` (``"p"``,
             ``"dropout"``, ``"attn_dropout.p"``, ...), which :func:`set_dropout_rate` changes;
             ``None`` where the rate is unknown.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> site = mcdrop.find_stochastic_sites(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))[0]
+        >>> site.path, site.kind, site.rate, site.sampled
+        ('1', 'dropout', 0.1, True)
     """
 
     path: str
