@@ -23,6 +23,11 @@ from mcdrop.errors import (
     ReportExistsError,
     UnsupportedModelError,
 )
+from mcdrop.metrics.streaming import (
+    StreamingClassificationMetrics,
+    StreamingMetrics,
+    StreamingRegressionMetrics,
+)
 from mcdrop.predictions import (
     ClassificationPrediction,
     Prediction,
@@ -62,6 +67,10 @@ __all__ = [
     "ClassificationPrediction",
     "RegressionPrediction",
     "concat_predictions",
+    "StreamingMetrics",
+    "StreamingClassificationMetrics",
+    "StreamingRegressionMetrics",
+    "distributed",
     "nn",
     "metrics",
     "TemperatureScaling",
@@ -85,7 +94,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """Load the report layer (pandas, matplotlib, seaborn) only when it is first used."""
+    """Load the report layer (pandas, matplotlib, seaborn) and ``distributed`` only when first used."""
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("mcdrop.distributed")
     if name in ("report", "compare", "UncertaintyReport"):
         import importlib
 

@@ -3,6 +3,13 @@
 Bad input (a missing file, an unreadable model, wrong columns, mismatched shapes) exits with code 2
 and one clear message on stderr, never a traceback.
 
+Loading a model is a trust boundary. A ``--weights`` state dict and ``.pt`` data files are read with
+``torch.load(weights_only=True)``, which cannot run code. Whatever runs code from outside (importing
+the module of a ``package.module:factory`` model; loading a TorchScript file, whose program is the
+model and whose loader a crafted file can make execute arbitrary code) needs ``--trust-code``.
+Reports are written atomically into ``--out`` only; an existing report folder is replaced only
+with ``--force``, and a folder holding anything else never.
+
 Example:
     >>> from mcdrop.cli import build_parser
     >>> build_parser().parse_args(["demo", "--out", "rep"]).out
@@ -46,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="evaluate a saved model on a data file and write its report")
     rep.add_argument("--model", required=True, help="TorchScript file (.pt), or package.module:factory")
     rep.add_argument("--weights", help="state-dict file for a package.module:factory model")
-    rep.add_argument("--trust-code", action="store_true", help="allow importing the factory's module")
+    rep.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow running code from --model: loading a TorchScript file or importing the factory's module",
+    )
     rep.add_argument("--data", required=True, help=".npz, .pt or .csv file with inputs and targets")
     rep.add_argument("--target", default="y", help="target column/key (default: %(default)s)")
     rep.add_argument("--inputs", default=None, help="input key for .npz/.pt (default: 'x' or 'X')")
@@ -78,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args)
         return _report(args)
-    except (CliError, McdropError, FileNotFoundError, FileExistsError) as err:
+    except (CliError, McdropError, OSError) as err:
         print(f"mcdrop {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -119,8 +130,44 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force and any(out.iterdir()):
-        raise CliError(f"the output folder {out} exists and is not empty; pass --force to overwrite it")
+    """Refuse up front, before any work, an output folder that ``report.save`` would refuse."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise CliError(f"--out {out} is {kind}, not a report folder; choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CliError(f"the output folder {out} exists and is not empty; pass --force to overwrite it")
+        from mcdrop.report._report import _check_target
+
+        _check_target(Path(os.path.abspath(out)), True, ())  # --force replaces only an mcdrop report
+
+
+_SAFE_LOAD_HINT = (
+    " (read with torch.load(weights_only=True), which loads tensors and plain containers only and "
+    "never runs code from the file; save a state dict / a dict of tensors)"
+)
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line`` of an exception's message (torch's can span a screen)."""
+    lines = str(err).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if "Weights only load failed" in first or "Unsupported global" in str(err):
+        first = "the file holds pickled Python objects beyond tensors, which weights_only=True refuses"
+    return f"{type(err).__name__}: {first[:300]}"
+
+
+def _check_device(text: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {text!r} is not a device; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {text}: no CUDA device is available here; use --device cpu")
+    if device.type == "meta":
+        raise CliError("--device meta holds no data, so nothing can be evaluated on it; use cpu or cuda")
 
 
 def _load_model(args: argparse.Namespace) -> Any:
@@ -131,13 +178,20 @@ def _load_model(args: argparse.Namespace) -> Any:
     if path.suffix in (".pt", ".pth", ".ts", ".torchscript") or path.exists():
         if not path.exists():
             raise CliError(f"model file {spec} not found")
+        if not args.trust_code:
+            raise CliError(
+                f"--model {spec} is loaded as a TorchScript file, which runs code from the file (the model's "
+                "program, and torch.jit.load can be made to execute arbitrary code by a crafted file); pass "
+                "--trust-code if you trust where it came from, or give package.module:factory with --weights "
+                "(a state dict, read with torch.load(weights_only=True))"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is still what users have
                 return torch.jit.load(str(path), map_location=args.device)
         except Exception as err:  # noqa: BLE001 - any failure here means "not a TorchScript file"
             raise CliError(
-                f"could not load {spec} as a TorchScript model ({type(err).__name__}). Save it with "
+                f"could not load {spec} as a TorchScript model ({_first_line(err)}). Save it with "
                 "torch.jit.save(torch.jit.script(model), path), or give package.module:factory with --weights"
             ) from None
     if ":" not in spec:
@@ -166,7 +220,7 @@ def _load_model(args: argparse.Namespace) -> Any:
             state = torch.load(str(wpath), map_location=args.device, weights_only=True)
             model.load_state_dict(state)
         except Exception as err:  # noqa: BLE001
-            raise CliError(f"could not load weights {wpath}: {err}") from None
+            raise CliError(f"could not load weights {wpath}: {_first_line(err)}{_SAFE_LOAD_HINT}") from None
     return model.to(args.device).eval()
 
 
@@ -206,7 +260,7 @@ def _load_data(path_text: str, args: argparse.Namespace, need_target: bool) -> t
         try:
             store = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001
-            raise CliError(f"could not read {path} as a tensor dict: {err}") from None
+            raise CliError(f"could not read {path} as a tensor dict: {_first_line(err)}{_SAFE_LOAD_HINT}") from None
         if not isinstance(store, dict):
             raise CliError(f"{path} must hold a dict of tensors, e.g. {{'x': X, 'y': y}}")
     else:
@@ -240,6 +294,7 @@ def _report(args: argparse.Namespace) -> int:
         raise CliError(f"--n-samples must be at least 1; got {args.n_samples}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1; got {args.batch_size}")
+    _check_device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _report_distributed(args, out)
     model = _load_model(args)

@@ -1,16 +1,33 @@
 """The sampling engine: N stochastic forward passes drawn in batch, in chunks, on the model's device.
 
-The engine replicates the inputs along their batch dimension, ``k`` samples at a time, so that one
-forward pass of ``k * b`` rows yields ``k`` independent samples for ``b`` inputs (dropout masks are
-drawn independently per row). Chunks are bounded by ``max_batch_size`` rows per forward pass; an
-input batch larger than that is split. Each chunk is handed to the caller as a samples-first tensor
-``(k, b, ...)`` and can be reduced to running statistics at once, so memory does not grow with N.
+Three ways to draw ``k`` samples of a batch of ``b`` rows in one go (:data:`STRATEGIES`):
+
+* ``"vmap"`` -- :func:`torch.func.vmap` with ``randomness="different"`` over ``k`` samples, closing
+  over the unreplicated inputs. Whatever precedes the first random draw (the deterministic trunk:
+  a CNN's convolutions before a dropout head, an MLP's first layer) runs once at batch size ``b``;
+  only what depends on a draw runs for the ``k`` samples. Works on arbitrary ``forward`` code as
+  long as its operations have batching rules.
+* ``"replicate"`` -- the inputs repeated ``k`` times along their batch dimension (sample-major rows
+  ``s * b + i``), one pass of ``k * b`` rows; dropout masks are drawn independently per row.
+* ``"loop"`` -- one pass per sample, for models that only take their own batch size.
+
+``"auto"`` observes the first pass (:mod:`mcdrop._probe`) and chooses, trying vmap first when it
+pays, checking that it draws fresh randomness for every sample, and falling back to replication,
+then to the loop; reasons are logged at DEBUG level on the ``mcdrop.sampling`` logger. Chunks are
+sized from the input, output and activation sizes (or ``max_batch_size``) and each is handed to the
+caller as a samples-first tensor ``(k, b, ...)`` to be reduced to running statistics at once
+(:mod:`mcdrop._statistics`), so memory does not grow with N. On the CPU, dropout masks are drawn by
+the faster (same-law) paths of :mod:`mcdrop._fastdropout`.
 
 Everything here is private to mcdrop; the public face is :class:`mcdrop.MCDropout`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +35,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcdrop.errors import InvalidInputError, InvalidTypeError, NonFiniteError
+from mcdrop._checks import check_choice
+from mcdrop._fastdropout import FastContext, accelerated
+from mcdrop._probe import ProbeMode, ProbeReport, RngState, rng_restore, rng_snapshot
+from mcdrop.errors import (
+    InvalidInputError,
+    InvalidTypeError,
+    McdropError,
+    NonFiniteError,
+    UnsupportedModelError,
+)
 
 OutputSelector = Callable[[Any], Any] | str | int | None
 
@@ -379,60 +405,510 @@ def sample_chunks(
     *,
     n_samples: int,
     max_batch_size: int | None,
-    memory_budget: int,
+    memory_budget: int | None,
     output: OutputSelector,
     output_batch_dim: int,
     pair: bool,
     check_finite: bool = True,
+    strategy: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+    cache: dict[Any, Any] | None = None,
+    fast_masks: bool = True,
 ) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(start, stop, chunk)`` with ``chunk`` samples-first ``(k, stop - start, ...)``.
 
     Every batch row receives exactly ``n_samples`` samples over all chunks. ``chunk`` is one
     tensor, or a ``(mean, variance)`` pair when ``pair``. The model is called in whatever mode it
-    is in: callers wrap this in :func:`mcdrop.enable_dropout`.
+    is in: callers wrap this in :func:`mcdrop.enable_dropout` (and ``torch.no_grad``).
 
-    Without ``max_batch_size`` the first pass draws one sample for as many rows as the inputs alone
-    allow; its output size then fixes the row budget for the rest.
+    How the passes are drawn (``strategy``, see :data:`STRATEGIES`): ``"vmap"`` runs the model under
+    ``torch.func.vmap(randomness="different")`` over ``k`` samples of the unreplicated batch, so
+    everything that precedes the first random draw (the deterministic trunk) runs once per chunk
+    and only what follows it runs per sample; ``"replicate"`` repeats the batch ``k`` times along
+    its batch dimension; ``"loop"`` makes one pass per sample. ``"auto"`` observes the first pass
+    (one sample; :mod:`mcdrop._probe`), picks ``"vmap"`` when the trunk holds at least
+    :data:`HOIST_MIN_FRACTION` of the FLOPs, tries it on the next chunk and keeps it only if it
+    runs and draws fresh random numbers for every sample, else ``"replicate"``, else ``"loop"``;
+    the reasons are logged at DEBUG level (logger ``mcdrop.sampling``). A failed attempt leaves no
+    trace in the random streams. With ``cache`` (a dict the caller keeps), the decision and the
+    chunk sizes are remembered per input signature and later calls skip the probe.
+
+    Chunk sizes: with ``max_batch_size`` every pass holds at most that many rows (replicas times
+    inputs; for vmap, samples times inputs). Otherwise a pass may use ``memory_budget`` bytes, as
+    estimated from the input and output sizes (256 MiB by default); on the CPU, without an explicit
+    budget, passes are also kept small enough for their largest activation to stay near
+    :data:`CPU_PASS_BYTES`, which measures faster than large passes there.
+
+    Args:
+        model: The model, with its dropout switched on.
+        inputs: Prepared inputs (:func:`prepare_inputs`).
+        n_samples: Samples per row.
+        max_batch_size: Most rows per pass, or ``None`` for the automatic choice.
+        memory_budget: Bytes one pass may use for the automatic choice; ``None`` for the default.
+        output: Which part of the model output to keep (:func:`select_output`).
+        output_batch_dim: Batch dimension of the selected output.
+        pair: The selected output is a ``(mean, variance)`` pair.
+        check_finite: Raise :class:`~mcdrop.errors.NonFiniteError` on NaN or +inf outputs.
+        strategy: ``"auto"``, ``"vmap"``, ``"replicate"`` or ``"loop"``.
+        autocast_dtype: Run the model under ``torch.autocast`` with this dtype (float16 or
+            bfloat16); the chunks come back in float32.
+        cache: Where to remember decisions between calls (``None``: decide afresh).
+        fast_masks: Swap in the faster dropout of :mod:`mcdrop._fastdropout` on the CPU.
+
+    Returns:
+        An iterator over the chunks.
+
+    Raises:
+        UnsupportedModelError: ``strategy="vmap"`` was asked for and cannot sample this model.
     """
-    batch = inputs.batch_size
-    # Off the CPU, bad rows are flagged on the device and checked once after the last chunk, so the
-    # loop never waits for the device (no host-device synchronisation per chunk).
-    bad_rows: list[torch.Tensor] = []
-
-    def run(s: int, e: int, k: int) -> Any:
-        part = slice_batch(inputs, s, e)
-        args, kwargs = replicate(part, k)
-        out = model(*args, **kwargs)
-        chosen = select_output(out, output, pair)
-        if pair:
-            chunk = tuple(to_samples_first(c, k, e - s, output_batch_dim) for c in chosen)
+    check_choice(strategy, STRATEGIES, "strategy")
+    if n_samples <= 0:
+        return
+    device, _ = model_device_dtype(model)
+    device = device if device is not None else torch.device("cpu")
+    key = _signature(inputs, output, output_batch_dim, pair, strategy, autocast_dtype, max_batch_size, memory_budget)
+    decision: _Decision | None = cache.get(key) if cache is not None else None
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if fast_masks else None
+    engine = _Engine(
+        model,
+        inputs,
+        n_samples=n_samples,
+        output=output,
+        output_batch_dim=output_batch_dim,
+        pair=pair,
+        check_finite=check_finite,
+        autocast_dtype=autocast_dtype,
+        device=device,
+    )
+    with accelerated(model, seed=seed, enabled=fast_masks and device.type == "cpu") as ctx:
+        engine.ctx = ctx
+        if decision is None:
+            decision = yield from engine.decide(strategy, max_batch_size, memory_budget)
+            if cache is not None:
+                cache[key] = decision
         else:
-            chunk = to_samples_first(chosen, k, e - s, output_batch_dim)
-        if check_finite:
+            plan = engine.plan(decision, max_batch_size, memory_budget, probed=False)
+            yield from engine.run_plan(decision, plan, first_is_head=True)
+    engine.raise_if_bad_rows()
+
+
+#: The sampling strategies (see :func:`sample_chunks`).
+STRATEGIES = ("auto", "vmap", "replicate", "loop")
+#: ``"auto"`` hoists with vmap when the deterministic trunk holds at least this share of the FLOPs.
+HOIST_MIN_FRACTION = 0.2
+#: On the CPU, the largest activation of one pass is kept near this many bytes (faster than larger).
+CPU_PASS_BYTES = 8 * 2**20
+#: With vmap, chunks hold enough samples for the recomputed trunk to cost at most 1/this of them.
+_TRUNK_AMORTIZATION = 10
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Decision:
+    """How a given input signature is sampled, and what its probe pass measured."""
+
+    strategy: str
+    report: ProbeReport | None
+    out_row_bytes: int
+    reason: str
+
+
+def _signature(inputs: Inputs, *rest: Any) -> tuple[Any, ...]:
+    leaves = []
+    for i, a in enumerate(inputs.args):
+        leaves += [(p, t) for p, t in _leaves(a, (i,))]
+    for k, v in inputs.kwargs.items():
+        leaves += [(p, t) for p, t in _leaves(v, (k,))]
+    parts = []
+    for path, t in leaves:
+        dim = inputs.dims.get(path)
+        shape = tuple(-1 if d == dim else s for d, s in enumerate(t.shape))
+        parts.append((path, t.dtype, str(t.device), shape, dim))
+    options = tuple(id(r) if callable(r) else r for r in rest)
+    return (tuple(parts), options)
+
+
+class _Engine:
+    """One call of :func:`sample_chunks`: runs chunks with a strategy, decides, plans."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        *,
+        n_samples: int,
+        output: OutputSelector,
+        output_batch_dim: int,
+        pair: bool,
+        check_finite: bool,
+        autocast_dtype: torch.dtype | None,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.n = n_samples
+        self.output = output
+        self.output_batch_dim = output_batch_dim
+        self.pair = pair
+        self.check_finite = check_finite
+        self.autocast_dtype = autocast_dtype
+        self.device = device
+        self.ctx: FastContext | None = None
+        # Off the CPU, bad rows are flagged on the device and checked once after the last chunk,
+        # so the loop never waits for the device (no host-device synchronisation per chunk).
+        self.bad_rows: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ running one chunk
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _finish(self, chunk: Any, s: int, e: int) -> Any:
+        if self.autocast_dtype is not None:
+            chunk = tuple(_upcast(c) for c in chunk) if isinstance(chunk, tuple) else _upcast(chunk)
+        if self.check_finite:
             first = chunk[0] if isinstance(chunk, tuple) else chunk
             if first.device.type == "cpu":
                 _check_finite(chunk)
             else:
-                _flag_bad_rows(chunk, s, e, batch, bad_rows)
+                _flag_bad_rows(chunk, s, e, self.inputs.batch_size, self.bad_rows)
         return chunk
 
-    if max_batch_size is not None:
-        for s, e, k in plan_work(0, batch, n_samples, max_batch_size):
-            yield s, e, run(s, e, k)
-        _raise_if_bad_rows(bad_rows)
-        return
-    first_rows = min(batch, auto_max_batch_size(inputs, None, memory_budget, n_samples))
-    chunk = run(0, first_rows, 1)
-    yield 0, first_rows, chunk
-    tensors = chunk if isinstance(chunk, tuple) else (chunk,)
-    out_row = sum(c[0, 0].numel() * c.element_size() for c in tensors)
-    rows = auto_max_batch_size(inputs, out_row, memory_budget, n_samples)
-    work = list(plan_work(0, first_rows, n_samples - 1, rows)) + list(
-        plan_work(first_rows, batch, n_samples, rows)
-    )
-    for s, e, k in work:
-        yield s, e, run(s, e, k)
-    _raise_if_bad_rows(bad_rows)
+    def replicate(self, s: int, e: int, k: int) -> Any:
+        """``k`` samples of rows ``s:e`` from one pass over the replicated rows."""
+        part = slice_batch(self.inputs, s, e)
+        args, kwargs = replicate(part, k)
+        if self.ctx is not None:
+            self.ctx.replicas = k
+        try:
+            with self._autocast():
+                out = self.model(*args, **kwargs)
+        finally:
+            if self.ctx is not None:
+                self.ctx.replicas = 1
+        chosen = select_output(out, self.output, self.pair)
+        if self.pair:
+            chunk = tuple(to_samples_first(c, k, e - s, self.output_batch_dim) for c in chosen)
+        else:
+            chunk = to_samples_first(chosen, k, e - s, self.output_batch_dim)
+        return self._finish(chunk, s, e)
+
+    def vmap(self, s: int, e: int, k: int) -> Any:
+        """``k`` samples of rows ``s:e`` from one ``vmap`` over samples of the unreplicated rows."""
+        part = slice_batch(self.inputs, s, e)
+
+        ctx = self.ctx
+
+        def one_sample(_: torch.Tensor) -> Any:
+            if ctx is not None:  # the fast masks draw all k samples' masks at once at this level
+                ctx.vmap_level, ctx.vmap_size = torch._C._functorch.maybe_current_level(), k
+            return select_output(self.model(*part.args, **part.kwargs), self.output, self.pair)
+
+        try:
+            with self._autocast():
+                out = torch.func.vmap(one_sample, randomness="different")(torch.zeros(k))
+        finally:
+            if ctx is not None:
+                ctx.vmap_level, ctx.vmap_size = None, 0
+        if self.pair:
+            chunk = tuple(_vmapped_samples_first(c, e - s, self.output_batch_dim) for c in out)
+        else:
+            chunk = _vmapped_samples_first(out, e - s, self.output_batch_dim)
+        return self._finish(chunk, s, e)
+
+    def run(self, strategy: str, s: int, e: int, k: int) -> Iterator[tuple[int, int, Any]]:
+        """Yield the chunks of work item ``(s, e, k)`` drawn with ``strategy``."""
+        if strategy == "vmap" and k > 1:
+            yield s, e, self.vmap(s, e, k)
+        elif strategy == "loop":
+            for _ in range(k):
+                yield s, e, self.replicate(s, e, 1)
+        else:
+            yield s, e, self.replicate(s, e, k)
+
+    @contextlib.contextmanager
+    def _hash_masks(self, mode: ProbeMode | None = None) -> Iterator[None]:
+        """Masks from SplitMix64 (seeded by torch's generator), with ``mode`` told of the seed draws."""
+        ctx = self.ctx
+        if ctx is None:
+            yield
+            return
+        saved = ctx.hash_only, ctx.on_own_draw
+        ctx.hash_only = True
+        if mode is not None:
+            ctx.on_own_draw = mode.own_draw
+        try:
+            yield
+        finally:
+            ctx.hash_only, ctx.on_own_draw = saved
+
+    def run_plan(
+        self, decision: _Decision, plan: list[tuple[int, int, int]], *, first_is_head: bool
+    ) -> Iterator[tuple[int, int, Any]]:
+        """Yield every chunk of ``plan`` drawn with the decided strategy.
+
+        ``first_is_head``: the first work item is the head pass that the probe also makes, and
+        draws its masks the way the probe does, so a call draws the same samples whether or not
+        its decision was cached. Errors propagate: a strategy is only ever abandoned on its trial
+        chunk (in :meth:`decide`), so a model that fails later fails the call, as it would when
+        sampled one pass at a time.
+        """
+        for i, (s, e, k) in enumerate(plan):
+            if i == 0 and first_is_head and decision.strategy != "vmap":
+                with self._hash_masks():
+                    yield from self.run(decision.strategy, s, e, k)
+            else:
+                yield from self.run(decision.strategy, s, e, k)
+
+    def _snapshot(self) -> RngState:
+        return rng_snapshot(self.ctx.generator if self.ctx else None)
+
+    def _restore(self, state: RngState) -> None:
+        rng_restore(state, self.ctx.generator if self.ctx else None)
+
+    # ------------------------------------------------------------------ deciding
+    def decide(
+        self, strategy: str, max_batch_size: int | None, memory_budget: int | None
+    ) -> Iterator[tuple[int, int, Any]]:
+        """Probe, choose a strategy (trying it on its first chunk), and yield every chunk.
+
+        The probe is the head pass of the replicate and loop plans (one sample of the first rows,
+        or the first work item under ``max_batch_size``); when vmap is chosen, the probe's draws
+        are undone and the vmap plan runs from its start, as it does once the decision is cached.
+        Returns the :class:`_Decision`.
+        """
+        if max_batch_size is not None:
+            s0, e0, k0 = next(plan_work(0, self.inputs.batch_size, self.n, max_batch_size))
+        else:
+            s0, e0, k0 = 0, self.first_rows(memory_budget), 1
+        before_probe = self._snapshot()
+        report, head, forced = self._probe(strategy, s0, e0, k0)
+        after_probe = self._snapshot()
+        tensors = head if isinstance(head, tuple) else (head,)
+        out_row = sum(c[0, 0].numel() * c.element_size() for c in tensors)
+        candidates, reason = self._candidates(forced or strategy, report)
+        decision = _Decision(candidates[0], report, out_row, reason)
+        head_yielded = False
+        for position, candidate in enumerate(candidates):
+            decision.strategy = candidate
+            last = position == len(candidates) - 1
+            if candidate == "vmap":
+                plan = self.plan(decision, max_batch_size, memory_budget, probed=False)
+                s, e, k = plan[0]
+                if k < 2 or (s, e) != (s0, e0):
+                    why_not = f"its first chunk would hold {k} sample(s) of rows {s}:{e}"
+                else:
+                    self._restore(before_probe)
+                    chunk, why_not = self._attempt_trial("vmap", s, e, k, report, k0)
+                if why_not is None:
+                    decision.reason = reason
+                    _log.debug("mcdrop: sampling with strategy 'vmap' (%s).", reason)
+                    yield s, e, chunk
+                    yield from self.run_plan(decision, plan[1:], first_is_head=False)
+                    return decision
+                self._restore(after_probe)
+            else:
+                if not head_yielded:
+                    yield s0, e0, head
+                    head_yielded = True
+                plan = self.plan(decision, max_batch_size, memory_budget, probed=True)
+                if not plan:
+                    decision.reason = reason
+                    return decision
+                s, e, k = plan[0]
+                if candidate == "loop" or k == 1:
+                    decision.reason = reason
+                    _log.debug("mcdrop: sampling with strategy %r (%s).", candidate, reason)
+                    yield from self.run_plan(decision, plan, first_is_head=False)
+                    return decision
+                state = self._snapshot()
+                chunk, why_not = self._attempt_trial(candidate, s, e, k, report if (s, e) == (s0, e0) else None, k0)
+                if why_not is None:
+                    decision.reason = reason
+                    _log.debug("mcdrop: sampling with strategy %r (%s).", candidate, reason)
+                    yield s, e, chunk
+                    yield from self.run_plan(decision, plan[1:], first_is_head=False)
+                    return decision
+                self._restore(state)
+            reason += f"; {candidate} rejected ({why_not})"
+            _log.debug("mcdrop: strategy %r rejected: %s", candidate, why_not)
+            if last:
+                raise UnsupportedModelError(
+                    f"strategy={candidate!r} cannot sample this model correctly: {why_not}. Use "
+                    "strategy='auto' to fall back to another strategy automatically."
+                )
+        return decision  # pragma: no cover - the loop always returns or raises
+
+    def _attempt_trial(
+        self, strategy: str, s: int, e: int, k: int, report: ProbeReport | None, k0: int
+    ) -> tuple[Any, str | None]:
+        try:
+            return self._trial(strategy, s, e, k, report, k0)
+        except McdropError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the model does not support this strategy
+            return None, f"{type(err).__name__}: {err}"
+
+    def _probe(self, strategy: str, s: int, e: int, k: int) -> tuple[ProbeReport | None, Any, str | None]:
+        """Run the head pass (replicated rows, SplitMix64 masks) under :class:`ProbeMode`."""
+        if strategy == "loop" or self.n == 1:
+            with self._hash_masks():
+                return None, self.replicate(s, e, k), None
+        state = self._snapshot()
+        mode = ProbeMode(rows=k * (e - s))
+        try:
+            with self._hash_masks(mode), mode:
+                chunk = self.replicate(s, e, k)
+        except McdropError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the probe itself is not supported: sample plainly
+            _log.debug("mcdrop: probe pass failed (%s: %s); sampling without it.", type(err).__name__, err)
+            self._restore(state)
+            with self._hash_masks():
+                chunk = self.replicate(s, e, k)
+            return None, chunk, ("replicate" if strategy == "auto" else strategy)
+        return mode.report(), chunk, None
+
+    def _candidates(self, strategy: str, report: ProbeReport | None) -> tuple[list[str], str]:
+        if strategy != "auto":
+            return [strategy], f"strategy={strategy!r} requested"
+        if report is None:
+            return ["replicate", "loop"], "no probe of the model"
+        fraction = report.trunk_fraction
+        if fraction >= HOIST_MIN_FRACTION:
+            return ["vmap", "replicate", "loop"], f"deterministic trunk holds {fraction:.0%} of the FLOPs"
+        return ["replicate", "loop"], (
+            f"deterministic trunk holds {fraction:.0%} of the FLOPs (< {HOIST_MIN_FRACTION:.0%}): no hoisting"
+        )
+
+    def _trial(
+        self, strategy: str, s: int, e: int, k: int, report: ProbeReport | None, k0: int
+    ) -> tuple[Any, str | None]:
+        """Run a first chunk with ``strategy`` and check that every sample drew afresh.
+
+        The probe saw ``report.foreign_draws`` random numbers drawn by torch operations (other
+        than mcdrop's own masks) for ``k0`` samples of the same rows; ``k`` samples must draw
+        ``k / k0`` times as many, or some randomness would be shared between samples (an op that
+        vmap runs once for all samples, or a draw per forward pass rather than per row).
+        """
+        if report is None:
+            if strategy == "vmap":
+                return None, "the probe pass could not observe the model"
+            return self.replicate(s, e, k), None
+        if strategy == "vmap" and report.foreign_draws == 0 and report.own_draws == 0:
+            return None, (
+                "no torch random draw observed in the probe pass, so vmap's per-sample randomness "
+                "cannot be checked"
+            )
+        mode = ProbeMode(rows=k * (e - s))
+        fallback_warnings = torch._C._functorch._set_vmap_fallback_warning_enabled
+        saved = self.ctx.on_own_draw if self.ctx is not None else None
+        if self.ctx is not None:
+            self.ctx.on_own_draw = mode.own_draw
+        try:
+            fallback_warnings(strategy == "vmap")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with mode:
+                    chunk = self.vmap(s, e, k) if strategy == "vmap" else self.replicate(s, e, k)
+        finally:
+            fallback_warnings(False)
+            if self.ctx is not None:
+                self.ctx.on_own_draw = saved
+        slow = [w for w in caught if "performance drop" in str(w.message)]
+        for w in caught:
+            if w not in slow:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if slow:
+            return None, f"an operation has no vmap batching rule ({slow[0].message})"
+        if mode.foreign_draws * k0 != report.foreign_draws * k:
+            ops = ", ".join(sorted(mode.random_ops | set(report.random_ops))) or "none seen"
+            return None, (
+                f"random operations ({ops}) drew {mode.foreign_draws} numbers for {k} samples "
+                f"({strategy}) against {report.foreign_draws} for {k0} sample(s) in the probe: their "
+                "randomness would be shared between samples"
+            )
+        return chunk, None
+
+    # ------------------------------------------------------------------ planning
+    def first_rows(self, memory_budget: int | None) -> int:
+        """Rows of the first pass (one sample each) when chunks are sized automatically."""
+        return min(self.inputs.batch_size, auto_max_batch_size(self.inputs, None, _budget(memory_budget), self.n))
+
+    def plan(
+        self, decision: _Decision, max_batch_size: int | None, memory_budget: int | None, *, probed: bool
+    ) -> list[tuple[int, int, int]]:
+        """The work items ``(start, stop, k)`` of a call, after the first one when ``probed``.
+
+        The plan depends only on the decision and the batch, not on whether the decision was just
+        made: the replicate and loop plans always start with one sample of the first rows, as the
+        probe does, so a batch meets the model in the same pass shapes on every call. A vmap plan
+        that was decided earlier starts directly with many samples, so that the trunk is not run
+        once more for that first sample alone.
+        """
+        batch = self.inputs.batch_size
+        if max_batch_size is not None:
+            work = list(plan_work(0, batch, self.n, max_batch_size))
+            return work[1:] if probed else work
+        r0 = self.first_rows(memory_budget)
+        rows = self._rows_per_pass(decision, memory_budget, r0)
+        if decision.strategy == "vmap" and not probed:
+            return list(plan_work(0, batch, self.n, rows))
+        head = [] if probed else [(0, r0, 1)]
+        return head + list(plan_work(0, r0, self.n - 1, rows)) + list(plan_work(r0, batch, self.n, rows))
+
+    def _rows_per_pass(self, decision: _Decision, memory_budget: int | None, r0: int) -> int:
+        report = decision.report
+        if decision.strategy == "vmap" and report is not None:
+            # Only what follows the first random draw grows with the samples of a vmap pass.
+            per_row = (report.max_stochastic_bytes + decision.out_row_bytes) * _ACTIVATION_FACTOR
+            rows_memory = int(max(1, _budget(memory_budget) // max(per_row, 1.0)))
+        else:
+            rows_memory = auto_max_batch_size(self.inputs, decision.out_row_bytes, _budget(memory_budget), self.n)
+        rows = rows_memory
+        if memory_budget is None and self.device.type == "cpu" and report is not None:
+            per_row = report.max_stochastic_bytes if decision.strategy == "vmap" else report.max_bytes
+            rows = max(1, min(rows_memory, int(CPU_PASS_BYTES // max(per_row, 1.0))))
+        if decision.strategy == "vmap" and report is not None:
+            # Enough samples per chunk for the trunk, run once per chunk, to cost little.
+            if report.stochastic_flops > 0:
+                k_min = math.ceil(_TRUNK_AMORTIZATION * report.trunk_flops / report.stochastic_flops)
+            else:
+                k_min = self.n
+            rows = max(rows, min(rows_memory, r0 * min(k_min, self.n)))
+        return max(1, rows)
+
+    def raise_if_bad_rows(self) -> None:
+        """Raise on rows flagged non-finite on the device (checked once, after the last chunk)."""
+        _raise_if_bad_rows(self.bad_rows)
+
+
+def _budget(memory_budget: int | None) -> int:
+    return DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _vmapped_samples_first(t: torch.Tensor, b: int, out_dim: int) -> torch.Tensor:
+    """Move the batch dim of a vmap output ``(k, *one_sample)`` to dim 1."""
+    per_sample = t.dim() - 1
+    if per_sample == 0 or not -per_sample <= out_dim < per_sample:
+        raise InvalidInputError(
+            f"The model output has shape {tuple(t.shape[1:])}, which has no batch dimension {out_dim}. "
+            "Set output_batch_dim= to where the batch is, or choose another output with output=."
+        )
+    out_dim %= per_sample
+    if t.shape[out_dim + 1] != b:
+        raise InvalidInputError(
+            f"The model output has shape {tuple(t.shape[1:])}; expected {b} rows along "
+            f"output_batch_dim={out_dim}. If the batch sits elsewhere in the output, set "
+            "output_batch_dim=; if the output is not batched, choose another output with output=."
+        )
+    return t if out_dim == 0 else t.movedim(out_dim + 1, 1)
 
 
 def _flag_bad_rows(chunk: Any, start: int, stop: int, batch: int, flags: list[torch.Tensor]) -> None:

@@ -63,7 +63,11 @@ TorchDynamo guards on the ``training`` flags, so switching them recompiles once 
 
 Inside :func:`enable_dropout` every module that is not a sampled site is in eval mode, whatever
 mode the model was in; on exit every module's ``training`` flag is restored exactly, also when the
-body raises.
+body raises. Activations nest (an inner one restores the outer one's flags), but the flags are
+shared by all threads: while one thread samples a model, another thread that tries to switch any of
+its modules gets :class:`~mcdrop.errors.ModelStateError` (give each thread its own copy of the model,
+or serialise the calls), instead of switching the first thread's dropout off mid-sampling and
+leaving dropout on afterwards.
 """
 
 from __future__ import annotations
@@ -73,8 +77,10 @@ import copy
 import dis
 import fnmatch
 import sys
+import threading
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -392,6 +398,8 @@ def _check_patterns(value: Any, name: str) -> tuple[Any, ...]:
         return ()
     if isinstance(value, (str, type)) or (callable(value) and not isinstance(value, Iterable)):
         value = (value,)
+    if not isinstance(value, Iterable):
+        value = (value,)  # reported below as not a pattern
     patterns = tuple(value)
     for p in patterns:
         if not (isinstance(p, (str, type)) or callable(p)):
@@ -686,9 +694,13 @@ class StochasticPolicy:
 
         Yields:
             The policy itself.
+
+        Raises:
+            ModelStateError: Another thread is sampling (a module of) this model right now.
         """
         self._find_sites()
         modules = list(self.model.named_modules())
+        _claim(modules, self.model)
         saved = [(module, module.training) for _, module in modules]
         snapshots: list[tuple[str, nn.Module, str, torch.Tensor]] = []
         try:
@@ -704,6 +716,7 @@ class StochasticPolicy:
         finally:
             for module, flag in saved:
                 module.training = flag
+            _release(modules)
             changed = []
             for path, module, bname, before in snapshots:
                 now = dict(module._buffers.items()).get(bname)  # scripted modules wrap _buffers
@@ -739,6 +752,47 @@ class StochasticPolicy:
             }
             for s in self.sites
         ]
+
+
+# Modules whose training flags an activation has switched, with the thread that switched them and
+# how many (nested) activations of that thread hold them. The flags are shared by every thread, so a
+# second thread entering would save the first one's switched flags as "the original" and restore
+# them on exit, leaving dropout on in the user's model, while the first thread's passes run partly
+# with dropout off.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[int]] = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _claim(modules: list[tuple[str, nn.Module]], model: nn.Module) -> None:
+    """Mark ``modules`` as switched by this thread, or raise if another thread is sampling them."""
+    me = threading.get_ident()
+    with _ACTIVE_LOCK:
+        busy = [path or "<model>" for path, m in modules if _ACTIVE.get(m, (me,))[0] != me]
+        if busy:
+            raise ModelStateError(
+                f"{type(model).__name__} is being sampled with MC dropout in another thread (modules "
+                f"{', '.join(busy[:5])}{', ...' if len(busy) > 5 else ''}). Dropout is switched on through "
+                "the modules' `training` flags, which all threads share, so two threads sampling one "
+                "model would switch each other's dropout off mid-sampling and leave it on afterwards. "
+                "Give each thread its own copy of the model (copy.deepcopy(model)) and wrapper, or "
+                "serialise the calls with a threading.Lock. Nothing was changed."
+            )
+        for _, m in modules:
+            entry = _ACTIVE.get(m)
+            if entry is None:
+                _ACTIVE[m] = [me, 1]
+            else:
+                entry[1] += 1
+
+
+def _release(modules: list[tuple[str, nn.Module]]) -> None:
+    with _ACTIVE_LOCK:
+        for _, m in modules:
+            entry = _ACTIVE.get(m)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _ACTIVE[m]
 
 
 def _no_dropout_message(model: nn.Module, sites: list[StochasticSite]) -> str:

@@ -24,6 +24,7 @@ from mcdrop.metrics.streaming import (
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction, concat_predictions
 from mcdrop.sampling import (
     DEFAULT_MEMORY_BUDGET,
+    STRATEGIES,
     OutputSelector,
     model_device_dtype,
     prepare_inputs,
@@ -67,7 +68,8 @@ class MCDropout:
             of a dict or output object; the first element of a tuple), a key or attribute name, a
             tuple index, or a callable ``output(model_output) -> tensor``.
         max_batch_size: Most rows per forward pass (replicas times inputs). ``None`` chooses from
-            ``memory_budget`` and the sizes of inputs and outputs.
+            ``memory_budget`` and the sizes of inputs, outputs and activations (on the CPU, passes
+            small enough to stay fast; see ``docs/performance.md``).
         memory_budget: Bytes one forward pass may use, for the automatic choice (default 256 MiB).
         seed: Makes the samples exactly reproducible: a wrapper built with the same seed draws the
             same sequence of samples over the same calls. The global RNG state is left untouched.
@@ -76,6 +78,20 @@ class MCDropout:
         drop_path: Also sample drop-path / stochastic-depth modules.
         include: Extra modules to switch on (see :func:`mcdrop.find_stochastic_sites`).
         exclude: Modules to keep in eval mode (see :func:`mcdrop.find_stochastic_sites`).
+        strategy: How the N passes are drawn: ``"auto"`` (default), ``"vmap"``, ``"replicate"`` or
+            ``"loop"``. ``"vmap"`` runs the model under :func:`torch.func.vmap` over the samples,
+            so whatever precedes the first dropout (a CNN's convolutions, an MLP's first layer) is
+            computed once per chunk instead of once per sample; ``"replicate"`` repeats the batch
+            along its batch dimension; ``"loop"`` makes one pass per sample. ``"auto"`` watches the
+            first pass and uses vmap when the deterministic part holds a fifth of the FLOPs or
+            more and vmap runs the model and draws fresh randomness for every sample, otherwise
+            replication, otherwise the loop; the choice is remembered per input signature and
+            logged (with its reason) at DEBUG level on the ``mcdrop.sampling`` logger. All draw
+            the same distribution of samples.
+        dtype: ``torch.bfloat16`` or ``torch.float16`` runs the model under :func:`torch.autocast`
+            in that precision (mixed precision: faster on hardware with fast low-precision
+            kernels); samples and statistics are still returned and accumulated in float32.
+            ``None`` (default) runs the model as it is.
 
     Raises:
         NoDropoutError: The model has no dropout randomness to sample.
@@ -111,6 +127,8 @@ class MCDropout:
         drop_path: bool = False,
         include: Any = None,
         exclude: Any = None,
+        strategy: str = "auto",
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -149,6 +167,14 @@ class MCDropout:
         self.keep_samples = bool(keep_samples)
         self.policy = StochasticPolicy(model, drop_path=drop_path, include=include, exclude=exclude)
         self._rng_state: dict[str, torch.Tensor] | None = None
+        self.strategy = check_choice(strategy, STRATEGIES, "strategy")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise InvalidInputError(
+                f"dtype must be None, torch.bfloat16 or torch.float16 (the autocast precision); got {dtype!r}."
+            )
+        self.dtype = dtype
+        self._auto_budget = memory_budget is None
+        self._engine_cache: dict[Any, Any] = {}
         if not self.policy.has_randomness:
             warnings.warn(
                 "Every sampled dropout site has rate 0, so all MC samples will be identical and every "
@@ -502,10 +528,13 @@ class MCDropout:
             inputs,
             n_samples=self.n_samples,
             max_batch_size=self.max_batch_size,
-            memory_budget=self.memory_budget,
+            memory_budget=None if self._auto_budget else self.memory_budget,
             output=self.output,
             output_batch_dim=self.output_batch_dim,
             pair=self.aleatoric is not None,
+            strategy=self.strategy,
+            autocast_dtype=self.dtype,
+            cache=self._engine_cache,
         )
 
     def _predict_one(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prediction:

@@ -68,6 +68,7 @@ def test_report_from_torchscript_and_npz(tmp_path: Path, scripted_model: Path, n
             "report",
             "--model",
             str(scripted_model),
+            "--trust-code",
             "--data",
             str(npz_data),
             "--n-samples",
@@ -98,6 +99,7 @@ def test_report_from_csv_with_a_named_target(tmp_path: Path, scripted_model: Pat
                 "report",
                 "--model",
                 str(scripted_model),
+                "--trust-code",
                 "--data",
                 str(data),
                 "--target",
@@ -112,6 +114,13 @@ def test_report_from_csv_with_a_named_target(tmp_path: Path, scripted_model: Pat
         == 0
     )
     assert len(pd.read_csv(out / "per_input.csv")) == 30
+
+
+def test_torchscript_needs_trust_code(tmp_path: Path, scripted_model: Path, npz_data: Path, capsys) -> None:
+    args = ["report", "--model", str(scripted_model), "--data", str(npz_data), "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(args) == 2
+    assert "--trust-code" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_report_from_factory_needs_trust_code(tmp_path: Path, npz_data: Path, monkeypatch, capsys) -> None:
@@ -175,7 +184,7 @@ def test_report_error_paths_exit_2_with_one_message(
     (tmp_path / "garbage.pt").write_bytes(b"not a model")
     (tmp_path / "data.txt").write_text("1 2 3")
     np.savez(tmp_path / "wide.npz", x=np.zeros((4, 7), np.float32), y=np.zeros(4, int))
-    code = main(["report", *make_args(tmp_path), "--out", str(tmp_path / "rep"), "--quiet"])
+    code = main(["report", *make_args(tmp_path), "--trust-code", "--out", str(tmp_path / "rep"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err

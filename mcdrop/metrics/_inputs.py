@@ -37,6 +37,16 @@ def to_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise InvalidTypeError(f"{name} must be real-valued; got a complex tensor of dtype {x.dtype}.")
+        if x.is_meta:
+            raise InvalidTypeError(
+                f"{name} is on the 'meta' device, which holds shapes but no values; pass a tensor with data "
+                "(on the CPU or a GPU)."
+            )
+        if x.layout != torch.strided or x.is_nested:
+            raise InvalidTypeError(
+                f"{name} must be a dense tensor; got layout {x.layout}{' (nested)' if x.is_nested else ''}. "
+                "Convert it first, e.g. x.to_dense()."
+            )
         return x.detach()
     if isinstance(x, np.ndarray):
         arr = x
@@ -61,6 +71,11 @@ def to_tensor(x: Any, name: str) -> torch.Tensor:
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
+        if arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise InvalidInputError(
+                f"{name} holds unsigned integers up to {int(arr.max())}, beyond the int64 range; expected "
+                "numbers of a sensible magnitude (class indices, counts)."
+            )
         arr = arr.astype(np.int64)
     with warnings.catch_warnings():
         # A read-only array is fine: metrics never write into their inputs.
@@ -243,9 +258,14 @@ class Classification:
         return self.probs.argmax(dim=1)
 
     def true_class_prob(self) -> torch.Tensor:
-        """Predicted probability of each sample's true class (input dtype)."""
+        """Predicted probability of each sample's true class (input dtype; float64 for ``(n,)`` inputs).
+
+        For positive-class probabilities the complement ``1 - p`` is taken in float64: in float16 or
+        bfloat16 it would be rounded (1 - 0.498 is 0.5 in bfloat16), which shifts the NLL.
+        """
         if self.positive is not None:
-            return torch.where(self.labels == 1, self.positive, 1 - self.positive)
+            p = to_f64(self.positive)
+            return torch.where(self.labels.to(p.device) == 1, p, 1 - p)
         assert self.probs is not None
         return self.probs.gather(1, self.labels[:, None]).squeeze(1)
 

@@ -327,7 +327,9 @@ def crps_gaussian(mean: ArrayLike, std: ArrayLike, targets: ArrayLike) -> float:
     z = (y - mu) / sigma
     pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     cdf = torch.special.ndtr(z)
-    return float((sigma * (z * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi))).mean())
+    # sigma * z is written (y - mu): with a tiny sigma, z overflows to inf and sigma * inf would be
+    # inf, while the CRPS tends to |y - mu|
+    return float(((y - mu) * (2 * cdf - 1) + sigma * (2 * pdf - 1 / math.sqrt(math.pi))).mean())
 
 
 def check_score(

@@ -312,7 +312,7 @@ class UncertaintyReport:
         """
         return _render.to_markdown(self)
 
-    def to_html(self, path: str | os.PathLike[str] | None = None) -> str:
+    def to_html(self, path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> str:
         """The report as ONE self-contained HTML document (figures embedded as base64 PNG).
 
         It loads nothing from the network and opens offline: inline CSS, the summary with the
@@ -322,9 +322,14 @@ class UncertaintyReport:
         Args:
             path: Where to write it (atomically, via a temporary file and a rename); ``None`` only
                 returns the text.
+            overwrite: Replace an existing file at ``path``.
 
         Returns:
             The HTML text.
+
+        Raises:
+            ReportExistsError: ``path`` exists and ``overwrite`` is False, or it is a folder or a
+                symbolic link.
 
         Example:
             >>> import torch, mcdrop
@@ -334,9 +339,19 @@ class UncertaintyReport:
             >>> page.startswith("<!DOCTYPE html>"), page.count("data:image/png;base64,")
             (True, 4)
         """
-        page = _render.document_html(self, self._images())
+        target = None
         if path is not None:
-            _write_atomic(Path(path), page.encode("utf-8"))
+            target = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+            if target.is_symlink() or target.is_dir():
+                kind = "a symbolic link" if target.is_symlink() else "a folder"
+                raise ReportExistsError(f"{target} is {kind}; choose a file path for the HTML report.")
+            if target.exists() and not overwrite:
+                raise ReportExistsError(
+                    f"{target} exists; pass overwrite=True to replace it, or choose another path."
+                )
+        page = _render.document_html(self, self._images())
+        if target is not None:
+            _write_atomic(target, page.encode("utf-8"))
         return page
 
     def _repr_html_(self) -> str:

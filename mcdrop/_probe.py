@@ -1,0 +1,199 @@
+"""Observing one forward pass to choose how to sample (private; used by :mod:`mcdrop.sampling`).
+
+:class:`ProbeMode` is a ``TorchDispatchMode`` that watches every ATen operation of a forward pass
+and records what the sampling engine needs to decide, once per input signature, how to draw the
+remaining passes:
+
+* which operations draw random numbers (the CPU/CUDA generator state changed while they ran) and
+  how many numbers they drew, which checks that a batched run (``torch.func.vmap`` or replicated
+  rows) really draws fresh numbers for every sample;
+* which operations depend on a random draw (their inputs descend from one): the rest is the
+  deterministic *trunk* that need not be repeated per sample;
+* the FLOPs of the trunk and of the stochastic part (matrix products, convolutions, attention, as
+  counted by :mod:`torch.utils.flop_counter`) and the largest single activation of each, per row,
+  for choosing chunk sizes.
+
+The mode only observes: it never changes a result or the random stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+try:  # the FLOP formulas of torch's own FLOP counter
+    from torch.utils.flop_counter import flop_registry as _FLOP_REGISTRY
+except ImportError:  # pragma: no cover - present in every supported torch
+    _FLOP_REGISTRY = {}
+
+__all__ = ["ProbeMode", "ProbeReport", "RngState", "rng_restore", "rng_snapshot"]
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """What one observed forward pass of ``rows`` rows did, normalised per row.
+
+    Attributes:
+        rows: Rows of the observed pass (replicas times inputs).
+        foreign_draws: Random numbers drawn by torch operations (not by mcdrop's own masks).
+        own_draws: Seed draws of mcdrop's own dropout masks.
+        trunk_flops: FLOPs of operations that depend on no random draw, per row.
+        stochastic_flops: FLOPs of operations downstream of a random draw, per row.
+        max_bytes: Largest single operation output, per row.
+        max_stochastic_bytes: Largest output of an operation downstream of a random draw, per row.
+        random_ops: Names of the torch operations that drew random numbers.
+    """
+
+    rows: int
+    foreign_draws: int
+    own_draws: int
+    trunk_flops: float
+    stochastic_flops: float
+    max_bytes: float
+    max_stochastic_bytes: float
+    random_ops: tuple[str, ...] = ()
+
+    @property
+    def trunk_fraction(self) -> float:
+        """Share of the FLOPs that a hoisted run computes once instead of once per sample."""
+        total = self.trunk_flops + self.stochastic_flops
+        return self.trunk_flops / total if total > 0 else 0.0
+
+
+def _generator_states() -> list[Tensor]:
+    states = [torch.default_generator.get_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += [g.get_state() for g in torch.cuda.default_generators]
+    return states
+
+
+class ProbeMode(TorchDispatchMode):
+    """Dispatch mode recording randomness, the trunk/stochastic split, FLOPs and activation sizes.
+
+    Args:
+        rows: Rows of the observed pass, to normalise per row.
+    """
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.rows = max(int(rows), 1)
+        self._tainted: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._own = False
+        self.foreign_draws = 0
+        self.own_draws = 0
+        self.random_ops: set[str] = set()
+        self.trunk_flops = 0.0
+        self.stochastic_flops = 0.0
+        self.max_bytes = 0
+        self.max_stochastic_bytes = 0
+
+    def own_draw(self, active: bool) -> None:
+        """Mark the draws made while ``active`` as mcdrop's own (hooked into the fast masks)."""
+        self._own = active
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        before = _generator_states()
+        out = func(*args, **kwargs)
+        after = _generator_states()
+        drew = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        written = self._written_args(func, args)
+        stochastic = drew or any(t in self._tainted for t in inputs)
+        if drew:
+            if self._own:
+                self.own_draws += 1
+            else:
+                self.foreign_draws += sum(t.numel() for t in (outputs or written))
+                self.random_ops.add(str(func))
+        if stochastic:
+            for t in (*outputs, *written):
+                self._tainted[t] = True
+        flops = self._flops(func, args, kwargs, out)
+        size = max((_nbytes(t) for t in outputs), default=0)
+        self.max_bytes = max(self.max_bytes, size)
+        if stochastic:
+            self.stochastic_flops += flops
+            self.max_stochastic_bytes = max(self.max_stochastic_bytes, size)
+        else:
+            self.trunk_flops += flops
+        return out
+
+    @staticmethod
+    def _written_args(func: Any, args: Any) -> list[Tensor]:
+        written = []
+        schema = getattr(func, "_schema", None)
+        if schema is None:
+            return written
+        for arg, value in zip(schema.arguments, args, strict=False):
+            info = arg.alias_info
+            if info is not None and info.is_write and isinstance(value, Tensor):
+                written.append(value)
+        return written
+
+    @staticmethod
+    def _flops(func: Any, args: Any, kwargs: Any, out: Any) -> float:
+        formula = _FLOP_REGISTRY.get(getattr(func, "overloadpacket", None))
+        if formula is None:
+            return 0.0
+        try:
+            return float(formula(*args, **kwargs, out_val=out))
+        except Exception:  # noqa: BLE001 - a formula that does not fit just counts nothing
+            return 0.0
+
+    def report(self) -> ProbeReport:
+        """The observations, per row of the observed pass."""
+        rows = self.rows
+        return ProbeReport(
+            rows=rows,
+            foreign_draws=self.foreign_draws,
+            own_draws=self.own_draws,
+            trunk_flops=self.trunk_flops / rows,
+            stochastic_flops=self.stochastic_flops / rows,
+            max_bytes=self.max_bytes / rows,
+            max_stochastic_bytes=self.max_stochastic_bytes / rows,
+            random_ops=tuple(sorted(self.random_ops)),
+        )
+
+
+def _nbytes(t: Tensor) -> int:
+    logical = t.numel() * t.element_size()
+    try:
+        return min(logical, t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return logical
+
+
+@dataclass
+class RngState:
+    """Torch's CPU and CUDA generator states and the numpy mask generator's state."""
+
+    cpu: Tensor
+    cuda: list[Tensor]
+    numpy: dict[str, Any] | None
+
+
+def rng_snapshot(generator: np.random.Generator | None) -> RngState:
+    """Snapshot every generator a pass may draw from, to undo a failed attempt."""
+    cuda = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [g.get_state() for g in torch.cuda.default_generators]
+    numpy_state = generator.bit_generator.state if generator is not None else None
+    return RngState(torch.default_generator.get_state(), cuda, numpy_state)
+
+
+def rng_restore(state: RngState, generator: np.random.Generator | None) -> None:
+    """Put the generators back as :func:`rng_snapshot` found them."""
+    torch.default_generator.set_state(state.cpu)
+    for g, s in zip(torch.cuda.default_generators if state.cuda else (), state.cuda, strict=False):
+        g.set_state(s)
+    if generator is not None and state.numpy is not None:
+        generator.bit_generator.state = state.numpy

@@ -1,0 +1,517 @@
+"""Streaming metric accumulators (``mcdrop.metrics.streaming``) and ``predict_loader(keep="metrics")``.
+
+The accumulators must reproduce the in-memory metric functions of :mod:`mcdrop.metrics` (exactly up
+to float64 summation order, counts bit for bit), whatever the batching; the histogram AUROC must lie
+within its reported bound of the exact AUROC; memory must not grow with the number of inputs; and a
+run interrupted and resumed from a checkpoint must give the uninterrupted result.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mcdrop
+from mcdrop import metrics as M
+from mcdrop.errors import InvalidInputError
+from mcdrop.metrics.streaming import (
+    StreamingClassificationMetrics,
+    StreamingMetrics,
+    StreamingRegressionMetrics,
+)
+
+REL = 1e-12
+
+
+def close(a: float, b: float, rel: float = REL) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-15)
+
+
+def classification_data(n: int, k: int, seed: int = 0, temperature: float = 2.0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(temperature * torch.randn(n, k, generator=g), 1)
+    labels = torch.randint(0, k, (n,), generator=g)
+    return probs, labels
+
+
+def stream(probs, labels, sizes, **kwargs) -> StreamingClassificationMetrics:
+    acc = StreamingClassificationMetrics(**kwargs)
+    start = 0
+    for size in sizes:
+        if start >= len(labels):
+            break
+        acc.update(probs[start : start + size], labels[start : start + size])
+        start += size
+    if start < len(labels):
+        acc.update(probs[start:], labels[start:])
+    return acc
+
+
+# --------------------------------------------------------------------------- classification
+@pytest.mark.parametrize("k", [2, 3, 10])
+def test_classification_matches_in_memory_metrics(k):
+    probs, labels = classification_data(2001, k, seed=k)
+    s = stream(probs, labels, [1, 7, 300, 64] * 20).summary()
+    assert s["n_inputs"] == 2001
+    assert s["accuracy"] == M.accuracy(probs, labels)  # counts: exact
+    assert close(s["ECE"], M.expected_calibration_error(probs, labels))
+    assert close(s["MCE"], M.expected_calibration_error(probs, labels, norm="max"))
+    assert close(s["RMSCE"], M.expected_calibration_error(probs, labels, norm="l2"))
+    assert close(s["Brier"], M.brier_score(probs, labels))
+    assert close(s["NLL"], M.negative_log_likelihood(probs, labels))
+
+
+def test_binary_positive_class_probabilities_and_float64():
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(500, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (500,), generator=g)
+    s = stream(p, y, [33] * 20).summary()
+    assert close(s["ECE"], M.expected_calibration_error(p, y))
+    assert close(s["Brier"], M.brier_score(p, y))
+    assert close(s["NLL"], M.negative_log_likelihood(p, y))  # float64 epsilon clamp
+    assert s["accuracy"] == M.accuracy(p, y)
+
+
+def test_bin_edges_are_those_of_expected_calibration_error():
+    # confidences exactly at k/M (as float32) close bin k; 1.0 is in the last bin
+    conf = torch.tensor([k / 15 for k in range(8, 16)] + [1.0, 0.5], dtype=torch.float32)
+    probs = torch.stack([conf, 1 - conf], 1)
+    labels = torch.tensor([0, 1] * 5)
+    acc = stream(probs, labels, [3, 3, 4])
+    table = M.reliability_table(probs, labels)
+    assert acc.reliability_table().count.tolist() == table.count.tolist()
+    assert np.allclose(acc.reliability_table().gap, table.gap, equal_nan=True)
+    assert close(acc.summary()["ECE"], M.expected_calibration_error(probs, labels))
+    assert close(acc.reliability_table().ece, acc.summary()["ECE"])
+
+
+def test_nll_uses_the_same_clamp():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # a zero probability for the true class
+    labels = torch.tensor([1, 1])
+    acc = StreamingClassificationMetrics()
+    acc.update(probs, labels)
+    assert close(acc.summary()["NLL"], M.negative_log_likelihood(probs, labels))
+    assert acc.summary()["NLL"] == pytest.approx(-math.log(torch.finfo(torch.float32).eps) / 2)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 97), min_size=1, max_size=30))
+def test_batching_does_not_change_counts_or_sums(sizes):
+    probs, labels = classification_data(400, 4, seed=11)
+    whole = stream(probs, labels, [400])
+    parts = stream(probs, labels, sizes)
+    for name, t in whole._tensors().items():
+        if t.dtype == torch.int64:
+            assert torch.equal(t, parts._tensors()[name]), name
+        else:
+            assert torch.allclose(t, parts._tensors()[name], rtol=1e-13, atol=1e-13), name
+
+
+@pytest.mark.parametrize("k", [2, 10])
+def test_histogram_auroc_is_within_its_guaranteed_bound(k):
+    probs, labels = classification_data(3000, k, seed=5, temperature=3.0)
+    entropy = torch.special.entr(probs).sum(1)
+    mi = entropy * torch.rand(3000, generator=torch.Generator().manual_seed(6))
+    acc = StreamingClassificationMetrics()
+    for start in range(0, 3000, 512):
+        sl = slice(start, start + 512)
+        acc.update(probs[sl], labels[sl], entropy=entropy[sl], mutual_information=mi[sl])
+    s = acc.summary()
+    errors = probs.argmax(1) != labels
+    for name, score in (("entropy", entropy), ("MI", mi)):
+        exact = M.misclassification_auroc(score, errors)
+        estimate = s[f"misclassification AUROC ({name})"]
+        bound = s[f"misclassification AUROC ({name}) error bound"]
+        assert abs(estimate - exact) <= bound + 1e-12
+        assert bound < 0.01  # ~1% wide bins: few right/wrong pairs share one
+    assert close(s["mean predictive entropy"], float(entropy.double().mean()))
+    assert close(s["mean mutual information"], float(mi.double().mean()))
+
+
+def test_histogram_auroc_exact_zeros_and_separated_scores_are_exact():
+    labels = torch.tensor([0, 0, 0, 0])
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.2, 0.8], [0.4, 0.6]])  # 2 right, 2 wrong
+    scores = torch.tensor([0.0, 0.0, 0.5, 0.0])  # ties at exactly zero
+    acc = StreamingClassificationMetrics()
+    acc.update(probs, labels, entropy=scores)
+    s = acc.summary()
+    assert s["misclassification AUROC (entropy)"] == M.misclassification_auroc(
+        scores, probs.argmax(1) != labels
+    )
+    assert s["misclassification AUROC (entropy) error bound"] == 0.0
+    # all right: undefined, NaN (as the report)
+    only_right = StreamingClassificationMetrics()
+    only_right.update(probs[:2], labels[:2])
+    assert math.isnan(only_right.summary()["misclassification AUROC (entropy)"])
+
+
+def test_default_entropy_is_the_predictive_entropy():
+    probs, labels = classification_data(300, 3, seed=8)
+    acc = stream(probs, labels, [100])
+    entropy = torch.special.entr(probs.double()).sum(1)
+    assert close(acc.summary()["mean predictive entropy"], float(entropy.mean()))
+    assert "misclassification AUROC (MI)" not in acc.summary()
+
+
+def test_classification_errors():
+    acc = StreamingClassificationMetrics()
+    acc.update(*classification_data(10, 3))
+    with pytest.raises(InvalidInputError, match="3 classes"):
+        acc.update(*classification_data(10, 4))
+    with pytest.raises(InvalidInputError, match="sum to 1"):
+        acc.update(torch.full((2, 3), 0.5), torch.tensor([0, 1]))
+    with pytest.raises(InvalidInputError, match="every update or in none"):
+        probs, labels = classification_data(10, 3)
+        acc.update(probs, labels, mutual_information=torch.zeros(10))
+    with pytest.raises(InvalidInputError, match="one value per input"):
+        acc.update(probs, labels, entropy=torch.zeros(3))
+    empty = StreamingClassificationMetrics().summary()
+    assert math.isnan(empty["ECE"]) and empty["n_inputs"] == 0
+
+
+# --------------------------------------------------------------------------- regression
+def regression_data(n: int, d: int | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n,) if d is None else (n, d)
+    mean = torch.randn(shape, generator=g)
+    std = torch.rand(shape, generator=g) + 0.2
+    y = mean + 1.3 * std * torch.randn(shape, generator=g)
+    return mean, std, y
+
+
+@pytest.mark.parametrize("d", [None, 3])
+def test_regression_matches_in_memory_metrics(d):
+    mean, std, y = regression_data(1500, d, seed=2)
+    acc = StreamingRegressionMetrics()
+    for start in range(0, 1500, 230):
+        sl = slice(start, start + 230)
+        acc.update(mean[sl], std[sl], y[sl])
+    s = acc.summary()
+    assert s["n_inputs"] == 1500 and acc.n_elements == mean.numel()
+    assert close(s["RMSE"], M.rmse(mean, y))
+    assert close(s["MAE"], M.mae(mean, y))
+    assert close(s["Gaussian NLL"], M.gaussian_nll(mean, std, y))
+    assert close(s["CRPS"], M.crps_gaussian(mean, std, y))
+    assert close(s["sharpness"], M.sharpness(std))
+    for level in (0.5, 0.8, 0.9, 0.95, 0.99):
+        assert s[f"PICP ({level * 100:g}%)"] == M.picp(mean, std, y, level=level)
+        assert close(s[f"MPIW ({level * 100:g}%)"], M.mpiw(std, level=level))
+    # the calibration curve is a vector of counts: these are exact
+    assert s["MACE"] == M.mean_absolute_calibration_error(mean, std, y)
+    assert s["RMSCE"] == M.root_mean_squared_calibration_error(mean, std, y)
+    assert s["miscalibration area"] == M.miscalibration_area(mean, std, y)
+    assert np.array_equal(acc.calibration_curve().observed, M.calibration_curve(mean, std, y).observed)
+
+
+def test_regression_zero_std_gives_nan_gaussian_metrics_not_an_error():
+    acc = StreamingRegressionMetrics()
+    acc.update(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 2.0]))
+    s = acc.summary()
+    assert math.isnan(s["Gaussian NLL"]) and math.isnan(s["PICP (95%)"]) and math.isnan(s["MACE"])
+    assert close(s["MAE"], 1.0)
+    assert np.isnan(acc.calibration_curve().observed).all()
+
+
+def test_regression_targets_may_differ_in_shape_but_not_in_size():
+    acc = StreamingRegressionMetrics(levels=[0.9])
+    acc.update(torch.zeros(4, 1), torch.ones(4, 1), torch.tensor([0.1, 0.2, 3.0, -0.5]))
+    assert acc.summary()["PICP (90%)"] == 0.75
+    with pytest.raises(InvalidInputError):
+        acc.update(torch.zeros(4), torch.ones(4), torch.zeros(5))
+    with pytest.raises(InvalidInputError, match="same shape"):
+        acc.update(torch.zeros(4), torch.ones(3), torch.zeros(4))
+    with pytest.raises(InvalidInputError):
+        StreamingRegressionMetrics(levels=[1.5])
+
+
+# --------------------------------------------------------------------------- merge / state
+def test_merge_equals_one_accumulator_and_state_round_trips(tmp_path):
+    probs, labels = classification_data(600, 5, seed=4)
+    a, b = stream(probs[:250], labels[:250], [100]), stream(probs[250:], labels[250:], [100])
+    merged = StreamingClassificationMetrics().merge(a).merge(b)
+    whole = stream(probs, labels, [100])
+    for key, value in whole.summary().items():
+        assert close(merged.summary()[key], value), key
+    path = tmp_path / "acc.pt"
+    torch.save(merged.state_dict(), path)
+    restored = StreamingMetrics.from_state_dict(torch.load(path, weights_only=True))
+    assert restored.summary() == merged.summary()
+    assert isinstance(restored, StreamingClassificationMetrics) and restored.n_classes == 5
+    reg = StreamingRegressionMetrics(levels=[0.9])
+    reg.update(*regression_data(10))
+    assert StreamingMetrics.from_state_dict(reg.state_dict()).summary() == reg.summary()
+
+
+def test_merge_and_load_refuse_mismatches():
+    probs, labels = classification_data(10, 3)
+    a = stream(probs, labels, [10])
+    with pytest.raises(InvalidInputError, match="configurations"):
+        a.merge(StreamingClassificationMetrics(n_bins=10))
+    with pytest.raises(InvalidInputError, match="tasks differ"):
+        a.merge(StreamingRegressionMetrics())
+    other = stream(*classification_data(10, 4), [10])
+    with pytest.raises(InvalidInputError, match="n_classes"):
+        StreamingClassificationMetrics().merge(a).merge(other)
+    with pytest.raises(InvalidInputError, match="configuration"):
+        StreamingClassificationMetrics(n_bins=10).load_state_dict(a.state_dict())
+    with pytest.raises(InvalidInputError, match="from_state_dict"):
+        StreamingRegressionMetrics().load_state_dict(a.state_dict())
+    with pytest.raises(InvalidInputError, match="not a streaming-metrics state"):
+        StreamingMetrics.from_state_dict({"weights": 1})
+
+
+def test_memory_of_the_accumulators_does_not_depend_on_n():
+    small, big = stream(*classification_data(10, 3), [10]), stream(*classification_data(5000, 3), [999])
+    assert small.nbytes == big.nbytes < 100_000
+    assert StreamingRegressionMetrics().nbytes < 2_000
+
+
+# --------------------------------------------------------------------------- predict_loader(keep="metrics")
+def classifier(k: int = 4, d: int = 6) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, k)).eval()
+
+
+def loader_of(n: int, d: int = 6, k: int = 4, batch_size: int = 16, regression: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randn(n, 1, generator=g) if regression else torch.randint(0, k, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_keep_metrics_equals_the_in_memory_path_for_a_classifier():
+    loader = loader_of(203)
+    pred = mcdrop.MCDropout(classifier(), n_samples=12, seed=0).predict_loader(loader, progress=False)
+    acc = mcdrop.MCDropout(classifier(), n_samples=12, seed=0).predict_loader(
+        loader, progress=False, keep="metrics"
+    )
+    assert isinstance(acc, StreamingClassificationMetrics)
+    s = acc.summary()
+    assert s["n_inputs"] == 203 and s["n_samples"] == 12
+    assert s["accuracy"] == M.accuracy(pred.probs, pred.targets)
+    assert close(s["ECE"], M.expected_calibration_error(pred.probs, pred.targets))
+    assert close(s["Brier"], M.brier_score(pred.probs, pred.targets))
+    assert close(s["NLL"], M.negative_log_likelihood(pred.probs, pred.targets))
+    errors = pred.predicted != pred.targets
+    exact = M.misclassification_auroc(pred.predictive_entropy, errors)
+    assert (
+        abs(s["misclassification AUROC (entropy)"] - exact)
+        <= s["misclassification AUROC (entropy) error bound"]
+    )
+    exact_mi = M.misclassification_auroc(pred.mutual_information, errors)
+    assert abs(s["misclassification AUROC (MI)"] - exact_mi) <= s["misclassification AUROC (MI) error bound"]
+
+
+def test_keep_metrics_for_regression_uses_the_total_std():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1)).eval()
+    loader = loader_of(90, regression=True)
+    pred = mcdrop.MCDropout(net, n_samples=10, seed=1).predict_loader(loader, progress=False)
+    acc = mcdrop.MCDropout(net, n_samples=10, seed=1).predict_loader(loader, progress=False, keep="metrics")
+    s = acc.summary()
+    assert close(s["RMSE"], M.rmse(pred.mean, pred.targets))
+    assert close(s["Gaussian NLL"], M.gaussian_nll(pred.mean, pred.total_std, pred.targets))
+    assert s["PICP (95%)"] == M.picp(pred.mean, pred.total_std, pred.targets)
+
+
+def test_keep_metrics_with_a_configured_accumulator_and_errors():
+    loader = loader_of(40)
+    acc = mcdrop.MCDropout(classifier(), n_samples=4, seed=0).predict_loader(
+        loader, progress=False, metrics=StreamingClassificationMetrics(n_bins=7)
+    )
+    assert acc.n_bins == 7 and acc.n == 40
+    mc = mcdrop.MCDropout(classifier(), n_samples=4, seed=0)
+    with pytest.raises(InvalidInputError, match="keep must be one of"):
+        mc.predict_loader(loader, keep="everything")
+    with pytest.raises(InvalidInputError, match="needs targets"):
+        mc.predict_loader([torch.randn(3, 6)], keep="metrics", progress=False)
+    with pytest.raises(InvalidInputError, match="no batches"):
+        mc.predict_loader([], keep="metrics", progress=False)
+    with pytest.raises(InvalidInputError, match="needs keep='metrics'"):
+        mc.predict_loader(loader, checkpoint="x.pt", progress=False)
+    with pytest.raises(InvalidInputError, match="StreamingRegressionMetrics"):
+        mcdrop.MCDropout(classifier(), n_samples=2).predict_loader(
+            loader, progress=False, metrics=StreamingRegressionMetrics()
+        )
+
+
+def test_model_state_is_restored_when_the_loader_fails_mid_stream():
+    net = classifier()
+
+    def batches():
+        yield from loader_of(32)
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        mcdrop.MCDropout(net, n_samples=3, seed=0).predict_loader(batches(), keep="metrics", progress=False)
+    assert not any(m.training for m in net.modules())
+
+
+# --------------------------------------------------------------------------- checkpoint / resume
+class Interrupted(Exception):
+    pass
+
+
+class FlakyLoader:
+    """Yields a fixed list of batches; raises after ``fail_after`` of them when set."""
+
+    def __init__(self, batches, fail_after=None):
+        self.batches, self.fail_after = batches, fail_after
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if self.fail_after is not None and i == self.fail_after:
+                raise Interrupted
+            yield batch
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(tmp_path):
+    batches = list(loader_of(170, batch_size=10))  # 17 batches
+    path = tmp_path / "stream.ckpt"
+    uninterrupted = mcdrop.MCDropout(classifier(), n_samples=6, seed=5).predict_loader(
+        FlakyLoader(batches), keep="metrics", progress=False
+    )
+    mc = mcdrop.MCDropout(classifier(), n_samples=6, seed=5)
+    with pytest.raises(Interrupted):
+        mc.predict_loader(
+            FlakyLoader(batches, fail_after=11),
+            keep="metrics",
+            checkpoint=path,
+            checkpoint_every=4,
+            progress=False,
+        )
+    state = torch.load(path, weights_only=True)
+    assert state["batches"] == 8 and not state["complete"]
+    # a new process: a fresh wrapper with the same settings resumes after batch 8
+    resumed = mcdrop.MCDropout(classifier(), n_samples=6, seed=5).predict_loader(
+        FlakyLoader(batches), keep="metrics", checkpoint=path, checkpoint_every=4, progress=False
+    )
+    for name, t in uninterrupted._tensors().items():
+        assert torch.equal(t, resumed._tensors()[name]), name  # the same draws, the same order of sums
+    assert resumed.summary() == uninterrupted.summary()
+    assert torch.load(path, weights_only=True)["complete"]
+    # a finished checkpoint answers at once, without reading the loader
+    again = mcdrop.MCDropout(classifier(), n_samples=6, seed=5).predict_loader(
+        FlakyLoader(batches, fail_after=0), keep="metrics", checkpoint=path, progress=False
+    )
+    assert again.summary() == uninterrupted.summary()
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    loader = loader_of(30, batch_size=10)
+    mcdrop.MCDropout(classifier(), n_samples=3, seed=0).predict_loader(
+        loader, keep="metrics", checkpoint=path, progress=False
+    )
+    with pytest.raises(InvalidInputError, match="n_samples"):
+        mcdrop.MCDropout(classifier(), n_samples=4, seed=0).predict_loader(
+            loader, keep="metrics", checkpoint=path, progress=False
+        )
+    bad = tmp_path / "bad.pt"
+    torch.save({"hello": 1}, bad)
+    with pytest.raises(InvalidInputError, match="not a predict_loader checkpoint"):
+        mcdrop.MCDropout(classifier(), n_samples=3, seed=0).predict_loader(
+            loader, keep="metrics", checkpoint=bad, progress=False
+        )
+
+
+# --------------------------------------------------------------------------- a data set 20x the budget
+def _live_bytes() -> int:
+    """Bytes of every tensor storage Python holds, plus the Python heap (tracemalloc)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()  # garbage awaiting the cycle collector is not memory in use
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on deprecated torch objects warns
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor):
+                try:
+                    storage = obj.untyped_storage()
+                except (RuntimeError, NotImplementedError):
+                    continue
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) + tracemalloc.get_traced_memory()[0]
+
+
+class LazyData:
+    """Batches made on the fly (nothing is held); the memory in use is measured at a few batches."""
+
+    def __init__(self, n: int, batch_size: int, d: int, k: int, probe_at: tuple[int, ...] = ()) -> None:
+        self.n, self.batch_size, self.d, self.k = n, batch_size, d, k
+        self.probe_at = probe_at
+        self.live: list[int] = []
+        w = torch.Generator().manual_seed(0)
+        self.freq = torch.rand(d, generator=w) * 3 + 0.5
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        for number, start in enumerate(range(0, self.n, self.batch_size)):
+            if number in self.probe_at or (self.probe_at and number == len(self) - 1):
+                self.live.append(_live_bytes())
+            i = torch.arange(start, min(start + self.batch_size, self.n), dtype=torch.float32)
+            x = torch.sin(i[:, None] * self.freq[None, :] * 0.001)
+            y = ((i * 7919) % self.k).long()
+            yield x, y
+
+
+def test_a_data_set_twenty_times_the_memory_budget_streams_in_constant_memory():
+    """keep="metrics" over 20x the budget: what stays alive does not grow, the metrics are exact.
+
+    What stays alive is measured exactly (every tensor storage reachable from Python, plus the
+    Python heap via tracemalloc) rather than by the resident set size, which on a shared machine
+    moves by more than the budget as the allocator keeps or returns freed pages.
+    """
+    import tracemalloc
+
+    budget = 2**17  # the memory budget of the evaluation: 128 KiB
+    d, k = 64, 20
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Dropout(0.2), nn.Linear(d, k)).eval()
+    row_bytes = 2 * k * 4 + 3 * 4 + 8  # what keep="predictions" holds per input: probs, std, 3 scores, target
+    n = 20 * budget // row_bytes + 1
+    assert n * (d * 4 + 8) > 20 * budget  # the data set itself (inputs, targets) is 20x the budget too
+    data = LazyData(n, batch_size=2048, d=d, k=k, probe_at=(3, 8))
+
+    tracemalloc.start()
+    try:
+        acc = mcdrop.MCDropout(net, n_samples=2, seed=0).predict_loader(data, keep="metrics", progress=False)
+    finally:
+        tracemalloc.stop()
+    assert acc.n == n and n * row_bytes > 20 * budget
+    assert acc.nbytes < budget  # O(bins): about 66 KB whatever n
+    growth = max(data.live) - data.live[0]
+    assert growth < budget / 4, f"memory in use grew by {growth / 2**10:.0f} KiB while streaming"
+
+    # the in-memory path on the same data (same seed: the same draws) holds 20x the budget
+    data.probe_at = ()
+    pred = mcdrop.MCDropout(net, n_samples=2, seed=0).predict_loader(data, progress=False)
+    kept = (
+        pred.probs,
+        pred.std,
+        pred.predictive_entropy,
+        pred.expected_entropy,
+        pred.variation_ratio,
+        pred.targets,
+    )
+    held = sum(t.numel() * t.element_size() for t in kept)
+    assert held > 20 * budget
+    s = acc.summary()
+    assert close(s["ECE"], M.expected_calibration_error(pred.probs, pred.targets))
+    assert close(s["Brier"], M.brier_score(pred.probs, pred.targets))
+    assert close(s["NLL"], M.negative_log_likelihood(pred.probs, pred.targets))
+    assert s["accuracy"] == M.accuracy(pred.probs, pred.targets)
