@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import torch
 
-from mcdrop.errors import InvalidInputError, NonFiniteError
+from mcdrop.errors import InvalidInputError, InvalidTypeError, NonFiniteError
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_real_dtype(t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        kind = "complex" if t.is_complex() else "integer"
+        raise InvalidTypeError(
+            f"The selected model output has {kind} dtype {t.dtype}; MC dropout statistics need real "
+            "floating-point outputs (logits, probabilities or regression values). Pick or convert the "
+            "output with output=."
+        )
 
 
 class RunningMoments:
@@ -43,7 +53,11 @@ class RunningMoments:
         view = (-1,) + (1,) * (chunk.dim() - 2)
         delta = c_mean - self.mean[start:stop]
         self.mean[start:stop] += delta * (k / n).view(view)
-        self.m2[start:stop] += c_m2 + delta.square() * (n_a * k / n).view(view)
+        weight = (n_a * k / n).view(view)
+        # Rows seen for the first time take the chunk's M2 as it is: delta² · 0 would overflow to NaN
+        # for outputs beyond sqrt(float max), although every sample fits.
+        cross = torch.where(weight > 0, delta.square() * weight, torch.zeros_like(delta))
+        self.m2[start:stop] += c_m2 + cross
         self.count[start:stop] += k
 
     @property
@@ -94,12 +108,16 @@ class ClassificationStats:
 
     def to_probs(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample probabilities and log-probabilities, class dimension last."""
-        dim = self.class_dim + 1 if self.class_dim >= 0 else self.class_dim
-        if not -chunk.dim() <= dim < chunk.dim() or (self.class_dim >= 0 and dim < 2):
+        _check_real_dtype(chunk)
+        per_sample = chunk.dim() - 1  # one model output (batch, ...)
+        if not -per_sample <= self.class_dim < per_sample or self.class_dim % per_sample == 0:
             raise InvalidInputError(
-                f"class_dim={self.class_dim} does not exist in a model output of shape "
-                f"{tuple(chunk.shape[1:])} (batch first). Set class_dim= to the class dimension."
+                f"class_dim={self.class_dim} does not name a class dimension of a model output of shape "
+                f"{tuple(chunk.shape[1:])} (batch first, so the batch is dim 0). Set class_dim= to the "
+                "class dimension, e.g. 1 for (batch, K) or (batch, K, H, W)."
             )
+        dim = self.class_dim % per_sample + 1
+        tolerance = max(self.prob_tolerance, float(torch.finfo(chunk.dtype).eps) ** 0.5)
         x = chunk.movedim(dim, -1).to(_acc_dtype(chunk))
         if x.shape[-1] == 1:
             # One output per input: a binary classifier, the positive-class logit / probability.
@@ -110,17 +128,22 @@ class ClassificationStats:
                 logp = torch.cat([logp0, logp1], -1)
                 return logp.exp(), logp
             p1 = x if self.output_type == "probs" else x.exp()
-            self._check_unit_interval(p1)
+            self._check_unit_interval(p1, tolerance)
             p = torch.cat([1 - p1, p1], -1)
             return p, torch.log(p)
         if self.output_type == "logits":
+            if bool((x == float("-inf")).all(-1).any()):
+                raise NonFiniteError(
+                    "A model output row has every logit at -inf (every class masked), so its class "
+                    "probabilities are undefined. Leave at least one class unmasked per input."
+                )
             logp = torch.log_softmax(x, -1)
             return logp.exp(), logp
         p = x if self.output_type == "probs" else x.exp()
-        self._check_unit_interval(p)
+        self._check_unit_interval(p, tolerance)
         sums = p.sum(-1)
         worst = (sums - 1).abs().max()
-        if worst > self.prob_tolerance:
+        if worst > tolerance:
             raise InvalidInputError(
                 f"output_type='{self.output_type}' was declared, but the model's outputs do not sum to 1 "
                 f"over class_dim={self.class_dim} (worst row sums to {float(sums.flatten()[(sums - 1).abs().flatten().argmax()]):.4g}). "
@@ -128,8 +151,8 @@ class ClassificationStats:
             )
         return p, torch.log(p)
 
-    def _check_unit_interval(self, p: torch.Tensor) -> None:
-        if bool((p < -self.prob_tolerance).any()) or bool((p > 1 + self.prob_tolerance).any()):
+    def _check_unit_interval(self, p: torch.Tensor, tolerance: float) -> None:
+        if bool((p < -tolerance).any()) or bool((p > 1 + tolerance).any()):
             raise InvalidInputError(
                 f"output_type='{self.output_type}' was declared, but the model's outputs fall outside "
                 f"[0, 1] (min {float(p.min()):.4g}, max {float(p.max()):.4g}). If the model returns "
@@ -167,6 +190,7 @@ class RegressionStats:
     ) -> None:
         """Merge a chunk (or a ``(mean, variance)`` pair of chunks) for rows ``start:stop``."""
         for part in chunk if isinstance(chunk, tuple) else (chunk,):
+            _check_real_dtype(part)
             if bool(torch.isinf(part).any()):
                 raise NonFiniteError(
                     "The model produced infinite regression outputs while dropout was on; outputs must "
@@ -180,6 +204,12 @@ class RegressionStats:
         var = second.to(_acc_dtype(second))
         if self.aleatoric == "log_variance":
             var = var.exp()
+            if bool(torch.isinf(var).any()):
+                raise NonFiniteError(
+                    "The model's log-variance output is so large that its variance overflows "
+                    f"{var.dtype} (max log-variance {float(second.max()):.4g}); outputs must give a finite "
+                    "variance. Check the variance head (e.g. clamp the log-variance while training)."
+                )
         elif bool((var < 0).any()):
             raise InvalidInputError(
                 "aleatoric='variance' was declared, but the model's variance output has negative values "

@@ -260,7 +260,9 @@ def _load_data(path_text: str, args: argparse.Namespace, need_target: bool) -> t
         try:
             store = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001
-            raise CliError(f"could not read {path} as a tensor dict: {_first_line(err)}{_SAFE_LOAD_HINT}") from None
+            raise CliError(
+                f"could not read {path} as a tensor dict: {_first_line(err)}{_SAFE_LOAD_HINT}"
+            ) from None
         if not isinstance(store, dict):
             raise CliError(f"{path} must hold a dict of tensors, e.g. {{'x': X, 'y': y}}")
     else:

@@ -91,7 +91,9 @@ def test_save_writes_only_plain_file_names_inside_the_folder(report, tmp_path) -
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
 @pytest.mark.parametrize("step", ["html", "summary_json", "rename"])
-def test_save_interrupted_at_any_step_leaves_the_old_report_exactly(report, tmp_path, monkeypatch, interrupt, step) -> None:
+def test_save_interrupted_at_any_step_leaves_the_old_report_exactly(
+    report, tmp_path, monkeypatch, interrupt, step
+) -> None:
     from mcdrop.report import _report
 
     target = report.save(tmp_path / "out")
@@ -146,7 +148,9 @@ def test_save_never_overwrites_without_permission_nor_anything_but_a_report(repo
     assert digest(target) == before and link.is_symlink()
 
 
-def test_to_html_never_overwrites_without_permission_and_writes_atomically(report, tmp_path, monkeypatch) -> None:
+def test_to_html_never_overwrites_without_permission_and_writes_atomically(
+    report, tmp_path, monkeypatch
+) -> None:
     page = tmp_path / "page.html"
     page.write_text("my own page")
     with pytest.raises(ReportExistsError, match="overwrite=True"):
@@ -185,8 +189,18 @@ def files(tmp_path: Path) -> dict[str, Path]:
 
 def report_args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
-        "report", "--model", str(files["model"]), "--data", str(files["data"]), "--out", str(out),
-        "--n-samples", "3", "--quiet", "--trust-code", *extra,
+        "report",
+        "--model",
+        str(files["model"]),
+        "--data",
+        str(files["data"]),
+        "--out",
+        str(out),
+        "--n-samples",
+        "3",
+        "--quiet",
+        "--trust-code",
+        *extra,
     ]
 
 
@@ -208,7 +222,9 @@ def test_cli_never_overwrites_without_force_and_force_replaces_only_a_report(fil
     no_leftovers(tmp_path, {"rep", *(p.name for p in files.values())})
 
 
-def test_cli_force_on_a_folder_with_other_files_refuses_before_any_work(files, tmp_path, capsys, monkeypatch) -> None:
+def test_cli_force_on_a_folder_with_other_files_refuses_before_any_work(
+    files, tmp_path, capsys, monkeypatch
+) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
@@ -260,7 +276,9 @@ def test_cli_interrupted_while_writing_leaves_nothing_or_the_old_report(files, t
     no_leftovers(tmp_path, {"rep", *(p.name for p in files.values())})
 
 
-def test_cli_torchscript_needs_trust_code_and_is_not_even_opened_without_it(files, tmp_path, capsys, monkeypatch) -> None:
+def test_cli_torchscript_needs_trust_code_and_is_not_even_opened_without_it(
+    files, tmp_path, capsys, monkeypatch
+) -> None:
     opened = []
     real_load = torch.jit.load
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: opened.append(a) or real_load(*a, **k))
@@ -293,18 +311,38 @@ def test_cli_weights_and_data_are_loaded_with_weights_only(files, tmp_path, caps
     monkeypatch.syspath_prepend(str(tmp_path))
     calls = []
     real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k)
+    )
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     _malicious_pickle(evil, marker)
     base = ["report", "--model", "trusted_factory:make", "--trust-code", "--n-samples", "2", "--quiet"]
-    assert main([*base, "--weights", str(evil), "--data", str(files["data"]), "--out", str(tmp_path / "a")]) == 2
+    assert (
+        main([*base, "--weights", str(evil), "--data", str(files["data"]), "--out", str(tmp_path / "a")]) == 2
+    )
     assert "could not load weights" in one_error_line(capsys)
-    assert main([*base, "--weights", str(files["weights"]), "--data", str(evil), "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main([*base, "--weights", str(files["weights"]), "--data", str(evil), "--out", str(tmp_path / "b")])
+        == 2
+    )
     one_error_line(capsys)
     assert not marker.exists(), "a pickle ran code"
     assert calls and all(flag is True for flag in calls), calls
-    assert main([*base, "--weights", str(files["weights"]), "--data", str(files["data"]), "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--weights",
+                str(files["weights"]),
+                "--data",
+                str(files["data"]),
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_factory_module_is_not_imported_without_trust_code(files, tmp_path, capsys, monkeypatch) -> None:
@@ -316,7 +354,16 @@ def test_cli_factory_module_is_not_imported_without_trust_code(files, tmp_path, 
         "    return torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Dropout(0.3))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    args = ["report", "--model", "side_effect_models:make", "--data", str(files["data"]), "--out", str(tmp_path / "r"), "--quiet"]
+    args = [
+        "report",
+        "--model",
+        "side_effect_models:make",
+        "--data",
+        str(files["data"]),
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+    ]
     assert main(args) == 2
     assert "--trust-code" in one_error_line(capsys)
     assert not marker.exists() and "side_effect_models" not in sys.modules

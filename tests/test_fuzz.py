@@ -55,14 +55,14 @@ LONG = os.environ.get("MCDROP_FUZZ") == "long"
 # fixed (each has a strict xfail test, which starts to pass, and so to fail, when it is fixed).
 #  - a row whose logits are all -inf gives NaN probabilities instead of an error
 #    (tests/test_numerics.py::test_a_row_of_all_minus_inf_logits_is_an_error_not_nan)
-KNOWN_BUG_ALL_MINUS_INF_ROW = True
+KNOWN_BUG_ALL_MINUS_INF_ROW = False  # fixed
 #  - float16/bfloat16 probabilities (output_type="probs"/"log_probs") are refused as "not summing to
 #    1" with a fixed tolerance of 1e-3, below half precision's rounding
 #    (tests/test_numerics.py::test_half_precision_probabilities_are_accepted)
-KNOWN_BUG_HALF_PROBS_TOLERANCE = True
-#  - aleatoric="log_variance": a log-variance above ~88 overflows exp() to an infinite aleatoric
-#    variance, silently (tests/test_numerics.py::test_log_variance_overflow_is_an_error_not_inf)
-KNOWN_BUG_LOG_VARIANCE_OVERFLOW = True
+KNOWN_BUG_HALF_PROBS_TOLERANCE = False  # fixed
+#  - aleatoric="log_variance": a log-variance above ~88 overflows exp() to an infinite (or NaN)
+#    aleatoric variance, silently (tests/test_numerics.py::test_log_variance_overflow_is_an_error_not_inf)
+KNOWN_BUG_LOG_VARIANCE_OVERFLOW = False  # fixed
 
 
 def fuzz(examples: int) -> settings:
@@ -239,7 +239,15 @@ def make_base(family: str, k: int) -> nn.Module:
 
 
 # What a model returns, for classification: raw logits, or probabilities in one of these forms.
-OUTPUT_MODES = ("logits", "probs", "log_probs", "onehot_probs", "onehot_log_probs", "unnormalised", "negative")
+OUTPUT_MODES = (
+    "logits",
+    "probs",
+    "log_probs",
+    "onehot_probs",
+    "onehot_log_probs",
+    "unnormalised",
+    "negative",
+)
 
 
 class Model(nn.Module):
@@ -279,7 +287,12 @@ class Model(nn.Module):
         return z
 
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
 
 
 @st.composite
@@ -624,8 +637,12 @@ def test_fuzz_predict_loader(n, batch_size, k, labels, keep, n_samples, seed) ->
         full = mcdrop.MCDropout(model, n_samples=n_samples, seed=seed).predict_loader(loader, progress=False)
         summary = result.summary()
         assert summary["n_inputs"] == n
-        for name, fn in (("ECE", M.expected_calibration_error), ("Brier", M.brier_score),
-                         ("NLL", M.negative_log_likelihood), ("accuracy", M.accuracy)):
+        for name, fn in (
+            ("ECE", M.expected_calibration_error),
+            ("Brier", M.brier_score),
+            ("NLL", M.negative_log_likelihood),
+            ("accuracy", M.accuracy),
+        ):
             assert abs(summary[name] - fn(full.probs, full.targets)) < 1e-9, name
 
 
@@ -722,8 +739,30 @@ def test_fuzz_policy_options_either_work_or_raise_no_dropout(include, exclude, d
 
 
 # ----------------------------------------------------------------------------- metrics: classification
-PROB_MODES = ("valid", "valid", "onehot", "uniform", "unnormalised", "negative", "above_one", "nan", "inf", "logits")
-LABEL_MODES = ("valid", "valid", "integral_float", "bool", "too_high", "negative", "fractional", "nan", "wrong_length", "onehot_rows")
+PROB_MODES = (
+    "valid",
+    "valid",
+    "onehot",
+    "uniform",
+    "unnormalised",
+    "negative",
+    "above_one",
+    "nan",
+    "inf",
+    "logits",
+)
+LABEL_MODES = (
+    "valid",
+    "valid",
+    "integral_float",
+    "bool",
+    "too_high",
+    "negative",
+    "fractional",
+    "nan",
+    "wrong_length",
+    "onehot_rows",
+)
 
 
 @st.composite
@@ -737,6 +776,8 @@ def classification_data(draw) -> dict[str, Any]:
     label_mode = draw(st.sampled_from(LABEL_MODES))
     if label_mode == "bool" and k > 2:
         label_mode = "valid"
+    if container == "list":
+        dtype = "float64"  # Python floats are read as float64: so are the values generated
     scale = draw(st.sampled_from([0.01, 1.0, 5.0, 50.0, 1000.0]))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
@@ -758,7 +799,9 @@ def classification_data(draw) -> dict[str, Any]:
         p = p[:, 1]
     p = p.to(DTYPES[dtype])
     if prob_mode in ("nan", "inf"):
-        p.view(-1)[int(torch.randint(0, p.numel(), (1,), generator=gen))] = math.nan if prob_mode == "nan" else math.inf
+        p.view(-1)[int(torch.randint(0, p.numel(), (1,), generator=gen))] = (
+            math.nan if prob_mode == "nan" else math.inf
+        )
     y = torch.randint(0, k, (n,), generator=gen)
     if label_mode == "integral_float":
         y = y.double()
@@ -778,8 +821,6 @@ def classification_data(draw) -> dict[str, Any]:
     elif label_mode == "onehot_rows":
         y = F.one_hot(y, k)
     reference = p.double()
-    if container == "list":
-        dtype = "float64"  # Python floats: the values are read as float64
     if container == "numpy":
         p_in, y_in = p.numpy(), y.numpy()
     elif container == "list":
@@ -871,7 +912,9 @@ def test_fuzz_classification_metrics(data: dict[str, Any]) -> None:
     assert results["accuracy"] == ref["accuracy"]
     assert math.isclose(results["nll"], ref["nll"], rel_tol=1e-12, abs_tol=1e-12)
     # the squares are summed in the input's dtype (memory): float16 rounding is allowed for
-    assert math.isclose(results["brier"], ref["brier"], rel_tol=8 * data["k"] * eps, abs_tol=8 * data["k"] * eps)
+    assert math.isclose(
+        results["brier"], ref["brier"], rel_tol=8 * data["k"] * eps, abs_tol=8 * data["k"] * eps
+    )
     assert results["brier"] <= 2 + 1e-12 and results["accuracy"] <= 1
     assert results["nll"] <= -math.log(eps) + 1e-9
     for name in ("ece", "classwise", "reliability"):
@@ -903,7 +946,9 @@ def regression_data(draw) -> dict[str, Any]:
     shape = draw(st.sampled_from([(n,), (n, 1), (n, 3)]))
     dtype = draw(st.sampled_from(list(DTYPES)))
     mode = draw(
-        st.sampled_from(["valid", "valid", "valid", "tiny_std", "zero_std", "negative_std", "nan", "inf", "mismatch"])
+        st.sampled_from(
+            ["valid", "valid", "valid", "tiny_std", "zero_std", "negative_std", "nan", "inf", "mismatch"]
+        )
     )
     seed = draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
@@ -944,7 +989,18 @@ def test_fuzz_regression_metrics(data: dict[str, Any]) -> None:
         "sharpness": lambda: M.sharpness(std),
         "mpiw": lambda: M.mpiw(std),
     }
-    needs_std = {"gaussian_nll", "crps", "picp", "mace", "rmsce", "area", "check", "interval", "sharpness", "mpiw"}
+    needs_std = {
+        "gaussian_nll",
+        "crps",
+        "picp",
+        "mace",
+        "rmsce",
+        "area",
+        "check",
+        "interval",
+        "sharpness",
+        "mpiw",
+    }
     with watchdog():
         for name, call in calls.items():
             bad = data["mode"] in ("nan", "inf", "mismatch") or (
@@ -1034,8 +1090,10 @@ def test_fuzz_selective_and_ood_metrics(n, levels, kind, dtype, seed) -> None:
             except McdropError as err:
                 assert_useful_message(err)
                 single_class = kind in ("binary", "constant_errors") and len(set(errors.tolist())) < 2
-                assert bad or (name == "misclassification_auroc" and single_class) or (
-                    kind == "loss" and name in ("e_aurc", "misclassification_auroc")
+                assert (
+                    bad
+                    or (name == "misclassification_auroc" and single_class)
+                    or (kind == "loss" and name in ("e_aurc", "misclassification_auroc"))
                 ), f"{name} refused valid input ({kind}): {err!r}"
                 continue
             assert not bad, f"{name} accepted invalid input ({kind})"
@@ -1111,7 +1169,9 @@ def test_fuzz_streaming_regression_equals_the_in_memory_metrics(n, splits, d, ze
 def test_fuzz_temperature_scaling(n, k, scale, dtype, mc, bad, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
     shape = (3, n, k) if mc else (n, k)
-    logits = (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(-6e4, 6e4).to(DTYPES[dtype])
+    logits = (
+        (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(-6e4, 6e4).to(DTYPES[dtype])
+    )
     labels = torch.randint(0, k, (n,), generator=gen)
     if bad == "nan":
         logits.view(-1)[0] = math.nan
@@ -1204,23 +1264,12 @@ def test_fuzz_report_tables(n, n_samples, task, labels, seed) -> None:
     assert rep.per_input.shape[0] == n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug in mcdrop/_statistics.py (ClassificationStats.to_probs): class_dim=-3 on a "
-    "(batch, K) output passes the range check, because it is checked against the samples-first chunk "
-    "(samples, batch, K), and torch's RuntimeError about mismatched sizes escapes",
-)
 def test_a_class_dim_outside_the_output_is_an_mcdrop_error() -> None:
     model = make_base("mlp", 3).eval()
     with pytest.raises(McdropError):
         mcdrop.MCDropout(model, n_samples=3, class_dim=-3).predict(torch.randn(2, 4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug in mcdrop/_statistics.py / mcdrop/sampling.py: a complex model output is cast to "
-    "a real dtype (torch only warns that the imaginary part is discarded) and summarised silently",
-)
 def test_complex_outputs_are_refused() -> None:
     model = make_base("mlp", 3).eval()
     mc = mcdrop.MCDropout(model, n_samples=3, task="regression", output=lambda o: o.to(torch.complex64))

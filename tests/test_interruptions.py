@@ -78,7 +78,10 @@ def capture(model: nn.Module) -> dict[str, Any]:
     return {
         "flags": {name: m.training for name, m in model.named_modules()},
         # instance attributes: nothing patched onto a module (a swapped ``forward``) may stay behind
-        "attributes": {name: {k: id(v) for k, v in vars(m).items() if not k.startswith("_")} for name, m in model.named_modules()},
+        "attributes": {
+            name: {k: id(v) for k, v in vars(m).items() if not k.startswith("_")}
+            for name, m in model.named_modules()
+        },
         "tensors": tensors,
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -94,7 +97,9 @@ def assert_restored(model: nn.Module, before: dict[str, Any], what: str, rng: bo
     for name, m in model.named_modules():
         now_attrs = {k: id(v) for k, v in vars(m).items() if not k.startswith("_")}
         was = before["attributes"][name]
-        diff = sorted(k for k in set(now_attrs) | set(was) if now_attrs.get(k) != was.get(k) and k != "training")
+        diff = sorted(
+            k for k in set(now_attrs) | set(was) if now_attrs.get(k) != was.get(k) and k != "training"
+        )
         assert not diff, f"{what}: instance attributes of {name or '<model>'} changed: {diff}"
     now = dict([*model.named_parameters(), *model.named_buffers()])
     assert now.keys() == before["tensors"].keys(), f"{what}: parameters or buffers added or removed"
@@ -184,8 +189,16 @@ def _timm(_: Any) -> Entry:
 
     torch.manual_seed(0)
     model = VisionTransformer(
-        img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3,
-        drop_rate=RATE, proj_drop_rate=RATE, attn_drop_rate=RATE, drop_path_rate=RATE,
+        img_size=16,
+        patch_size=8,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+        drop_rate=RATE,
+        proj_drop_rate=RATE,
+        attn_drop_rate=RATE,
+        drop_path_rate=RATE,
     ).eval()
     return Entry(model, args=(torch.randn(2, 3, 16, 16),), options={"drop_path": True})
 
@@ -236,7 +249,9 @@ def _added_dropout(_: Any) -> Entry:
 def _layer(name: str) -> Callable[[Any], Entry]:
     def build(_: Any) -> Entry:
         torch.manual_seed(0)
-        return Entry(only(name).eval(), args=(torch.randn(*LAYER_INPUTS[name]),), options={"task": "regression"})
+        return Entry(
+            only(name).eval(), args=(torch.randn(*LAYER_INPUTS[name]),), options={"task": "regression"}
+        )
 
     return build
 
@@ -250,7 +265,9 @@ MATRIX: dict[str, Callable[[Any], Entry]] = {
     "timm-VisionTransformer": _timm,
     "torchvision-efficientnet_b0": _efficientnet,
     **{f"torchscript-{name}": _scripted(name) for name in sorted(SCRIPTED)},
-    "compiled-nn.Dropout": _compiled(lambda p: nn.Sequential(nn.Linear(6, 16), nn.Dropout(p), nn.Linear(16, 2))),
+    "compiled-nn.Dropout": _compiled(
+        lambda p: nn.Sequential(nn.Linear(6, 16), nn.Dropout(p), nn.Linear(16, 2))
+    ),
     "compiled-F.dropout-gate": _compiled(FunctionalDropout),
     "compiled-in-place": _compiled_in_place,
     "add_dropout": _added_dropout,
@@ -307,14 +324,22 @@ class Trigger:
     def __call__(self, *_: Any) -> None:
         self.calls += 1
         if self.exc is not None and self.calls == self.at:
-            raise self.exc("interrupted by the test") if self.exc is not KeyboardInterrupt else KeyboardInterrupt
+            raise (
+                self.exc("interrupted by the test")
+                if self.exc is not KeyboardInterrupt
+                else KeyboardInterrupt
+            )
 
 
 def deep_candidates(model: nn.Module, options: dict[str, Any]) -> dict[str, Trigger]:
     """Counting hooks on the sampled sites inside the model (eager submodules only)."""
-    sites = [s for s in mcdrop.find_stochastic_sites(model, drop_path=options.get("drop_path", False)) if s.sampled]
+    sites = [
+        s for s in mcdrop.find_stochastic_sites(model, drop_path=options.get("drop_path", False)) if s.sampled
+    ]
     modules = dict(model.named_modules())
-    return {s.path: Trigger() for s in sites if s.path and not isinstance(modules[s.path], torch.jit.ScriptModule)}
+    return {
+        s.path: Trigger() for s in sites if s.path and not isinstance(modules[s.path], torch.jit.ScriptModule)
+    }
 
 
 def deep_module(model: nn.Module, counts: dict[str, Trigger], passes: int) -> nn.Module | None:
@@ -417,7 +442,10 @@ def test_interruptions_leave_every_model_of_the_support_matrix_exactly_as_before
 
         # an exception in the body of an enable_dropout block
         with pytest.raises(KeyboardInterrupt):
-            with mcdrop.enable_dropout(model, drop_path=entry.options.get("drop_path", False)), torch.no_grad():
+            with (
+                mcdrop.enable_dropout(model, drop_path=entry.options.get("drop_path", False)),
+                torch.no_grad(),
+            ):
                 model(*entry.args, **entry.kwargs)
                 raise KeyboardInterrupt
         assert_restored(model, before, f"{name}: KeyboardInterrupt in an enable_dropout block", rng=False)
@@ -454,8 +482,13 @@ def test_traced_models_are_refused_without_touching_them() -> None:
 def _mlp_bn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 8),
-        nn.Dropout(0.2), nn.Linear(8, 3),
+        nn.Linear(4, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(16, 8),
+        nn.Dropout(0.2),
+        nn.Linear(8, 3),
     )
     with torch.no_grad():
         net[1].running_mean.uniform_(-1, 1)
@@ -466,9 +499,15 @@ def test_two_wrappers_on_one_model_draw_what_they_would_draw_alone() -> None:
     model = _mlp_bn()
     x = torch.randn(6, 4)
     before = capture(model)
-    a, b = mcdrop.MCDropout(model, n_samples=5, seed=1), mcdrop.MCDropout(model, n_samples=5, seed=2, exclude="3")
+    a, b = (
+        mcdrop.MCDropout(model, n_samples=5, seed=1),
+        mcdrop.MCDropout(model, n_samples=5, seed=2, exclude="3"),
+    )
     interleaved = [a.predict(x).probs, b.predict(x).probs, a.predict(x).probs, b.predict(x).probs]
-    a2, b2 = mcdrop.MCDropout(model, n_samples=5, seed=1), mcdrop.MCDropout(model, n_samples=5, seed=2, exclude="3")
+    a2, b2 = (
+        mcdrop.MCDropout(model, n_samples=5, seed=1),
+        mcdrop.MCDropout(model, n_samples=5, seed=2, exclude="3"),
+    )
     alone = [a2.predict(x).probs, a2.predict(x).probs, b2.predict(x).probs, b2.predict(x).probs]
     for got, want in zip(interleaved, [alone[0], alone[2], alone[1], alone[3]], strict=True):
         assert torch.equal(got, want)
@@ -521,7 +560,9 @@ def test_two_threads_sampling_one_model_get_a_clear_error_not_a_corrupted_model(
 
     handle = model[0].register_forward_pre_hook(hold)
     results: list[Any] = []
-    first = threading.Thread(target=lambda: results.append(mcdrop.MCDropout(model, n_samples=3, seed=0).predict(x)))
+    first = threading.Thread(
+        target=lambda: results.append(mcdrop.MCDropout(model, n_samples=3, seed=0).predict(x))
+    )
     first.start()
     try:
         assert inside.wait(30)
@@ -611,7 +652,10 @@ def test_a_seeded_wrapper_draws_the_same_samples_in_any_thread(layer: str) -> No
 def test_seeded_wrappers_in_two_threads_stay_reproducible_and_leave_the_global_rng() -> None:
     models = {"a": _mlp_bn(0), "b": _mlp_bn(1)}
     x = torch.randn(6, 4)
-    alone = {k: mcdrop.MCDropout(m, n_samples=4, seed=i).predict(x).probs for i, (k, m) in enumerate(models.items())}
+    alone = {
+        k: mcdrop.MCDropout(m, n_samples=4, seed=i).predict(x).probs
+        for i, (k, m) in enumerate(models.items())
+    }
     rng = torch.get_rng_state()
     entered = {k: threading.Event() for k in models}
     go = {k: threading.Event() for k in models}
@@ -655,7 +699,9 @@ def test_an_interrupted_predict_loader_resumes_from_its_checkpoint_to_the_same_r
     model = _mlp_bn()
     data = TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
     loader = DataLoader(data, batch_size=5)
-    whole = mcdrop.MCDropout(model, n_samples=4, seed=3).predict_loader(loader, progress=False, keep="metrics")
+    whole = mcdrop.MCDropout(model, n_samples=4, seed=3).predict_loader(
+        loader, progress=False, keep="metrics"
+    )
     before = capture(model)
     checkpoint = tmp_path / "run.ckpt"
     trigger = Trigger(KeyboardInterrupt, at=21)  # inside the sixth batch (4 passes per batch)

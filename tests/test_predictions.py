@@ -172,7 +172,7 @@ def test_declared_probs_that_do_not_sum_to_one_are_rejected():
 
 def test_class_dim_out_of_range_is_reported():
     mc = mcdrop.MCDropout(mlp(d_out=3), n_samples=2, class_dim=3)
-    with pytest.raises(InvalidInputError, match="class_dim=3 does not exist"):
+    with pytest.raises(InvalidInputError, match="class_dim=3 does not name a class dimension"):
         mc.predict(inputs())
 
 

@@ -769,7 +769,8 @@ class StreamingRegressionMetrics(StreamingMetrics):
         z = (y_ok - mu) / sigma
         nll = torch.log(sigma) + 0.5 * _LOG_2PI + 0.5 * z * z
         pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-        crps = sigma * (z * (2 * torch.special.ndtr(z) - 1) + 2 * pdf - 1 / math.sqrt(math.pi))
+        # sigma * z written as (y - mu), as in crps_gaussian: z overflows to inf for a tiny sigma
+        crps = (y_ok - mu) * (2 * torch.special.ndtr(z) - 1) + sigma * (2 * pdf - 1 / math.sqrt(math.pi))
         r = (mu - y_ok) / sigma
         inside = [int(((r >= lo) & (r <= hi)).sum()) for lo, hi in self._z]
         r_sorted = torch.sort(r).values.cpu()
