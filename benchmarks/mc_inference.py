@@ -113,9 +113,17 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, str]:
     """The model (random init, eval mode), its input batch and a description."""
     torch.manual_seed(0)
     if name == "cnn":
-        return HeadDropoutCNN().eval(), torch.randn(64, 3, 32, 32), "CNN+BatchNorm, dropout before the head; 64x3x32x32"
+        return (
+            HeadDropoutCNN().eval(),
+            torch.randn(64, 3, 32, 32),
+            "CNN+BatchNorm, dropout before the head; 64x3x32x32",
+        )
     if name == "mlp":
-        return mlp().eval(), torch.randn(256, 784), "MLP 784-512-512-10, dropout after each hidden layer; 256x784"
+        return (
+            mlp().eval(),
+            torch.randn(256, 784),
+            "MLP 784-512-512-10, dropout after each hidden layer; 256x784",
+        )
     if name == "transformer":
         return (
             TransformerClassifier().eval(),
@@ -123,7 +131,11 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, str]:
             "TransformerEncoder d128 h4 ff512 x2, attention dropout on; 32x64 tokens",
         )
     if name == "lstm":
-        return LSTMClassifier().eval(), torch.randint(0, 1000, (32, 32)), "LSTM 2x128, inter-layer dropout 0.3; 32x32 tokens"
+        return (
+            LSTMClassifier().eval(),
+            torch.randint(0, 1000, (32, 32)),
+            "LSTM 2x128, inter-layer dropout 0.3; 32x32 tokens",
+        )
     raise SystemExit(f"unknown model {name!r}; choose from cnn, mlp, transformer, lstm")
 
 
@@ -185,7 +197,9 @@ def version_of(dist: str) -> str:
 # --------------------------------------------------------------------------- timing
 
 
-def contenders(model: nn.Module, x: torch.Tensor, n: int, peers: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+def contenders(
+    model: nn.Module, x: torch.Tensor, n: int, peers: dict[str, Any]
+) -> dict[str, Callable[[], Any]]:
     """Zero-argument callables, one per contender, each drawing N samples (or one pass)."""
     mc = mcdrop.MCDropout(model, n_samples=n, seed=0)
 
@@ -284,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             med = time_round_robin(contenders(model, x, n, peers), args.repeats)
             mine = med["mcdrop"]
             row = [name, str(n), log.last or "cached"]
-            row += [f"{med[k] * 1e3:.1f} ms" if k in med else "n/a" for k in ["one pass", "loop", "mcdrop", *peer_names]]
+            row += [
+                f"{med[k] * 1e3:.1f} ms" if k in med else "n/a"
+                for k in ["one pass", "loop", "mcdrop", *peer_names]
+            ]
             row += [f"{mine / med['one pass']:.2f}", f"{mine / med['loop']:.2f}"]
             row += [f"{mine / med[p]:.2f}" if p in med else "n/a" for p in peer_names]
             rows.append(row)

@@ -6,16 +6,20 @@ products around it cost a fraction of that per element. While the engine samples
 ``forward`` of the model's sampled dropout layers, attention modules and multi-layer RNNs (instance
 attributes, put back afterwards, also on error) for versions that draw the *same law* faster:
 
-* every kept element is an independent Bernoulli(1 - p) draw, and kept elements are scaled by
-  ``1 / (1 - p)`` exactly as ``F.dropout`` does (the same float of the tensor's dtype);
-* a mask element compares one uniform random word with ``round((1 - p) * 2**w)``: ``w = 8`` when
-  ``(1 - p) * 256`` is an integer (p = 0.5, 0.25, ... : the law is then exact), else ``w = 32``
-  (the keep probability is off by at most 2**-33, below float32's resolution of ``1 - p``);
-* the random words come from numpy's SFC64 generator, seeded once per engine call from torch's
-  generator (so ``torch.manual_seed`` and mcdrop's ``seed=`` make runs reproducible, and the
-  global torch RNG advances by one draw), or, inside :func:`torch.func.vmap` and for the engine's
-  first (probe) pass, from SplitMix64 computed with torch integer ops on a counter keyed by a seed
-  from ``torch.randint`` (vmap batches that seed, so each sample gets its own stream).
+* every element is kept independently with probability ``q = 1 - p`` and kept elements are scaled
+  by ``1 / q`` exactly as ``F.dropout`` scales them (the same float of the tensor's dtype);
+* the keep decision compares random bits with ``q``: one random byte per element, compared with
+  ``floor(256 q)``, and for the 1/256 of elements whose byte equals it, 32 more bits compared with
+  the remainder (:func:`_numpy_keep`), so the keep probability is ``q`` to within 2**-40 and
+  exactly ``q`` when ``256 q`` is an integer (p = 0.5, 0.25, ...) -- finer than the float32
+  resolution of ``q`` itself, and a quarter of the random bits of a 32-bit comparison;
+* the random bits come from numpy's SFC64 generator, seeded once per engine call from torch's
+  generator (so ``torch.manual_seed`` and mcdrop's ``seed=`` make runs reproducible, and the global
+  torch RNG advances by one draw); inside the engine's own :func:`torch.func.vmap` the masks of all
+  ``k`` samples are drawn at once and given the vmap's batch dimension; only the engine's first
+  (probe) pass and foreign vmaps use SplitMix64 instead, computed with torch integer ops on a
+  counter keyed by a seed from ``torch.randint`` (one 8-bit or 32-bit comparison per element, so
+  exact for ``256 q`` integer and within 2**-33 otherwise).
 
 ``nn.MultiheadAttention`` in train mode gets an attention path that applies this dropout to the
 attention weights (the math of ``F.multi_head_attention_forward``; uncommon options fall back to
@@ -61,7 +65,7 @@ class FastContext:
 
     Attributes:
         generator: numpy generator for the random words outside vmap (``None``: use SplitMix64).
-        hash_only: Draw every mask with SplitMix64 (the engine's probe pass, inside vmap).
+        hash_only: Draw every mask with SplitMix64 (during the engine's probe pass).
         replicas: How many exact replicas of the batch the current forward pass holds
             (sample-major along the batch dimension), so that a deterministic first RNN layer can
             run once.
@@ -133,13 +137,35 @@ def _threshold(q: float) -> tuple[int, int, torch.dtype, Any]:
     threshold = round(q * (1 << width))
     if width == 8:
         return width, threshold, torch.uint8, np.uint8
-    return width, threshold - (1 << 31), torch.int32, np.int32
+    return width, min(threshold - (1 << 31), (1 << 31) - 1), torch.int32, np.int32
 
 
-def _numpy_words(ctx: FastContext, count: int, width: int, np_dtype: Any) -> Tensor:
+def _numpy_words(ctx: FastContext, count: int, width: int, np_dtype: Any) -> np.ndarray:
+    """The next ``count`` ``width``-bit words of the context's SFC64 stream."""
     per_word = 64 // width
     raw = ctx.generator.bit_generator.random_raw((count + per_word - 1) // per_word)  # type: ignore[union-attr]
-    return torch.from_numpy(raw.view(np_dtype))[:count]
+    return raw.view(np_dtype)[:count]
+
+
+def _numpy_keep(ctx: FastContext, count: int, q: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``count`` independent Bernoulli(``q``) draws (a bool array) from the context's SFC64 stream.
+
+    One random byte per element decides unless it equals ``t = floor(256 q)``: below ``t`` keeps,
+    above drops, and the 1/256 of elements that tie compare 32 more random bits with the
+    remainder ``256 q - t``. The keep probability is ``q`` to within 2**-40 (exactly ``q`` when
+    ``256 q`` is an integer), at about a quarter of the random bits of a 32-bit comparison.
+    """
+    words = _numpy_words(ctx, count, 8, np.uint8)
+    scaled = q * 256
+    low = math.floor(scaled)
+    keep = np.less(words, low, out=out)
+    remainder = scaled - low
+    if remainder > 0:
+        ties = np.flatnonzero(words == low)
+        if ties.size:
+            extra = _numpy_words(ctx, int(ties.size), 32, np.uint32)
+            keep[ties] = extra < min(round(remainder * 2**32), 2**32 - 1)
+    return keep
 
 
 def _numpy_mode(x: Tensor, ctx: FastContext | None) -> str | None:
@@ -150,7 +176,11 @@ def _numpy_mode(x: Tensor, ctx: FastContext | None) -> str | None:
     level = functorch.maybe_current_level()
     if level is None:
         return None if _is_batched(x) else "plain"
-    if level == ctx.vmap_level and ctx.vmap_size > 0 and (not _is_batched(x) or functorch.maybe_get_level(x) == level):
+    if (
+        level == ctx.vmap_level
+        and ctx.vmap_size > 0
+        and (not _is_batched(x) or functorch.maybe_get_level(x) == level)
+    ):
         return "vmap"
     return None
 
@@ -161,10 +191,9 @@ def _vmap_keep(x: Tensor, q: float, ctx: FastContext) -> Tensor:
     The physical ``(k, *x.shape)`` mask is drawn from the numpy words like outside vmap and given
     the vmap's batch dimension (``k`` different masks, one per sample).
     """
-    width, threshold, _, np_dtype = _threshold(q)
     k = ctx.vmap_size
-    words = _numpy_words(ctx, k * x.numel(), width, np_dtype)
-    keep = (words < threshold).view(torch.uint8).to(x.dtype).view(k, *x.shape)
+    keep = torch.from_numpy(_numpy_keep(ctx, k * x.numel(), q))
+    keep = keep.view(torch.uint8).to(x.dtype).view(k, *x.shape)
     return torch._C._functorch._add_batch_dim(keep, 0, ctx.vmap_level)
 
 
@@ -180,21 +209,29 @@ def keep_mask(x: Tensor, q: float, ctx: FastContext | None = None) -> Tensor:
         The mask (batched like the current vmap level when called inside one).
     """
     n = x.numel()
-    width, threshold, dtype, np_dtype = _threshold(q)
     if _numpy_mode(x, ctx) == "plain":
         assert ctx is not None
-        words = _numpy_words(ctx, n, width, np_dtype)
-    else:
-        per_word = 64 // width
-        words = _splitmix_words((n + per_word - 1) // per_word, x.device, ctx).view(dtype)
-        if words.shape[-1] != n:
-            words = words.narrow(-1, 0, n)
+        return torch.from_numpy(_numpy_keep(ctx, n, q)).view(x.shape)
+    width, threshold, dtype, _ = _threshold(q)
+    per_word = 64 // width
+    words = _splitmix_words((n + per_word - 1) // per_word, x.device, ctx).view(dtype)
+    if words.shape[-1] != n:
+        words = words.narrow(-1, 0, n)
     return (words < threshold).view(x.shape)
+
+
+_SCALES: dict[tuple[torch.dtype, float], float] = {}
 
 
 def _scale(x: Tensor, q: float) -> float:
     """``1 / q`` rounded to ``x``'s dtype, as ``F.dropout`` computes its scale."""
-    return float(torch.ones((), dtype=x.dtype).div_(q))
+    key = (x.dtype, q)
+    scale = _SCALES.get(key)
+    if scale is None:
+        if len(_SCALES) > 256:
+            _SCALES.clear()
+        scale = _SCALES[key] = float(torch.ones((), dtype=x.dtype).div_(q))
+    return scale
 
 
 #: Elements per block of the blocked CPU path (its scratch buffers stay in the L2 cache).
@@ -223,6 +260,12 @@ def dropout(x: Tensor, p: float, inplace: bool = False, ctx: FastContext | None 
         or x.is_nested
         or x.numel() < MIN_FAST_ELEMENTS
     ):
+        if ctx is not None and ctx.on_own_draw is not None:
+            ctx.on_own_draw(True)  # torch's own draws, but made for a dropout site mcdrop manages
+            try:
+                return F.dropout(x, p, True, inplace)
+            finally:
+                ctx.on_own_draw(False)
         return F.dropout(x, p, True, inplace)
     q = 1.0 - p
     scale = _scale(x, q)
@@ -246,18 +289,18 @@ def _blocked_dropout(x: Tensor, q: float, scale: float, ctx: FastContext, inplac
     output nothing large is allocated: on the CPU, fresh large allocations (page faults) and extra
     passes over memory cost more than the arithmetic.
     """
-    width, threshold, _, np_dtype = _threshold(q)
     src = x.contiguous().view(-1)
     out = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dst = out.view(-1)
     n = src.numel()
     block = min(BLOCK_ELEMENTS, n)
     keep = torch.empty(block, dtype=torch.bool)
+    keep_np = keep.numpy()  # the same memory: numpy compares, torch converts and multiplies
     keep_f = torch.empty(block, dtype=x.dtype)
     for start in range(0, n, block):
         stop = min(start + block, n)
         m = stop - start
-        torch.lt(_numpy_words(ctx, m, width, np_dtype), threshold, out=keep[:m])
+        _numpy_keep(ctx, m, q, out=keep_np[:m])
         kf = keep_f[:m]
         kf.copy_(keep[:m].view(torch.uint8))
         torch.mul(src[start:stop], kf, out=dst[start:stop]).mul_(scale)
@@ -374,7 +417,9 @@ def attention_forward(
     )
     scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-2, -1))
     if attn_mask is not None:
-        scores = scores + (attn_mask.view(bsz, heads, tgt_len, src_len) if attn_mask.dim() == 3 else attn_mask)
+        scores = scores + (
+            attn_mask.view(bsz, heads, tgt_len, src_len) if attn_mask.dim() == 3 else attn_mask
+        )
     if key_padding_mask is not None:
         scores = scores + key_padding_mask.view(bsz, 1, 1, src_len)
     masked = attn_mask is not None or key_padding_mask is not None
@@ -494,7 +539,11 @@ def _replacement(module: nn.Module) -> Callable[..., Any] | None:
     if isinstance(module, nn.Dropout) and cls.forward is nn.Dropout.forward:
         return _dropout_forward
     mcdrop_dropout = _mcdrop_dropout_class()
-    if mcdrop_dropout is not None and isinstance(module, mcdrop_dropout) and cls.forward is mcdrop_dropout.forward:
+    if (
+        mcdrop_dropout is not None
+        and isinstance(module, mcdrop_dropout)
+        and cls.forward is mcdrop_dropout.forward
+    ):
         return _dropout_forward
     if isinstance(module, nn.MultiheadAttention) and cls.forward is nn.MultiheadAttention.forward:
         return _mha_forward

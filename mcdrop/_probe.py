@@ -142,10 +142,10 @@ class ProbeMode(TorchDispatchMode):
     @staticmethod
     def _flops(func: Any, args: Any, kwargs: Any, out: Any) -> float:
         formula = _FLOP_REGISTRY.get(getattr(func, "overloadpacket", None))
-        if formula is None:
-            return 0.0
         try:
-            return float(formula(*args, **kwargs, out_val=out))
+            if formula is not None:
+                return float(formula(*args, **kwargs, out_val=out))
+            return _composite_flops(func, args, out)
         except Exception:  # noqa: BLE001 - a formula that does not fit just counts nothing
             return 0.0
 
@@ -162,6 +162,34 @@ class ProbeMode(TorchDispatchMode):
             max_stochastic_bytes=self.max_stochastic_bytes / rows,
             random_ops=tuple(sorted(self.random_ops)),
         )
+
+
+_CONVOLUTIONS = frozenset(
+    {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+)
+
+
+def _composite_flops(func: Any, args: Any, out: Any) -> float:
+    """FLOPs of the composite ops that ``torch.inference_mode`` dispatches undecomposed.
+
+    (Under ``no_grad`` they reach the mode as ``addmm``/``convolution``/..., which torch's
+    counter knows.)
+    """
+    name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
+    if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+        return 0.0
+    if name == "linear" and isinstance(args[1], Tensor):
+        return 2.0 * out.numel() * args[1].shape[-1]
+    if name == "matmul" and isinstance(args[1], Tensor):
+        return 2.0 * out.numel() * args[0].shape[-1]
+    if name in _CONVOLUTIONS and isinstance(args[1], Tensor):
+        weight = args[1]
+        per_output = weight[0].numel() if not name.startswith("conv_transpose") else weight.shape[1]
+        return 2.0 * out.numel() * per_output
+    if name == "scaled_dot_product_attention" and isinstance(args[1], Tensor):
+        q, k = args[0], args[1]
+        return 4.0 * q.numel() / q.shape[-1] * k.shape[-2] * q.shape[-1]
+    return 0.0
 
 
 def _nbytes(t: Tensor) -> int:

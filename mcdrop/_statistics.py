@@ -35,6 +35,7 @@ class RunningMoments:
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
+        self._seen = torch.zeros(0, dtype=torch.bool)
 
     def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
         """Merge ``chunk`` (``k`` samples of rows ``start:stop``) into the running moments."""
@@ -45,20 +46,34 @@ class RunningMoments:
             self.mean = chunk.new_zeros(shape)
             self.m2 = chunk.new_zeros(shape)
             self.count = torch.zeros(batch_size, dtype=torch.int64, device=chunk.device)
+            self._seen = torch.zeros(batch_size, dtype=torch.bool)  # on the host: no device sync
         assert self.m2 is not None and self.count is not None
-        c_mean = chunk.mean(0)
-        c_m2 = (chunk - c_mean).square_().sum(0) if k > 1 else torch.zeros_like(c_mean)
+        c_mean = chunk[0] if k == 1 else chunk.mean(0)
+        c_m2 = (chunk - c_mean).square_().sum(0) if k > 1 else None
+        seen = self._seen[start:stop]
+        if not bool(seen.any()):
+            # The first samples of these rows: the merge reduces to taking the chunk's moments.
+            self.mean[start:stop] = c_mean
+            if c_m2 is not None:
+                self.m2[start:stop] = c_m2
+            self.count[start:stop] += k
+            seen.fill_(True)
+            return
         n_a = self.count[start:stop].to(chunk.dtype)
         n = n_a + k
         view = (-1,) + (1,) * (chunk.dim() - 2)
         delta = c_mean - self.mean[start:stop]
         self.mean[start:stop] += delta * (k / n).view(view)
         weight = (n_a * k / n).view(view)
-        # Rows seen for the first time take the chunk's M2 as it is: delta² · 0 would overflow to NaN
-        # for outputs beyond sqrt(float max), although every sample fits.
-        cross = torch.where(weight > 0, delta.square() * weight, torch.zeros_like(delta))
-        self.m2[start:stop] += c_m2 + cross
+        if bool(seen.all()):
+            cross = delta.square_().mul_(weight)
+        else:
+            # Rows seen for the first time take the chunk's M2 as it is: delta² · 0 would overflow to
+            # NaN for outputs beyond sqrt(float max), although every sample fits.
+            cross = torch.where(weight > 0, delta.square() * weight, torch.zeros_like(delta))
+        self.m2[start:stop] += cross if c_m2 is None else c_m2 + cross
         self.count[start:stop] += k
+        seen.fill_(True)
 
     @property
     def variance(self) -> torch.Tensor:
@@ -161,16 +176,56 @@ class ClassificationStats:
 
     def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
         """Merge a chunk of raw model outputs for rows ``start:stop``."""
+        if self._update_logits(start, stop, chunk, batch_size):
+            return
         p, logp = self.to_probs(chunk)
         self.probs.update(start, stop, p, batch_size)
         ent = -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
         ent = torch.where(torch.isfinite(ent), ent, torch.zeros_like(ent)).clamp_(min=0)
         self.entropy.update(start, stop, ent, batch_size)
-        k = p.shape[-1]
-        hits = torch.nn.functional.one_hot(p.argmax(-1), k).sum(0, dtype=torch.int32)
+        # Votes: how many samples put each class first. Scattered straight into the counts, so a
+        # chunk costs one int64 index per sample and position, not a one-hot tensor K times larger.
+        top = p.argmax(-1).movedim(0, -1)  # (b, ..., k_samples)
         if self.votes is None:
-            self.votes = torch.zeros((batch_size, *hits.shape[1:]), dtype=torch.int32, device=hits.device)
-        self.votes[start:stop] += hits
+            shape = (batch_size, *p.shape[2:])
+            self.votes = torch.zeros(shape, dtype=torch.int32, device=p.device)
+        self.votes[start:stop].scatter_add_(-1, top, torch.ones_like(top, dtype=torch.int32))
+
+    def _update_logits(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> bool:
+        """The common case (logits, two or more classes), computed in the output's own layout.
+
+        Softmax, entropy and votes run along the class dimension where it is (contiguous memory,
+        so a segmentation map ``(k, b, K, H, W)`` is not walked with a stride of ``H * W``); only
+        the probabilities are laid out class-last, once, for their running moments. Returns False
+        when the general path must handle the chunk.
+        """
+        if self.output_type != "logits" or chunk.is_complex() or not chunk.is_floating_point():
+            return False
+        per_sample = chunk.dim() - 1
+        if not -per_sample <= self.class_dim < per_sample or self.class_dim % per_sample == 0:
+            return False
+        dim = self.class_dim % per_sample + 1
+        if chunk.shape[dim] < 2:
+            return False
+        x = chunk.to(_acc_dtype(chunk))
+        if bool((x.amax(dim) == float("-inf")).any()):
+            raise NonFiniteError(
+                "A model output row has every logit at -inf (every class masked), so its class "
+                "probabilities are undefined. Leave at least one class unmasked per input."
+            )
+        logp = torch.log_softmax(x, dim)
+        p = logp.exp()
+        # -inf log-probabilities (masked classes) have p = 0: clamped, they add 0, not NaN.
+        ent = (p * logp.clamp_(min=torch.finfo(logp.dtype).min)).sum(dim).neg_().clamp_(min=0)
+        p_last = p.movedim(dim, -1).contiguous()
+        self.probs.update(start, stop, p_last, batch_size)
+        self.entropy.update(start, stop, ent, batch_size)
+        top = p_last.argmax(-1).movedim(0, -1)  # (b, ..., k_samples)
+        if self.votes is None:
+            shape = (batch_size, *p_last.shape[2:])
+            self.votes = torch.zeros(shape, dtype=torch.int32, device=p.device)
+        self.votes[start:stop].scatter_add_(-1, top, torch.ones_like(top, dtype=torch.int32))
+        return True
 
 
 class RegressionStats:

@@ -455,8 +455,8 @@ def sample_chunks(
         cache: Where to remember decisions between calls (``None``: decide afresh).
         fast_masks: Swap in the faster dropout of :mod:`mcdrop._fastdropout` on the CPU.
 
-    Returns:
-        An iterator over the chunks.
+    Yields:
+        ``(start, stop, chunk)`` for every pass (or group of passes) in turn.
 
     Raises:
         UnsupportedModelError: ``strategy="vmap"`` was asked for and cannot sample this model.
@@ -466,9 +466,12 @@ def sample_chunks(
         return
     device, _ = model_device_dtype(model)
     device = device if device is not None else torch.device("cpu")
-    key = _signature(inputs, output, output_batch_dim, pair, strategy, autocast_dtype, max_batch_size, memory_budget)
+    key = _signature(
+        inputs, output, output_batch_dim, pair, strategy, autocast_dtype, max_batch_size, memory_budget
+    )
     decision: _Decision | None = cache.get(key) if cache is not None else None
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if fast_masks else None
+    fast = fast_masks and device.type == "cpu"
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if fast else None
     engine = _Engine(
         model,
         inputs,
@@ -480,7 +483,7 @@ def sample_chunks(
         autocast_dtype=autocast_dtype,
         device=device,
     )
-    with accelerated(model, seed=seed, enabled=fast_masks and device.type == "cpu") as ctx:
+    with accelerated(model, seed=seed, enabled=fast) as ctx:
         engine.ctx = ctx
         if decision is None:
             decision = yield from engine.decide(strategy, max_batch_size, memory_budget)
@@ -497,7 +500,7 @@ STRATEGIES = ("auto", "vmap", "replicate", "loop")
 #: ``"auto"`` hoists with vmap when the deterministic trunk holds at least this share of the FLOPs.
 HOIST_MIN_FRACTION = 0.2
 #: On the CPU, the largest activation of one pass is kept near this many bytes (faster than larger).
-CPU_PASS_BYTES = 8 * 2**20
+CPU_PASS_BYTES = 4 * 2**20
 #: With vmap, chunks hold enough samples for the recomputed trunk to cost at most 1/this of them.
 _TRUNK_AMORTIZATION = 10
 
@@ -697,6 +700,12 @@ class _Engine:
             if candidate == "vmap":
                 plan = self.plan(decision, max_batch_size, memory_budget, probed=False)
                 s, e, k = plan[0]
+                if k < 2 and last:
+                    # One sample per pass throughout (plans never grow k later): plain passes.
+                    self._restore(before_probe)
+                    decision.reason = reason + "; one sample per pass"
+                    yield from self.run_plan(decision, plan, first_is_head=False)
+                    return decision
                 if k < 2 or (s, e) != (s0, e0):
                     why_not = f"its first chunk would hold {k} sample(s) of rows {s}:{e}"
                 else:
@@ -724,7 +733,9 @@ class _Engine:
                     yield from self.run_plan(decision, plan, first_is_head=False)
                     return decision
                 state = self._snapshot()
-                chunk, why_not = self._attempt_trial(candidate, s, e, k, report if (s, e) == (s0, e0) else None, k0)
+                chunk, why_not = self._attempt_trial(
+                    candidate, s, e, k, report if (s, e) == (s0, e0) else None, k0
+                )
                 if why_not is None:
                     decision.reason = reason
                     _log.debug("mcdrop: sampling with strategy %r (%s).", candidate, reason)
@@ -835,7 +846,9 @@ class _Engine:
     # ------------------------------------------------------------------ planning
     def first_rows(self, memory_budget: int | None) -> int:
         """Rows of the first pass (one sample each) when chunks are sized automatically."""
-        return min(self.inputs.batch_size, auto_max_batch_size(self.inputs, None, _budget(memory_budget), self.n))
+        return min(
+            self.inputs.batch_size, auto_max_batch_size(self.inputs, None, _budget(memory_budget), self.n)
+        )
 
     def plan(
         self, decision: _Decision, max_batch_size: int | None, memory_budget: int | None, *, probed: bool
@@ -866,7 +879,9 @@ class _Engine:
             per_row = (report.max_stochastic_bytes + decision.out_row_bytes) * _ACTIVATION_FACTOR
             rows_memory = int(max(1, _budget(memory_budget) // max(per_row, 1.0)))
         else:
-            rows_memory = auto_max_batch_size(self.inputs, decision.out_row_bytes, _budget(memory_budget), self.n)
+            rows_memory = auto_max_batch_size(
+                self.inputs, decision.out_row_bytes, _budget(memory_budget), self.n
+            )
         rows = rows_memory
         if memory_budget is None and self.device.type == "cpu" and report is not None:
             per_row = report.max_stochastic_bytes if decision.strategy == "vmap" else report.max_bytes
