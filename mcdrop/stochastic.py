@@ -40,9 +40,13 @@ How the policy decides, module by module (the first rule that matches wins):
     the buffers are put back and :class:`~mcdrop.errors.ModelStateError` is raised naming the
     module and the fix (``exclude=`` or :func:`register_deterministic`).
 
-    The code searched is every function defined by the class and its non-torch bases, including
-    the originals behind decorators (``functools.wraps``' ``__wrapped__``). Not counted as reads:
-    methods named ``train``/``eval`` (they set the flag, they do not gate randomness), reads that
+    The code searched is what a forward pass can run: ``forward`` (and ``__call__``) of the class
+    and its non-torch bases, and, transitively, every method, property or static/class method of
+    theirs whose name that code uses (``self._attn(...)``, ``super().forward(...)``), including the
+    originals behind decorators (``functools.wraps``' ``__wrapped__``). Methods no forward pass
+    reaches (a Hugging Face ``set_use_kernels`` that reads the flag to pick kernels) gate nothing.
+    Not counted as reads: methods named ``train``/``eval`` (they set the flag, they do not gate
+    randomness), reads that
     pass the mode on (``self.head.train(self.training)``), and reads that sit in a
     gradient-checkpointing condition (``self.gradient_checkpointing and self.training``, as in every
     Hugging Face ``PreTrainedModel`` and ``GradientCheckpointingLayer``).
@@ -156,6 +160,8 @@ _REGISTERED_STOCHASTIC: dict[type, tuple[str, str | None]] = {}
 _REGISTERED_DETERMINISTIC: set[type] = set()
 _CLASS_CODE_CACHE: dict[type, tuple[bool, frozenset[str]]] = {}
 _MODE_SETTERS = frozenset({"train", "eval"})
+#: Where a forward pass enters a module's own code.
+_FORWARD_ROOTS = ("forward", "__call__")
 # Attributes through which Hugging Face and timm attention modules hold their attention-dropout rate.
 _ATTENTION_RATE_ATTRS = (
     "attention_dropout",
@@ -306,36 +312,44 @@ def _function_codes(attr: Any) -> Iterator[types.CodeType]:
 
 
 def _class_code(cls: type) -> tuple[bool, frozenset[str]]:
-    """Return whether ``cls``'s code reads ``.training``, and the names its code uses.
+    """Return whether a forward pass of ``cls`` reads ``.training``, and the names its code uses.
 
-    The code is that of ``cls`` and its non-torch bases (see :func:`_code_reads_training`; methods
-    named ``train``/``eval`` set the flag and are skipped); the names are the attribute/global names
-    used by that code outside ``__init__``.
+    The code is that of ``cls`` and its non-torch bases which a forward pass can reach: ``forward``
+    and ``__call__``, then every class attribute whose name reachable code uses, transitively (see
+    :func:`_code_reads_training`; methods named ``train``/``eval`` set the flag and are skipped). The
+    names are the attribute/global names used by that reachable code.
     """
     cached = _CLASS_CODE_CACHE.get(cls)
     if cached is not None:
         return cached
-    reads = False
-    names: set[str] = set()
+    members: dict[str, list[types.CodeType]] = {}
     for klass in cls.__mro__:
         if klass is nn.Module or klass is object or _is_torch_class(klass):
             continue
         for attr_name, attr in vars(klass).items():
-            if attr_name in _MODE_SETTERS:
-                continue
-            for code in _function_codes(attr):
-                if attr_name != "__init__":
-                    for inner in _iter_codes(code):
-                        names.update(inner.co_names)
-                if not reads and _code_reads_training(code):
-                    reads = True
+            if attr_name not in _MODE_SETTERS and attr_name != "__init__":
+                members.setdefault(attr_name, []).extend(_function_codes(attr))
+    reads = False
+    names: set[str] = set()
+    pending = [name for name in _FORWARD_ROOTS if name in members]
+    visited: set[str] = set(pending)
+    while pending:
+        for code in members[pending.pop()]:
+            if not reads and _code_reads_training(code):
+                reads = True
+            for inner in _iter_codes(code):
+                for used in inner.co_names:
+                    names.add(used)
+                    if used in members and used not in visited:
+                        visited.add(used)
+                        pending.append(used)
     result = (reads, frozenset(names))
     _CLASS_CODE_CACHE[cls] = result
     return result
 
 
 def _class_reads_training(cls: type) -> bool:
-    """True if code defined by ``cls`` or its non-torch bases reads an attribute named ``training``."""
+    """True if forward-reachable code of ``cls`` or its non-torch bases reads ``.training``."""
     return _class_code(cls)[0]
 
 

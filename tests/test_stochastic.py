@@ -344,6 +344,39 @@ def test_no_dropout_raises_a_clear_error() -> None:
         mcdrop.MCDropout(nn.LSTM(3, 3, num_layers=1))
 
 
+class ReadsTrainingOutsideForward(nn.Module):
+    """Reads ``self.training`` only in a configuration method no forward pass calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def kernel_mode(self) -> str:  # like a Hugging Face model choosing kernels by mode
+        return "training" if self.training else "inference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class ReadsTrainingInAHelper(ReadsTrainingOutsideForward):
+    """The forward reaches the read through a helper method of a base class's forward."""
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.dropout(x, 0.5, training=self.training))
+
+
+def test_only_reads_a_forward_pass_can_reach_make_a_gate() -> None:
+    with pytest.raises(NoDropoutError):
+        mcdrop.MCDropout(ReadsTrainingOutsideForward())
+    sites = mcdrop.find_stochastic_sites(ReadsTrainingInAHelper())
+    assert [(s.path, s.kind, s.sampled) for s in sites] == [("", "functional", True)]
+    samples = mcdrop.MCDropout(ReadsTrainingInAHelper(), n_samples=8, seed=0).sample(torch.randn(4, 3))
+    assert not torch.allclose(samples[0], samples[1])
+
+
 def test_rate_zero_everywhere_warns_and_gives_identical_samples() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 2)).eval()
     sites = mcdrop.find_stochastic_sites(model)
