@@ -161,6 +161,11 @@ def prepare_inputs(
     dims: dict[tuple[Any, ...], int | None] = {}
     sizes: dict[tuple[Any, ...], int] = {}
     for path, tensor in leaves:
+        if tensor.device.type == "meta":
+            raise InvalidInputError(
+                f"{_path_name(path)} is on the 'meta' device: it has a shape but no values, so there is "
+                "nothing to sample. Pass real tensors (on the CPU or the model's device)."
+            )
         dim = _dim_for(path, batch_dim)
         if dim is None:
             dims[path] = None

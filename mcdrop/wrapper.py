@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mcdrop._checks import check_choice, check_int
+from mcdrop._rnglock import rng_access
 from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
 from mcdrop.errors import InvalidInputError, InvalidTypeError, NoRandomnessWarning
 from mcdrop.metrics.streaming import (
@@ -73,7 +74,9 @@ class MCDropout:
         memory_budget: Bytes one forward pass may use, for the automatic choice (default 256 MiB).
         seed: Makes the samples exactly reproducible: a wrapper built with the same seed draws the
             same sequence of samples over the same calls. The global RNG state is left untouched.
-            ``None`` draws from (and advances) torch's global RNG.
+            ``None`` draws from (and advances) torch's global RNG. While a seeded wrapper samples
+            it holds torch's process-wide generator alone: mcdrop sampling in other threads waits
+            for it (unseeded calls share the generator and run together).
         keep_samples: Keep the raw outputs ``(N, batch, ...)`` in ``prediction.samples``.
         drop_path: Also sample drop-path / stochastic-depth modules.
         include: Extra modules to switch on (see :func:`mcdrop.find_stochastic_sites`).
@@ -178,7 +181,8 @@ class MCDropout:
         if not self.policy.has_randomness:
             warnings.warn(
                 "Every sampled dropout site has rate 0, so all MC samples will be identical and every "
-                "uncertainty estimate zero: " + ", ".join(s.path or "<model>" for s in self.policy.sampled_sites),
+                "uncertainty estimate zero: "
+                + ", ".join(s.path or "<model>" for s in self.policy.sampled_sites),
                 NoRandomnessWarning,
                 stacklevel=2,
             )
@@ -599,9 +603,16 @@ class MCDropout:
 
     @contextlib.contextmanager
     def _rng(self) -> Iterator[None]:
-        if self.seed is None:
-            yield
-            return
+        """The wrapper's own RNG stream when seeded (see :mod:`mcdrop._rnglock` for threads)."""
+        with rng_access(exclusive=self.seed is not None):
+            if self.seed is None:
+                yield
+            else:
+                with self._seeded_stream():
+                    yield
+
+    @contextlib.contextmanager
+    def _seeded_stream(self) -> Iterator[None]:
         device, _ = model_device_dtype(self.model)
         cuda_index = None
         if device is not None and device.type == "cuda":

@@ -1289,15 +1289,12 @@ def test_meta_tensors_are_refused_by_the_metrics() -> None:
         M.brier_score(torch.eye(2).to_sparse(), torch.tensor([0, 1]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug in mcdrop/sampling.py (prepare_inputs): inputs on the 'meta' device reach "
-    "Tensor.to and raise torch's NotImplementedError instead of an mcdrop error",
-)
 def test_meta_inputs_give_an_mcdrop_error() -> None:
     model = make_base("mlp", 3).eval()
-    with pytest.raises(McdropError):
+    with pytest.raises(McdropError, match="'meta' device"):
         mcdrop.MCDropout(model, n_samples=3).predict(torch.zeros(2, 4, device="meta"))
+    with pytest.raises(McdropError, match="argument 1 is on the 'meta' device"):
+        mcdrop.MCDropout(model, n_samples=3).predict(torch.zeros(2, 4), torch.zeros(2, device="meta"))
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
