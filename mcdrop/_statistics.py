@@ -144,6 +144,7 @@ class ClassificationStats:
                 return logp.exp(), logp
             p1 = x if self.output_type == "probs" else x.exp()
             self._check_unit_interval(p1, tolerance)
+            p1 = p1.clamp(0.0, 1.0)  # rounding within the tolerance, not a different law
             p = torch.cat([1 - p1, p1], -1)
             return p, torch.log(p)
         if self.output_type == "logits":
@@ -164,12 +165,20 @@ class ClassificationStats:
                 f"over class_dim={self.class_dim} (worst row sums to {float(sums.flatten()[(sums - 1).abs().flatten().argmax()]):.4g}). "
                 "If the model returns logits, use output_type='logits'; otherwise check class_dim."
             )
+        # Accepted rows are off by rounding at most (e.g. a float16 softmax): normalised here, so
+        # every per-pass distribution sums to 1 and its entropy stays within [0, ln K].
+        if self.output_type == "log_probs":
+            logp = x - torch.logsumexp(x, -1, keepdim=True)
+            return logp.exp(), logp
+        p = p.clamp(min=0.0)
+        p = p / p.sum(-1, keepdim=True)
         return p, torch.log(p)
 
     def _check_unit_interval(self, p: torch.Tensor, tolerance: float) -> None:
         if bool((p < -tolerance).any()) or bool((p > 1 + tolerance).any()):
+            what = "outputs" if self.output_type == "probs" else "exp(outputs)"
             raise InvalidInputError(
-                f"output_type='{self.output_type}' was declared, but the model's outputs fall outside "
+                f"output_type='{self.output_type}' was declared, but the model's {what} fall outside "
                 f"[0, 1] (min {float(p.min()):.4g}, max {float(p.max()):.4g}). If the model returns "
                 "logits, use output_type='logits'."
             )

@@ -439,12 +439,13 @@ def reference(case: dict[str, Any], samples: torch.Tensor) -> dict[str, torch.Te
         if mode == "logits":
             p1 = torch.sigmoid(s)
         else:
-            p1 = s.exp() if "log_probs" in mode else s
+            p1 = (s.exp() if "log_probs" in mode else s).clamp(0, 1)
         p = torch.cat([1 - p1, p1], -1)
     elif mode == "logits":
         p = torch.softmax(s, -1)
     else:
-        p = s.exp() if "log_probs" in mode else s
+        p = (s.exp() if "log_probs" in mode else s).clamp(min=0)
+        p = p / p.sum(-1, keepdim=True)  # declared probabilities: normalised per pass
     mean = p.mean(0)
     mean = mean / mean.sum(-1, keepdim=True)  # declared probabilities: the mean is renormalised
     entropy = torch.special.entr(mean).sum(-1)
