@@ -123,7 +123,7 @@ def derive_seed(seed: int, rank: int) -> int:
         rank: The process's rank (non-negative).
 
     Returns:
-        A seed in ``[0, 2**63)``.
+        ``seed`` itself for rank 0; a seed in ``[0, 2**63)`` for the other ranks.
 
     Example:
         >>> from mcdrop.distributed import derive_seed
@@ -132,7 +132,7 @@ def derive_seed(seed: int, rank: int) -> int:
         >>> derive_seed(7, 1) == derive_seed(7, 1) != derive_seed(7, 2)
         True
     """
-    seed = check_int(seed, "seed", minimum=0)
+    seed = check_int(seed, "seed", minimum=0, maximum=2**64 - 1)
     rank = check_int(rank, "rank", minimum=0)
     if rank == 0:
         return seed

@@ -31,7 +31,8 @@ from mcdrop.sampling import (
     prepare_inputs,
     sample_chunks,
 )
-from mcdrop.stochastic import StochasticPolicy, StochasticSite
+from mcdrop.stochastic import StochasticPolicy, StochasticSite, find_stochastic_sites
+from mcdrop.stochastic import describe as describe_sites
 
 __all__ = ["MCDropout"]
 
@@ -72,8 +73,11 @@ class MCDropout:
             ``memory_budget`` and the sizes of inputs, outputs and activations (on the CPU, passes
             small enough to stay fast; see ``docs/performance.md``).
         memory_budget: Bytes one forward pass may use, for the automatic choice (default 256 MiB).
-        seed: Makes the samples exactly reproducible: a wrapper built with the same seed draws the
-            same sequence of samples over the same calls. The global RNG state is left untouched.
+        seed: An integer in ``[0, 2**64)`` that makes the samples exactly reproducible: a wrapper
+            built with the same seed and the same options draws the same sequence of samples over
+            the same calls. The draws depend on how the passes are cut into forward passes, so
+            another ``max_batch_size``, ``memory_budget`` or ``strategy`` (or another device) gives
+            other, equally distributed samples. The global RNG state is left untouched.
             ``None`` draws from (and advances) torch's global RNG. While a seeded wrapper samples
             it holds torch's process-wide generator alone: mcdrop sampling in other threads waits
             for it (unseeded calls share the generator and run together).
@@ -166,7 +170,7 @@ class MCDropout:
             if memory_budget is None
             else check_int(memory_budget, "memory_budget", minimum=1)
         )
-        self.seed = None if seed is None else check_int(seed, "seed", minimum=0)
+        self.seed = None if seed is None else check_int(seed, "seed", minimum=0, maximum=2**64 - 1)
         self.keep_samples = bool(keep_samples)
         self.policy = StochasticPolicy(model, drop_path=drop_path, include=include, exclude=exclude)
         self._rng_state: dict[str, torch.Tensor] | None = None
@@ -190,8 +194,12 @@ class MCDropout:
     # ------------------------------------------------------------------ public API
     @property
     def sites(self) -> list[StochasticSite]:
-        """Every stochastic site found in the model, sampled or not."""
-        return list(self.policy.sites)
+        """Every stochastic site of the model as it is now (current rates), sampled or not.
+
+        The model is scanned again on each access, so a rate changed with
+        :func:`mcdrop.set_dropout_rate` after the wrapper was built shows here.
+        """
+        return find_stochastic_sites(self.model, **self.policy._options)
 
     def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Draw the N stochastic outputs for one batch of inputs, samples-first.
@@ -510,9 +518,7 @@ class MCDropout:
             >>> mcdrop.MCDropout(net).describe()[["path", "kind", "rate"]].values.tolist()
             [['1', 'dropout', 0.1]]
         """
-        import pandas as pd
-
-        return pd.DataFrame(self.policy.describe())
+        return describe_sites(self)
 
     def __repr__(self) -> str:
         sampled = len(self.policy.sampled_sites)

@@ -88,6 +88,7 @@ def fields_equal(a, b) -> bool:
         ({"memory_budget": 0}, InvalidInputError, "memory_budget must be at least 1"),
         ({"seed": -3}, InvalidInputError, "seed must be at least 0"),
         ({"seed": 1.5}, InvalidTypeError, "seed must be an integer"),
+        ({"seed": 2**64}, InvalidInputError, "seed must be at most 18446744073709551615"),
         ({"output": 1.5}, InvalidTypeError, "output must be None, a key/attribute name, a tuple index or a callable"),
         ({"batch_dim": "0"}, InvalidTypeError, "batch_dim must be an integer"),
     ],
@@ -500,6 +501,27 @@ def test_sites_describe_and_repr():
     df = mc.describe()
     assert df[["path", "kind", "rate", "sampled"]].values.tolist() == [["3", "dropout", 0.3, True]]
     assert repr(mc) == "MCDropout(Sequential, n_samples=9, task='auto', sampled_sites=1)"
+
+
+def test_sites_and_describe_show_rates_changed_after_the_wrapper_was_built():
+    import mcdrop
+
+    net = bn_net()
+    mc = MCDropout(net, n_samples=4, seed=0)
+    mc.predict(x_in())  # an activation before the change
+    with mcdrop.set_dropout_rate(net, 0.05):
+        assert [s.rate for s in mc.sites] == [0.05]
+        assert mc.describe()["rate"].tolist() == [0.05]
+        assert mc.describe().equals(mcdrop.describe(mc))
+    assert [s.rate for s in mc.sites] == [0.3]
+    assert mc.describe()["rate"].tolist() == [0.3]
+
+
+def test_the_largest_seed_is_accepted_and_reproducible():
+    x = x_in()
+    a = MCDropout(mlp(), n_samples=3, seed=2**64 - 1, keep_samples=True).predict(x).samples
+    b = MCDropout(mlp(), n_samples=3, seed=2**64 - 1, keep_samples=True).predict(x).samples
+    assert torch.equal(a, b)
 
 
 def test_task_auto_and_forced():
