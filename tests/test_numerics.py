@@ -15,8 +15,8 @@ they fail (as XPASS) the moment the bug is fixed, so the marker is removed with 
 from __future__ import annotations
 
 import math
-import warnings
 import os
+import warnings
 
 import pytest
 import torch
