@@ -12,6 +12,7 @@ Example:
 
 from mcdrop import metrics, nn
 from mcdrop.errors import (
+    GateRandomnessWarning,
     InvalidInputError,
     InvalidTypeError,
     McdropError,
@@ -80,6 +81,7 @@ __all__ = [
     "InvalidTypeError",
     "McdropError",
     "McdropWarning",
+    "GateRandomnessWarning",
     "ModelStateError",
     "NoDropoutError",
     "NonFiniteError",

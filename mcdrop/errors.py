@@ -20,6 +20,7 @@ __all__ = [
     "ReportExistsError",
     "McdropWarning",
     "NoRandomnessWarning",
+    "GateRandomnessWarning",
 ]
 
 
@@ -70,3 +71,11 @@ class McdropWarning(UserWarning):
 
 class NoRandomnessWarning(McdropWarning):
     """The model's stochastic sites are all inactive (rate 0), or every sample came out identical."""
+
+
+class GateRandomnessWarning(McdropWarning):
+    """A module sampled in train mode draws from numpy's or Python's RNG, not torch's.
+
+    Such randomness is not one of the dropout operations mcdrop knows (it is often data
+    augmentation, such as SpecAugment masking), and ``seed=`` cannot make it reproducible.
+    """

@@ -38,7 +38,12 @@ How the policy decides, module by module (the first rule that matches wins):
     in train mode, their rate is unknown (``None``). Their own buffers are snapshotted: if a pass in
     train mode changed one (i.e. the flag gates something stateful, like a hand-written BatchNorm),
     the buffers are put back and :class:`~mcdrop.errors.ModelStateError` is raised naming the
-    module and the fix (``exclude=`` or :func:`register_deterministic`).
+    module and the fix (``exclude=`` or :func:`register_deterministic`). Reading the flag does not
+    prove that it gates only dropout, so :class:`mcdrop.MCDropout` also runs each gate on the first
+    rows of every new input signature, with every dropout operation made the identity (see
+    :mod:`mcdrop._gatecheck`): a gate whose train mode still changes the output deterministically
+    raises :class:`~mcdrop.errors.ModelStateError`, one drawing from numpy's or Python's RNG warns
+    (:class:`~mcdrop.errors.GateRandomnessWarning`).
 
     The code searched is what a forward pass can run: ``forward`` (and ``__call__``) of the class
     and its non-torch bases, and, transitively, every method, property or static/class method of
@@ -78,6 +83,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import dis
 import fnmatch
 import sys
@@ -668,6 +674,8 @@ class StochasticPolicy:
     ):
         self.model = model
         self._options = {"drop_path": drop_path, "include": include, "exclude": exclude}
+        #: Notes on sites learnt from running the model (see :mod:`mcdrop._gatecheck`), by path.
+        self.gate_notes: dict[str, str] = {}
         if not isinstance(model, nn.Module):
             raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         traced = [path or "<model>" for path, m in model.named_modules() if _is_traced(m)]
@@ -682,8 +690,18 @@ class StochasticPolicy:
             )
         self._find_sites()
 
+    def current_sites(self) -> list[StochasticSite]:
+        """The sites of the model as it is now (current rates), with the notes learnt from running it."""
+        sites = find_stochastic_sites(self.model, **self._options)
+        return [
+            dataclasses.replace(s, note=_join_notes(s.note, self.gate_notes[s.path]))
+            if s.sampled and s.path in self.gate_notes
+            else s
+            for s in sites
+        ]
+
     def _find_sites(self) -> None:
-        self.sites = find_stochastic_sites(self.model, **self._options)
+        self.sites = self.current_sites()
         self.sampled_sites = [s for s in self.sites if s.sampled]
         if not self.sampled_sites:
             raise NoDropoutError(_no_dropout_message(self.model, self.sites))
@@ -925,7 +943,7 @@ def describe(
                 "describe() of an MCDropout or a StochasticPolicy uses the options they were built "
                 "with; leave drop_path=, include= and exclude= out, or pass the model itself."
             )
-        sites = find_stochastic_sites(policy.model, **policy._options)  # current rates
+        sites = policy.current_sites()
     else:
         sites = find_stochastic_sites(model, drop_path=drop_path, include=include, exclude=exclude)
     rows = [
@@ -941,6 +959,10 @@ def describe(
     ]
     table = pd.DataFrame(rows, columns=list(_DESCRIBE_COLUMNS))
     return table.astype({"rate": "object", "sampled": "bool"}) if table.empty else table
+
+
+def _join_notes(note: str | None, extra: str) -> str:
+    return extra if not note else f"{note}; {extra}"
 
 
 # ----------------------------------------------------------------------------- adding dropout

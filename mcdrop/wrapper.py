@@ -14,9 +14,16 @@ import torch
 from torch import nn
 
 from mcdrop._checks import check_choice, check_int
+from mcdrop._gatecheck import CHECK_ROWS, check_gates
 from mcdrop._rnglock import rng_access
 from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
-from mcdrop.errors import InvalidInputError, InvalidTypeError, NoRandomnessWarning
+from mcdrop.errors import (
+    GateRandomnessWarning,
+    InvalidInputError,
+    InvalidTypeError,
+    ModelStateError,
+    NoRandomnessWarning,
+)
 from mcdrop.metrics.streaming import (
     StreamingClassificationMetrics,
     StreamingMetrics,
@@ -26,12 +33,17 @@ from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionP
 from mcdrop.sampling import (
     DEFAULT_MEMORY_BUDGET,
     STRATEGIES,
+    Inputs,
     OutputSelector,
+    _signature,
     model_device_dtype,
     prepare_inputs,
+    replicate,
     sample_chunks,
+    select_output,
+    slice_batch,
 )
-from mcdrop.stochastic import StochasticPolicy, StochasticSite, find_stochastic_sites
+from mcdrop.stochastic import StochasticPolicy, StochasticSite
 from mcdrop.stochastic import describe as describe_sites
 
 __all__ = ["MCDropout"]
@@ -182,6 +194,7 @@ class MCDropout:
         self.dtype = dtype
         self._auto_budget = memory_budget is None
         self._engine_cache: dict[Any, Any] = {}
+        self._gates_checked: set[Any] = set()
         if not self.policy.has_randomness:
             warnings.warn(
                 "Every sampled dropout site has rate 0, so all MC samples will be identical and every "
@@ -199,7 +212,7 @@ class MCDropout:
         The model is scanned again on each access, so a rate changed with
         :func:`mcdrop.set_dropout_rate` after the wrapper was built shows here.
         """
-        return find_stochastic_sites(self.model, **self.policy._options)
+        return self.policy.current_sites()
 
     def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Draw the N stochastic outputs for one batch of inputs, samples-first.
@@ -223,6 +236,7 @@ class MCDropout:
         store2 = SampleStore(self.n_samples) if self.aleatoric else None
         with self._session():
             inputs = self._prepare(args, kwargs)
+            self._check_gates(inputs)
             for start, stop, chunk in self._chunks(inputs):
                 if store2 is not None:
                     store.update(start, stop, chunk[0], inputs.batch_size)
@@ -547,8 +561,86 @@ class MCDropout:
             cache=self._engine_cache,
         )
 
+    def _check_gates(self, inputs: Inputs) -> None:
+        """Check once per input signature that functional gates switch only randomness.
+
+        See :mod:`mcdrop._gatecheck`. Runs inside the policy's activation (flags are put back).
+        """
+        gates = [
+            s.path
+            for s in self.policy.sampled_sites
+            if (s.kind == "functional" or (s.kind == "attention_dropout" and s.module_type != "MultiheadAttention"))
+            and s.note != "included by the user"
+        ]
+        if not gates or inputs.batch_size == 0:
+            return
+        key = (_signature(inputs), tuple(gates))
+        if key in self._gates_checked:
+            return
+        rows = slice_batch(inputs, 0, min(inputs.batch_size, CHECK_ROWS))
+        device, _ = model_device_dtype(self.model)
+        autocast = (
+            torch.autocast(device_type=device.type if device is not None else "cpu", dtype=self.dtype)
+            if self.dtype is not None
+            else contextlib.nullcontext()
+        )
+        cuda = []
+        if device is not None and device.type == "cuda":
+            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+
+        # A torch.compile'd model is checked through its eager original: the same modules and
+        # flags, without compiling once more for the check's passes.
+        compiled = type(self.model).__name__ == "OptimizedModule" and hasattr(self.model, "_orig_mod")
+        eager = self.model._orig_mod if compiled else self.model
+
+        def run() -> Any:
+            args, kwargs = replicate(rows, 1)
+            with autocast:
+                return select_output(eager(*args, **kwargs), self.output, self.aleatoric is not None)
+
+        notes, deterministic, outside_torch = check_gates(self.model, gates, run, cuda)
+
+        def exclude_hint(paths: list[str]) -> str:
+            names = [p for p in paths if p in gates]
+            if "" in names or not names:  # the model itself: name its class
+                return f"exclude=[{type(self.model).__name__}]"
+            return f"exclude={names!r}"
+
+        if deterministic:
+            raise ModelStateError(
+                f"{type(self.model).__name__}: in train mode, with every dropout operation made the identity, "
+                "these modules still change the output, the same way from any seed: "
+                + "; ".join(
+                    f"{', '.join(p or '<model>' for p in paths)}{' (together)' if len(paths) > 1 else ''} "
+                    f"by up to {gap:.3g}"
+                    for paths, gap in deterministic
+                )
+                + ". "
+                "Their code reads `self.training` for something that is not dropout (a different formula, "
+                "batch statistics, a temperature, ...), so sampling them in train mode would put that change "
+                "into every MC sample. Keep them in eval mode with "
+                f"{exclude_hint([p for paths, _ in deterministic for p in paths])} (dropout that only they "
+                "apply is then not sampled), or, if the train-mode behaviour is what you want to sample, "
+                "name them in include= the same way. Nothing was sampled; the model is unchanged."
+            )
+        if outside_torch:
+            warnings.warn(
+                f"{type(self.model).__name__}: in train mode, the module(s) "
+                f"{', '.join(p or '<model>' for p in outside_torch)} draw from numpy's or Python's global "
+                "random generator, not torch's: that randomness is not a dropout operation mcdrop knows (it is "
+                "often data augmentation, e.g. SpecAugment masking) and seed= cannot reproduce it. It is "
+                f"sampled as it is; keep these modules in eval mode with {exclude_hint(outside_torch)} if it "
+                "should not be.",
+                GateRandomnessWarning,
+                stacklevel=4,
+            )
+            notes.update({p: "draws from numpy's or Python's RNG in train mode" for p in outside_torch if p in gates})
+        self.policy.gate_notes.update(notes)
+        self._gates_checked.add(key)
+
     def _predict_one(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prediction:
         inputs = self._prepare(args, kwargs)
+        self._check_gates(inputs)
         stats: ClassificationStats | RegressionStats | None = None
         store = SampleStore(self.n_samples) if self.keep_samples else None
         task = self.task

@@ -400,19 +400,38 @@ def test_interruptions_leave_every_model_of_the_support_matrix_exactly_as_before
         modules = dict(model.named_modules())
         counts = deep_candidates(model, entry.options) if entry.hookable else {}
         handles += [modules[path].register_forward_pre_hook(c) for path, c in counts.items()]
+        mc = mcdrop.MCDropout(entry.model, n_samples=4, seed=0, **{**base_options, "output": output})
         try:
-            samples = run_api(entry, "sample", {**base_options, "output": output})
+            samples = mc.sample(*entry.args, **entry.kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         target_shape = tuple(samples.shape[1:])
         passes = counter.calls
+        # A wrapper's first call per input signature also runs the gate check (see
+        # mcdrop._gatecheck): its passes come first, then the sampling passes.
+        again = Trigger()
+        handle = model.register_forward_pre_hook(again)
+        try:
+            mc.sample(*entry.args, **entry.kwargs)
+        finally:
+            handle.remove()
+        checks = passes - again.calls
         deep = deep_module(model, counts, passes)
         assert passes >= 2, f"{name}: expected several passes, got {passes}"
         before = capture(model)
+        totals: dict[str, int] = {}
         for api, where, when, exc in SCENARIOS:
-            total = passes * (2 if api.startswith("predict_loader") else 1)
-            at = {"first": 1, "middle": (total + 1) // 2, "last": total}[when]
+            if api not in totals:  # forward calls of one uninterrupted run (gate checks included)
+                count = Trigger()
+                handle = model.register_forward_pre_hook(count)
+                try:
+                    run_api(entry, api, {**base_options, "output": output}, target_shape)
+                finally:
+                    handle.remove()
+                totals[api] = count.calls
+            total = totals[api]
+            at = {"first": 1, "middle": checks + (total - checks + 1) // 2, "last": total}[when]
             trigger = Trigger(exc, at)
             options = {**base_options, "output": output}
             handle = None

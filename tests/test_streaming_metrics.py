@@ -438,11 +438,11 @@ def _live_bytes() -> int:
         warnings.simplefilter("ignore")  # isinstance() on deprecated torch objects warns
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor):
-                try:
+                try:  # fake and functional tensors left by torch.compile have no data
                     storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
                 except (RuntimeError, NotImplementedError):
                     continue
-                storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values()) + tracemalloc.get_traced_memory()[0]
 
 

@@ -13,6 +13,7 @@ imported.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -238,7 +239,10 @@ def test_hf_attention_dropout_reaches_the_attention_kernel(T, arch: str, monkeyp
             return real_dropout(x, p, training, inplace)
 
         monkeypatch.setattr(torch.nn.functional, "dropout", spy_dropout)
-    assert_varies(draw(model, output=output, **inputs))
+    mc = mcdrop.MCDropout(model, n_samples=N, seed=0, task="regression", output=output)
+    mc.sample(**inputs)  # the first call also runs the gate check (eval and neutralised passes)
+    seen.clear()
+    assert_varies(mc.sample(**inputs))
     assert len(seen) >= LAYERS and set(seen) == {RATE}
     seen.clear()
     with torch.no_grad():
@@ -686,3 +690,43 @@ def test_compiled_model_cannot_get_dropout_added() -> None:
     model = compiled(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)))
     with pytest.raises(UnsupportedModelError, match="before|original model"):
         mcdrop.add_dropout(model, 0.1)
+
+
+def _wav2vec2(T, mask_time_prob: float) -> nn.Module:
+    config = T.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(8, 8),
+        conv_stride=(4, 4),
+        conv_kernel=(8, 8),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=mask_time_prob,
+        mask_time_length=2,
+        layerdrop=0.0,
+        hidden_dropout=RATE,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    return T.Wav2Vec2ForSequenceClassification(config).eval()
+
+
+def test_hf_wav2vec2_spec_augment_is_flagged_as_randomness_outside_dropout(T) -> None:
+    """wav2vec2 gates SpecAugment time masking (drawn with numpy) on self.training."""
+    audio = torch.randn(3, 800, generator=torch.Generator().manual_seed(0))
+    masked = _wav2vec2(T, mask_time_prob=0.3)
+    mc = mcdrop.MCDropout(masked, n_samples=4, seed=0)
+    with pytest.warns(mcdrop.GateRandomnessWarning, match=r"wav2vec2 draw from numpy's.*exclude=\['wav2vec2'\]"):
+        mc.predict(audio)
+    assert "numpy" in mc.describe().set_index("path").loc["wav2vec2", "note"]
+    # kept in eval as the warning says: no warning, and its dropout children are still sampled
+    kept = mcdrop.MCDropout(masked, n_samples=N, seed=0, exclude=["wav2vec2"], keep_samples=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_varies(kept.predict(audio).samples)
+    plain = mcdrop.MCDropout(_wav2vec2(T, mask_time_prob=0.0), n_samples=4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.predict(audio)

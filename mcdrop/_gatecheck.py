@@ -1,0 +1,178 @@
+"""Checking, on real inputs, that functional gates switch only randomness.
+
+A *gate* (see rule 10 of :mod:`mcdrop.stochastic`) is a user-defined module whose own code reads
+``self.training``. The static rule cannot tell ``F.dropout(x, p, training=self.training)`` from
+``x if self.training else x / T``: both read the flag. Putting the second one in train mode changes
+every sample in a deterministic way that is not dropout, a wrong number that nothing else would
+flag. So before a wrapper samples inputs of a new signature, it runs the gates once more:
+
+1. every sampled site is put in eval mode and the gates' forward passes run with every dropout
+   operation torch offers made the identity (``F.dropout`` and its variants, ``torch.dropout``,
+   ``dropout_p`` of ``scaled_dot_product_attention`` and ``multi_head_attention_forward``): the
+   reference output;
+2. the same with the gates in train mode, twice, from two torch seeds.
+
+A gate that gates only dropout gives the reference output both times. A gate whose train mode
+changes the output the same way from both seeds does something deterministic in train mode:
+:class:`~mcdrop.errors.ModelStateError`, naming it. A gate whose train mode draws from numpy's or
+Python's global RNG (not torch's) adds randomness mcdrop's ``seed=`` does not control, such as
+data augmentation: :class:`~mcdrop.errors.GateRandomnessWarning`. Randomness drawn from torch by
+other ops (a hand-made ``torch.rand`` mask) is sampled and noted in ``describe()``. The check runs
+on at most :data:`CHECK_ROWS` rows, leaves every RNG (torch's, numpy's, Python's) as it was, and
+runs once per input signature and wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+#: Most input rows the check runs on.
+CHECK_ROWS = 8
+
+_IDENTITY_DROPOUTS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
+    torch.alpha_dropout,
+    torch.feature_dropout,
+    torch.feature_alpha_dropout,
+}
+_DROPOUT_P_FUNCTIONS = {F.scaled_dot_product_attention: 4, F.multi_head_attention_forward: 10}
+
+#: The notes ``describe()`` shows for gates the check found drawing randomness outside dropout ops.
+TORCH_RANDOMNESS_NOTE = "train mode adds torch randomness other than dropout ops (e.g. a hand-made mask)"
+
+
+class _NoDropout(TorchFunctionMode):
+    """Every torch dropout operation becomes the identity (rate 0)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in _IDENTITY_DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        index = _DROPOUT_P_FUNCTIONS.get(func)
+        if index is not None:
+            if len(args) > index:
+                args = (*args[:index], 0.0, *args[index + 1 :])
+            else:
+                kwargs["dropout_p"] = 0.0
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _rng_untouched(seed: int, cuda_devices: list[int]) -> Iterator[None]:
+    """Run from torch seed ``seed``; put torch's, numpy's and Python's generators back afterwards."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple):
+        return all(_same(x, y) for x, y in zip(a, b, strict=True))
+    a, b = a.detach().float(), b.detach().float()
+    if a.shape != b.shape:
+        return False
+    both_nan = a.isnan() & b.isnan()
+    a, b = torch.where(both_nan, 0.0, a), torch.where(both_nan, 0.0, b)
+    scale = max(1.0, float(a.abs().nan_to_num(posinf=0.0, neginf=0.0).max())) if a.numel() else 1.0
+    return bool(((a - b).abs() <= 1e-5 * scale).all())
+
+
+def _max_gap(a: Any, b: Any) -> float:
+    if isinstance(a, tuple):
+        return max(_max_gap(x, y) for x, y in zip(a, b, strict=True))
+    return float((a.detach().float() - b.detach().float()).abs().nan_to_num(nan=float("inf")).max())
+
+
+def _numpy_or_python_drawn(np_before: Any, py_before: Any) -> bool:
+    np_now = np.random.get_state()
+    return (
+        np_now[1].tobytes() != np_before[1].tobytes() or np_now[2:] != np_before[2:]
+    ) or random.getstate() != py_before
+
+
+def check_gates(
+    model: nn.Module,
+    gate_paths: list[str],
+    run: Callable[[], Any],
+    cuda_devices: list[int],
+) -> tuple[dict[str, str], list[tuple[list[str], float]], list[str]]:
+    """Run the check of the module docstring.
+
+    Args:
+        model: The model, inside an activation of its policy (flags are changed and put back here).
+        gate_paths: Paths of the gates to check.
+        run: One forward pass on the check rows, returning the analysed output.
+        cuda_devices: CUDA devices whose generators the passes may draw from.
+
+    Returns:
+        ``(notes, deterministic, outside_torch)``: describe() notes by path; ``(paths, largest
+        change)`` for each gate (or group of gates, when only together they do) whose train mode
+        changes the output deterministically; the gates drawing from numpy's or Python's RNG.
+    """
+    modules = dict(model.named_modules())
+    saved = {path: m.training for path, m in modules.items()}
+
+    def forward(train: set[str], seed: int) -> tuple[Any, bool]:
+        for path, m in modules.items():
+            m.training = path in train
+        with _rng_untouched(seed, cuda_devices), _NoDropout():
+            np_before, py_before = np.random.get_state(), random.getstate()
+            out = run()
+            return out, _numpy_or_python_drawn(np_before, py_before)
+
+    try:
+        reference, _ = forward(set(), 0)
+        gates = set(gate_paths)
+        first, outside = forward(gates, 0)
+        if _same(first, reference) and not outside:
+            return {}, [], []
+        second, _ = forward(gates, 1)
+        notes: dict[str, str] = {}
+        deterministic: list[tuple[list[str], float]] = []
+        outside_torch: list[str] = []
+        # One gate at a time, to name the culprits.
+        for path in gate_paths:
+            one, one_outside = forward({path}, 0)
+            if one_outside:
+                outside_torch.append(path)
+                continue
+            if _same(one, reference):
+                continue
+            other, _ = forward({path}, 1)
+            if _same(one, other):
+                deterministic.append(([path], _max_gap(one, reference)))
+            else:
+                notes[path] = TORCH_RANDOMNESS_NOTE
+        if not (deterministic or outside_torch or notes):
+            # Only the gates together differ (e.g. one gate's flag steers another's code).
+            if outside:
+                outside_torch.extend(gate_paths)
+            elif _same(first, second):
+                deterministic.append((list(gate_paths), _max_gap(first, reference)))
+            else:
+                notes.update({p: TORCH_RANDOMNESS_NOTE for p in gate_paths})
+        return notes, deterministic, outside_torch
+    finally:
+        for path, m in modules.items():
+            m.training = saved[path]
