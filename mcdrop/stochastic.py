@@ -47,14 +47,16 @@ How the policy decides, module by module (the first rule that matches wins):
 
     The code searched is what a forward pass can run: ``forward`` (and ``__call__``) of the class
     and its non-torch bases, and, transitively, every method, property or static/class method of
-    theirs whose name that code uses (``self._attn(...)``, ``super().forward(...)``), including the
-    originals behind decorators (``functools.wraps``' ``__wrapped__``). Methods no forward pass
-    reaches (a Hugging Face ``set_use_kernels`` that reads the flag to pick kernels) gate nothing.
-    Not counted as reads: methods named ``train``/``eval`` (they set the flag, they do not gate
-    randomness), reads that
-    pass the mode on (``self.head.train(self.training)``), and reads that sit in a
-    gradient-checkpointing condition (``self.gradient_checkpointing and self.training``, as in every
-    Hugging Face ``PreTrainedModel`` and ``GradientCheckpointingLayer``).
+    theirs whose name that code uses (``self._attn(...)``, ``super().forward(...)``), and every
+    module-level function (not torch's) that code calls by name (``helper(self, x)`` reading
+    ``module.training``), including the originals behind decorators (``functools.wraps``'
+    ``__wrapped__``). Reads are ``obj.training`` and ``getattr(obj, "training")``. Methods no
+    forward pass reaches (a Hugging Face ``set_use_kernels`` that reads the flag to pick kernels)
+    gate nothing. Not counted as reads: methods named ``train``/``eval`` (they set the flag, they do
+    not gate randomness), reads that pass the mode on (``self.head.train(self.training)``), and
+    reads that form one condition with a ``gradient_checkpointing`` read
+    (``self.gradient_checkpointing and self.training``, as in every Hugging Face
+    ``PreTrainedModel`` and ``GradientCheckpointingLayer``).
 
     A gate whose class name contains ``Attention``/``Attn`` and whose code reads one of the
     attributes ``attention_dropout``, ``attn_dropout``, ``attn_drop``, ``attn_pdrop``,
@@ -273,21 +275,25 @@ def _iter_codes(code: types.CodeType) -> Iterator[types.CodeType]:
 
 
 def _code_reads_training(code: types.CodeType) -> bool:
-    """True if ``code`` (or code nested in it) loads an attribute ``training``.
+    """True if ``code`` (or code nested in it) reads an attribute ``training``.
 
-    Loads that sit next to a load of ``gradient_checkpointing`` (``self.gradient_checkpointing and
-    self.training``) are not counted: they choose whether to checkpoint, not whether to drop; nor
-    are loads passed to a ``train`` method (``self.head.train(self.training)``).
+    Reads are ``obj.training`` and ``getattr(obj, "training"[, default])``. Not counted: a read in
+    one boolean condition with a read of ``gradient_checkpointing`` (``self.gradient_checkpointing
+    and self.training``): it chooses whether to checkpoint, not whether to drop; and a read passed
+    to a ``train`` method (``self.head.train(self.training)``).
     """
     for inner in _iter_codes(code):
-        if "training" not in inner.co_names:
+        if "training" not in inner.co_names and "training" not in inner.co_consts:
             continue
         instructions = [i for i in dis.get_instructions(inner) if i.opname not in ("CACHE", "EXTENDED_ARG")]
         for index, ins in enumerate(instructions):
             if ins.argval != "training" or not ins.opname.startswith("LOAD_"):
                 continue
-            window = instructions[max(0, index - 8) : index + 7]
-            if any(w.argval == "gradient_checkpointing" for w in window):  # attribute, or getattr's name
+            if ins.opname == "LOAD_CONST" and not any(
+                w.argval == "getattr" for w in instructions[max(0, index - 3) : index]
+            ):
+                continue  # the string "training", not getattr(obj, "training")
+            if _in_checkpointing_condition(instructions, index):
                 continue
             if any(w.argval == "train" for w in instructions[max(0, index - 3) : index]):
                 continue  # ``child.train(self.training)`` passes the mode on, it gates nothing
@@ -295,8 +301,24 @@ def _code_reads_training(code: types.CodeType) -> bool:
     return False
 
 
-def _function_codes(attr: Any) -> Iterator[types.CodeType]:
-    """Yield the code objects behind a class attribute.
+def _in_checkpointing_condition(instructions: list[dis.Instruction], index: int) -> bool:
+    """True if the read at ``index`` and a ``gradient_checkpointing`` read form one condition.
+
+    They do when they are at most 8 instructions apart with a conditional jump (``and``/``or``)
+    and no store between them.
+    """
+    for other in range(max(0, index - 8), min(len(instructions), index + 9)):
+        if instructions[other].argval != "gradient_checkpointing":
+            continue
+        low, high = sorted((index, other))
+        between = instructions[low + 1 : high]
+        if any("JUMP" in w.opname for w in between) and not any(w.opname.startswith("STORE_") for w in between):
+            return True
+    return False
+
+
+def _function_codes(attr: Any) -> Iterator[tuple[types.CodeType, dict[str, Any]]]:
+    """Yield the code objects behind a class attribute, each with the globals it runs with.
 
     That is functions, static/class methods, properties, and the originals behind decorators
     (``__wrapped__``).
@@ -313,22 +335,33 @@ def _function_codes(attr: Any) -> Iterator[types.CodeType]:
                 break
             code = getattr(func, "__code__", None)
             if isinstance(code, types.CodeType):
-                yield code
+                yield code, getattr(func, "__globals__", None) or {}
             func = getattr(func, "__wrapped__", None)
+
+
+def _helper_function(name: str, namespace: dict[str, Any]) -> Any:
+    """The plain function a global ``name`` refers to, if it is one of the user's (not torch's)."""
+    value = namespace.get(name)
+    if not isinstance(value, types.FunctionType):
+        return None
+    module = getattr(value, "__module__", "") or ""
+    return None if module == "torch" or module.startswith("torch.") else value
 
 
 def _class_code(cls: type) -> tuple[bool, frozenset[str]]:
     """Return whether a forward pass of ``cls`` reads ``.training``, and the names its code uses.
 
     The code is that of ``cls`` and its non-torch bases which a forward pass can reach: ``forward``
-    and ``__call__``, then every class attribute whose name reachable code uses, transitively (see
-    :func:`_code_reads_training`; methods named ``train``/``eval`` set the flag and are skipped). The
-    names are the attribute/global names used by that reachable code.
+    and ``__call__``, then every class attribute whose name reachable code uses, and every
+    module-level (non-torch) function it calls by name (``helper(self, x)`` reading
+    ``module.training``), transitively (see :func:`_code_reads_training`; methods named
+    ``train``/``eval`` set the flag and are skipped). The names are the attribute/global names
+    used by the reachable code of the class itself.
     """
     cached = _CLASS_CODE_CACHE.get(cls)
     if cached is not None:
         return cached
-    members: dict[str, list[types.CodeType]] = {}
+    members: dict[str, list[tuple[types.CodeType, dict[str, Any]]]] = {}
     for klass in cls.__mro__:
         if klass is nn.Module or klass is object or _is_torch_class(klass):
             continue
@@ -337,18 +370,27 @@ def _class_code(cls: type) -> tuple[bool, frozenset[str]]:
                 members.setdefault(attr_name, []).extend(_function_codes(attr))
     reads = False
     names: set[str] = set()
-    pending = [name for name in _FORWARD_ROOTS if name in members]
-    visited: set[str] = set(pending)
+    pending: list[tuple[types.CodeType, dict[str, Any], bool]] = [
+        (code, namespace, True) for name in _FORWARD_ROOTS for code, namespace in members.get(name, ())
+    ]
+    visited_members: set[str] = {name for name in _FORWARD_ROOTS if name in members}
+    visited_helpers: set[int] = set()
     while pending:
-        for code in members[pending.pop()]:
-            if not reads and _code_reads_training(code):
-                reads = True
-            for inner in _iter_codes(code):
-                for used in inner.co_names:
+        code, namespace, own = pending.pop()
+        if not reads and _code_reads_training(code):
+            reads = True
+        for inner in _iter_codes(code):
+            for used in inner.co_names:
+                if own:
                     names.add(used)
-                    if used in members and used not in visited:
-                        visited.add(used)
-                        pending.append(used)
+                if used in members and used not in visited_members:
+                    visited_members.add(used)
+                    pending.extend((c, g, True) for c, g in members[used])
+                    continue
+                helper = _helper_function(used, namespace)
+                if helper is not None and id(helper) not in visited_helpers and len(visited_helpers) < 256:
+                    visited_helpers.add(id(helper))
+                    pending.extend((c, g, False) for c, g in _function_codes(helper))
     result = (reads, frozenset(names))
     _CLASS_CODE_CACHE[cls] = result
     return result

@@ -377,6 +377,58 @@ def test_only_reads_a_forward_pass_can_reach_make_a_gate() -> None:
     assert not torch.allclose(samples[0], samples[1])
 
 
+def _dropout_by_module_flag(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A module-level helper that reads the flag of the module it is given."""
+    return F.dropout(x, 0.5, training=module.training)
+
+
+class ReadsTrainingWithGetattr(ReadsTrainingOutsideForward):
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.dropout(x, 0.5, training=getattr(self, "training")))  # noqa: B009
+
+
+class ReadsTrainingInAModuleFunction(ReadsTrainingOutsideForward):
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_dropout_by_module_flag(self, x))
+
+
+class ReadsTrainingNextToCheckpointing(ReadsTrainingOutsideForward):
+    gradient_checkpointing = False
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        use_checkpoint = self.gradient_checkpointing
+        y = F.dropout(x, 0.5, training=self.training)  # a read of its own, next to the other one
+        return self.fc(y) if not use_checkpoint else self.fc(y)
+
+
+class ChecksCheckpointingOnly(ReadsTrainingOutsideForward):
+    """Hugging Face style: the flag only decides gradient checkpointing (in both orders)."""
+
+    gradient_checkpointing = False
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "gradient_checkpointing", False) and self.training:
+            return self.fc(x)
+        if self.training and self.gradient_checkpointing:
+            return self.fc(x)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize(
+    "cls", [ReadsTrainingWithGetattr, ReadsTrainingInAModuleFunction, ReadsTrainingNextToCheckpointing]
+)
+def test_every_way_of_reading_the_flag_makes_a_gate(cls) -> None:
+    sites = mcdrop.find_stochastic_sites(cls())
+    assert [(s.path, s.kind, s.sampled) for s in sites] == [("", "functional", True)]
+    samples = mcdrop.MCDropout(cls(), n_samples=8, seed=0).sample(torch.randn(4, 3))
+    assert not torch.allclose(samples[0], samples[1])
+
+
+def test_a_flag_read_only_for_gradient_checkpointing_makes_no_gate() -> None:
+    with pytest.raises(NoDropoutError):
+        mcdrop.MCDropout(ChecksCheckpointingOnly())
+
+
 def test_rate_zero_everywhere_warns_and_gives_identical_samples() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 2)).eval()
     sites = mcdrop.find_stochastic_sites(model)
