@@ -68,7 +68,9 @@ How the policy decides, module by module (the first rule that matches wins):
 TorchScript modules are classified by their original class name and, for user classes, by whether
 their compiled code reads ``self.training``. Traced modules (``torch.jit.trace``) froze the mode
 they were traced in into their graph, so flags cannot switch their dropout:
-:class:`StochasticPolicy` raises :class:`~mcdrop.errors.UnsupportedModelError` for them.
+:class:`StochasticPolicy` raises :class:`~mcdrop.errors.UnsupportedModelError` for a traced model,
+and for traced parts of an eager model that hold a dropout layer or a random operation in their
+graph; a traced part with neither runs as recorded, with a warning.
 ``torch.compile``'d models (``OptimizedModule``, whose sites sit under ``_orig_mod``) are supported:
 TorchDynamo guards on the ``training`` flags, so switching them recompiles once per mode.
 
@@ -88,6 +90,7 @@ import copy
 import dataclasses
 import dis
 import fnmatch
+import re
 import sys
 import threading
 import types
@@ -514,6 +517,40 @@ def _classify(
     return StochasticSite(path, kind, name, rate, True, note, rate_attr)
 
 
+#: Operations that draw randomness (or may: attention with a traced dropout_p), in a traced graph.
+_RANDOM_GRAPH_OP = re.compile(
+    r"aten::(?:\w*dropout|bernoulli|rand|randn|randint|randperm|multinomial|normal|uniform|exponential"
+    r"|geometric|cauchy|log_normal|poisson|rrelu\w*|scaled_dot_product_attention|_?fused_dropout)"
+    r"(?:_like)?_?\("
+)
+
+
+def _outermost_traced(model: nn.Module) -> list[str]:
+    """Paths of the traced modules that no other traced module contains."""
+    paths = [path for path, m in model.named_modules() if _is_traced(m)]
+    return [p for p in paths if not any(p != q and (q == "" or p.startswith(q + ".")) for q in paths)]
+
+
+def _traced_is_deterministic(module: nn.Module) -> bool:
+    """True if a traced module has no stochastic site inside and no random op in its graph."""
+    if any(_classify_kind(m, getattr(m, "original_name", type(m).__name__)) for m in module.modules()):
+        return False
+    try:
+        graph = str(module.inlined_graph)
+    except (RuntimeError, AttributeError):
+        return False
+    return _RANDOM_GRAPH_OP.search(graph) is None
+
+
+def _refused_traced_modules(model: nn.Module) -> list[str]:
+    """Traced modules MC dropout cannot handle: the model itself, or ones with dropout or randomness."""
+    outer = _outermost_traced(model)
+    if "" in outer:
+        return ["<model>"]
+    modules = dict(model.named_modules())
+    return [p for p in outer if not _traced_is_deterministic(modules[p])]
+
+
 _TRACED_NOTE = (
     "traced with torch.jit.trace: the train/eval mode is frozen into the graph, so it cannot be "
     "switched; use the eager model or torch.jit.script"
@@ -701,7 +738,9 @@ class StochasticPolicy:
 
     Raises:
         NoDropoutError: The model has no source of dropout randomness at all.
-        UnsupportedModelError: The model contains ``torch.jit.trace``'d modules.
+        UnsupportedModelError: The model is ``torch.jit.trace``'d, or contains traced modules with
+            dropout layers or random operations in their graphs (traced modules without any run as
+            recorded, with a warning).
 
     Example:
         >>> import torch, mcdrop
@@ -720,7 +759,7 @@ class StochasticPolicy:
         self.gate_notes: dict[str, str] = {}
         if not isinstance(model, nn.Module):
             raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        traced = [path or "<model>" for path, m in model.named_modules() if _is_traced(m)]
+        traced = _refused_traced_modules(model)
         if traced:
             raise UnsupportedModelError(
                 f"{type(model).__name__} contains modules made by torch.jit.trace ({', '.join(traced[:5])}"
@@ -729,6 +768,18 @@ class StochasticPolicy:
                 "always on (traced in train mode), whatever the training flags say: MC dropout cannot "
                 "switch it. Pass the eager model, or a torch.jit.script'ed one (scripted code honours "
                 "the flags)."
+            )
+        harmless = _outermost_traced(model)
+        if harmless:
+            warnings.warn(
+                f"{type(model).__name__} contains modules made by torch.jit.trace "
+                f"({', '.join(p or '<model>' for p in harmless[:5])}{', ...' if len(harmless) > 5 else ''}) "
+                "with no dropout layer inside and no random operation in their graphs: they run as "
+                "recorded, deterministically. Dropout their own code applied (F.dropout gated on "
+                "self.training) was left out of the graph when they were traced in eval mode and cannot "
+                "be sampled; the rest of the model is sampled as usual.",
+                McdropWarning,
+                stacklevel=3,
             )
         self._find_sites()
 

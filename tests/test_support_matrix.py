@@ -644,6 +644,48 @@ def test_traced_models_are_refused_with_a_clear_error() -> None:
     assert table.path.tolist() == ["1"] and not table.sampled.any() and "traced" in table.note[0]
 
 
+class HandMadeMask(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (torch.rand_like(x) > 0.5)
+
+
+def test_a_traced_part_without_dropout_runs_as_recorded_and_the_rest_is_sampled() -> None:
+    torch.manual_seed(0)
+    encoder = torch.jit.trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), torch.randn(3, 4))
+    model = nn.Sequential(encoder, nn.Dropout(RATE), nn.Linear(8, 2)).eval()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        features = encoder(x)
+    with pytest.warns(mcdrop.McdropWarning, match=r"torch\.jit\.trace \(0\) with no dropout layer inside"):
+        mc = mcdrop.MCDropout(model, n_samples=N, seed=0, keep_samples=True)
+    seen: list[torch.Tensor] = []
+    handle = model[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        samples = mc.sample(x)
+    finally:
+        handle.remove()
+    assert_varies(samples)
+    # the traced encoder runs as recorded: the dropout after it gets the same features every pass
+    rows = torch.cat(seen).reshape(-1, 5, 8)
+    assert len(rows) >= 1 and all(torch.allclose(r, features, atol=1e-6, rtol=0) for r in rows)
+    assert [(s.path, s.sampled) for s in mc.sites] == [("1", True)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.jit.trace(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2)).train(), torch.randn(3, 4), check_trace=False),
+        lambda: torch.jit.trace(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2)).eval(), torch.randn(3, 4)),
+        lambda: nn.Sequential(nn.Linear(4, 8), torch.jit.trace(HandMadeMask(), torch.randn(3, 8), check_trace=False)),
+    ],
+    ids=["dropout-traced-in-train-mode", "dropout-layer-inside", "random-op-in-graph"],
+)
+def test_a_traced_part_with_dropout_or_randomness_is_refused(make) -> None:
+    model = nn.Sequential(make(), nn.Dropout(RATE), nn.Linear(8, 2)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"torch\.jit\.trace"):
+        mcdrop.MCDropout(model)
+
+
 # ----------------------------------------------------------------------------- torch.compile
 def compiled(model: nn.Module) -> nn.Module:
     torch._dynamo.reset()
