@@ -537,6 +537,13 @@ def _signature(inputs: Inputs, *rest: Any) -> tuple[Any, ...]:
     return (tuple(parts), options)
 
 
+def autocast_context(device: torch.device | None, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` in ``dtype`` on ``device`` (the CPU when ``None``); a no-op for ``None`` dtype."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type if device is not None else "cpu", dtype=dtype)
+
+
 class _Engine:
     """One call of :func:`sample_chunks`: runs chunks with a strategy, decides, plans."""
 
@@ -569,9 +576,7 @@ class _Engine:
 
     # ------------------------------------------------------------------ running one chunk
     def _autocast(self) -> Any:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast_context(self.device, self.autocast_dtype)
 
     def _finish(self, chunk: Any, s: int, e: int) -> Any:
         if self.autocast_dtype is not None:

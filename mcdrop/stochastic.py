@@ -498,7 +498,7 @@ def _classify(
         kind = site[0] if site is not None else "custom"
         rate = site[1] if site is not None else None
         rate_attr = site[2] if site is not None else None
-        return StochasticSite(path, kind, name, rate, True, "included by the user", rate_attr)
+        return StochasticSite(path, kind, name, rate, True, INCLUDED_NOTE, rate_attr)
     if site is None:
         return None
     kind, rate, rate_attr = site
@@ -542,14 +542,19 @@ def _traced_is_deterministic(module: nn.Module) -> bool:
     return _RANDOM_GRAPH_OP.search(graph) is None
 
 
-def _refused_traced_modules(model: nn.Module) -> list[str]:
-    """Traced modules MC dropout cannot handle: the model itself, or ones with dropout or randomness."""
-    outer = _outermost_traced(model)
+def _refused_traced_modules(model: nn.Module, outer: list[str]) -> list[str]:
+    """Of the outermost traced modules ``outer``, those MC dropout cannot handle.
+
+    That is the model itself, or ones holding dropout or randomness.
+    """
     if "" in outer:
         return ["<model>"]
     modules = dict(model.named_modules())
     return [p for p in outer if not _traced_is_deterministic(modules[p])]
 
+
+#: The note of a site the user named in ``include=``.
+INCLUDED_NOTE = "included by the user"
 
 _TRACED_NOTE = (
     "traced with torch.jit.trace: the train/eval mode is frozen into the graph, so it cannot be "
@@ -702,7 +707,7 @@ def find_stochastic_sites(
     sampled_paths = [s.path for s in sites if s.sampled and s.kind != "fast_path_gate"]
     kept: list[StochasticSite] = []
     for site in sites:
-        if site.kind == "fast_path_gate" and site.sampled and site.note != "included by the user":
+        if site.kind == "fast_path_gate" and site.sampled and site.note != INCLUDED_NOTE:
             prefix = f"{site.path}." if site.path else ""
             if not any(p.startswith(prefix) and p != site.path for p in sampled_paths):
                 site = StochasticSite(
@@ -759,7 +764,8 @@ class StochasticPolicy:
         self.gate_notes: dict[str, str] = {}
         if not isinstance(model, nn.Module):
             raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        traced = _refused_traced_modules(model)
+        harmless = _outermost_traced(model)
+        traced = _refused_traced_modules(model, harmless)
         if traced:
             raise UnsupportedModelError(
                 f"{type(model).__name__} contains modules made by torch.jit.trace ({', '.join(traced[:5])}"
@@ -769,8 +775,7 @@ class StochasticPolicy:
                 "switch it. Pass the eager model, or a torch.jit.script'ed one (scripted code honours "
                 "the flags)."
             )
-        harmless = _outermost_traced(model)
-        if harmless:
+        if harmless:  # none was refused
             warnings.warn(
                 f"{type(model).__name__} contains modules made by torch.jit.trace "
                 f"({', '.join(p or '<model>' for p in harmless[:5])}{', ...' if len(harmless) > 5 else ''}) "
@@ -866,17 +871,7 @@ class StochasticPolicy:
 
     def describe(self) -> list[dict[str, Any]]:
         """Return the sites as a list of plain dicts (one per site)."""
-        return [
-            {
-                "path": s.path or "<model>",
-                "kind": s.kind,
-                "module_type": s.module_type,
-                "rate": s.rate,
-                "sampled": s.sampled,
-                "note": s.note,
-            }
-            for s in self.sites
-        ]
+        return _site_rows(self.sites)
 
 
 # Modules whose training flags an activation has switched, with the thread that switched them and
@@ -991,6 +986,21 @@ def enable_dropout(
 _DESCRIBE_COLUMNS = ("path", "kind", "module_type", "rate", "sampled", "note")
 
 
+def _site_rows(sites: list[StochasticSite]) -> list[dict[str, Any]]:
+    """One plain dict per site, with the columns of :func:`describe`."""
+    return [
+        {
+            "path": s.path or "<model>",
+            "kind": s.kind,
+            "module_type": s.module_type,
+            "rate": s.rate,
+            "sampled": s.sampled,
+            "note": s.note,
+        }
+        for s in sites
+    ]
+
+
 def describe(
     model: Any,
     *,
@@ -1039,18 +1049,7 @@ def describe(
         sites = policy.current_sites()
     else:
         sites = find_stochastic_sites(model, drop_path=drop_path, include=include, exclude=exclude)
-    rows = [
-        {
-            "path": s.path or "<model>",
-            "kind": s.kind,
-            "module_type": s.module_type,
-            "rate": s.rate,
-            "sampled": s.sampled,
-            "note": s.note,
-        }
-        for s in sites
-    ]
-    table = pd.DataFrame(rows, columns=list(_DESCRIBE_COLUMNS))
+    table = pd.DataFrame(_site_rows(sites), columns=list(_DESCRIBE_COLUMNS))
     return table.astype({"rate": "object", "sampled": "bool"}) if table.empty else table
 
 

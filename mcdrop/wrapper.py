@@ -36,6 +36,7 @@ from mcdrop.sampling import (
     Inputs,
     OutputSelector,
     _signature,
+    autocast_context,
     model_device_dtype,
     prepare_inputs,
     replicate,
@@ -43,7 +44,7 @@ from mcdrop.sampling import (
     select_output,
     slice_batch,
 )
-from mcdrop.stochastic import StochasticPolicy, StochasticSite
+from mcdrop.stochastic import INCLUDED_NOTE, StochasticPolicy, StochasticSite
 from mcdrop.stochastic import describe as describe_sites
 
 __all__ = ["MCDropout"]
@@ -570,7 +571,7 @@ class MCDropout:
             s.path
             for s in self.policy.sampled_sites
             if (s.kind == "functional" or (s.kind == "attention_dropout" and s.module_type != "MultiheadAttention"))
-            and s.note != "included by the user"
+            and s.note != INCLUDED_NOTE
         ]
         if not gates or inputs.batch_size == 0:
             return
@@ -579,11 +580,6 @@ class MCDropout:
             return
         rows = slice_batch(inputs, 0, min(inputs.batch_size, CHECK_ROWS))
         device, _ = model_device_dtype(self.model)
-        autocast = (
-            torch.autocast(device_type=device.type if device is not None else "cpu", dtype=self.dtype)
-            if self.dtype is not None
-            else contextlib.nullcontext()
-        )
         cuda = []
         if device is not None and device.type == "cuda":
             cuda = [device.index if device.index is not None else torch.cuda.current_device()]
@@ -595,7 +591,7 @@ class MCDropout:
 
         def run() -> Any:
             args, kwargs = replicate(rows, 1)
-            with autocast:
+            with autocast_context(device, self.dtype):
                 return select_output(eager(*args, **kwargs), self.output, self.aleatoric is not None)
 
         notes, deterministic, outside_torch = check_gates(self.model, gates, run, cuda)
