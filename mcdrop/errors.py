@@ -78,4 +78,17 @@ class GateRandomnessWarning(McdropWarning):
 
     Such randomness is not one of the dropout operations mcdrop knows (it is often data
     augmentation, such as SpecAugment masking), and ``seed=`` cannot make it reproducible.
+
+    Example:
+        >>> import warnings
+        >>> import numpy as np, torch, mcdrop
+        >>> class Augment(torch.nn.Module):  # train-mode noise from numpy, not dropout
+        ...     def forward(self, x):
+        ...         return x * float(np.random.rand() > 0.1) if self.training else x
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), Augment(), torch.nn.Dropout(0.2))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = mcdrop.MCDropout(net, n_samples=4, seed=0).predict(torch.ones(2, 3))
+        >>> [type(w.message).__name__ for w in caught]
+        ['GateRandomnessWarning']
     """
