@@ -8,8 +8,8 @@ flag. So before a wrapper samples inputs of a new signature, it runs the gates o
 
 1. every sampled site is put in eval mode and the gates' forward passes run with every dropout
    operation torch offers made the identity (``F.dropout`` and its variants, ``torch.dropout``,
-   ``dropout_p`` of ``scaled_dot_product_attention`` and ``multi_head_attention_forward``): the
-   reference output;
+   ``dropout_p`` of ``scaled_dot_product_attention`` and ``multi_head_attention_forward``, the
+   inter-layer rate of the recurrent ops): the reference output;
 2. the same with the gates in train mode, twice, from two torch seeds.
 
 A gate that gates only dropout gives the reference output both times. A gate whose train mode
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,18 +52,56 @@ _IDENTITY_DROPOUTS = {
     torch.feature_alpha_dropout,
 }
 _DROPOUT_P_FUNCTIONS = {F.scaled_dot_product_attention: 4, F.multi_head_attention_forward: 10}
+#: The recurrent ops of nn.LSTM/GRU/RNN, whose inter-layer dropout rate is an argument.
+_RNN_OPS = {torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu}
+
+
+def _rnn_dropout_index(func: Any, args: tuple[Any, ...]) -> int:
+    """Position of the dropout rate among the arguments of a recurrent op (packed input or not)."""
+    if func is torch.lstm:
+        packed = isinstance(args[1], torch.Tensor)  # (data, batch_sizes, hx, ...) vs (input, hx, ...)
+    else:
+        packed = isinstance(args[2], torch.Tensor)  # (data, batch_sizes, hx, ...) vs (input, hx, params, ...)
+    return 6 if packed else 5
+
 
 #: The notes ``describe()`` shows for gates the check found drawing randomness outside dropout ops.
 TORCH_RANDOMNESS_NOTE = "train mode adds torch randomness other than dropout ops (e.g. a hand-made mask)"
 
 
-class _NoDropout(TorchFunctionMode):
+_STATE = threading.local()
+
+
+def checking() -> bool:
+    """Whether this thread is running one of mcdrop's check passes (every dropout op the identity).
+
+    For models and tests that count their forward passes and want to tell the checks apart.
+    """
+    return getattr(_STATE, "depth", 0) > 0
+
+
+class NoDropout(TorchFunctionMode):
     """Every torch dropout operation becomes the identity (rate 0)."""
+
+    def __enter__(self) -> NoDropout:
+        _STATE.depth = getattr(_STATE, "depth", 0) + 1
+        try:
+            return super().__enter__()
+        except BaseException:
+            _STATE.depth -= 1
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        _STATE.depth -= 1
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
         if func in _IDENTITY_DROPOUTS:
             return args[0] if args else kwargs["input"]
+        if func in _RNN_OPS and len(args) > 6:
+            index = _rnn_dropout_index(func, args)
+            return func(*args[:index], 0.0, *args[index + 1 :], **kwargs)
         index = _DROPOUT_P_FUNCTIONS.get(func)
         if index is not None:
             if len(args) > index:
@@ -73,7 +112,7 @@ class _NoDropout(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _rng_untouched(seed: int, cuda_devices: list[int]) -> Iterator[None]:
+def rng_untouched(seed: int, cuda_devices: list[int]) -> Iterator[None]:
     """Run from torch seed ``seed``; put torch's, numpy's and Python's generators back afterwards."""
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -136,7 +175,7 @@ def check_gates(
     def forward(train: set[str], seed: int) -> tuple[Any, bool]:
         for path, m in modules.items():
             m.training = path in train
-        with _rng_untouched(seed, cuda_devices), _NoDropout():
+        with rng_untouched(seed, cuda_devices), NoDropout():
             np_before, py_before = np.random.get_state(), random.getstate()
             out = run()
             return out, _numpy_or_python_drawn(np_before, py_before)

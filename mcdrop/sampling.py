@@ -37,6 +37,7 @@ from torch import nn
 
 from mcdrop._checks import check_choice
 from mcdrop._fastdropout import FastContext, accelerated
+from mcdrop._gatecheck import CHECK_ROWS, NoDropout, rng_untouched
 from mcdrop._probe import ProbeMode, ProbeReport, RngState, rng_restore, rng_snapshot
 from mcdrop.errors import (
     InvalidInputError,
@@ -520,6 +521,8 @@ class _Decision:
     report: ProbeReport | None
     out_row_bytes: int
     reason: str
+    mixes_rows: bool = False
+    head_samples: int = 1
 
 
 def _signature(inputs: Inputs, *rest: Any) -> tuple[Any, ...]:
@@ -692,17 +695,42 @@ class _Engine:
         are undone and the vmap plan runs from its start, as it does once the decision is cached.
         Returns the :class:`_Decision`.
         """
+        batch = self.inputs.batch_size
+        mixes = self.rows_mix()
+        if mixes:
+            if strategy == "replicate" and self.n > 1:
+                raise UnsupportedModelError(
+                    "strategy='replicate' cannot sample this model correctly: the output of a row depends "
+                    "on the other rows of its forward pass (e.g. a mean over the batch), so replicas of the "
+                    "batch in one pass would mix the MC samples. Use strategy='auto', 'vmap' or 'loop', which "
+                    "give every pass the whole batch once."
+                )
+            if max_batch_size is not None and max_batch_size < batch:
+                raise UnsupportedModelError(
+                    f"max_batch_size={max_batch_size} would split this batch of {batch} rows, but the output "
+                    "of a row depends on the other rows of its forward pass (e.g. a mean over the batch), so a "
+                    "split batch gives other numbers than the whole one. Pass max_batch_size >= the batch "
+                    "size (or None), or feed smaller batches yourself."
+                )
         if max_batch_size is not None:
-            s0, e0, k0 = next(plan_work(0, self.inputs.batch_size, self.n, max_batch_size))
+            s0, e0, k0 = next(plan_work(0, batch, self.n, max_batch_size))
         else:
-            s0, e0, k0 = 0, self.first_rows(memory_budget), 1
+            s0, e0, k0 = 0, self.first_rows(memory_budget, mixes), 1
+        if strategy == "loop" or mixes:
+            k0 = 1  # the head pass holds no replicas
         before_probe = self._snapshot()
         report, head, forced = self._probe(strategy, s0, e0, k0)
         after_probe = self._snapshot()
         tensors = head if isinstance(head, tuple) else (head,)
         out_row = sum(c[0, 0].numel() * c.element_size() for c in tensors)
         candidates, reason = self._candidates(forced or strategy, report)
-        decision = _Decision(candidates[0], report, out_row, reason)
+        if mixes:
+            candidates = [c for c in candidates if c != "replicate"] or ["loop"]
+            reason += (
+                "; a row's output depends on the other rows of its pass: every pass holds the whole "
+                "batch once, never replicas"
+            )
+        decision = _Decision(candidates[0], report, out_row, reason, mixes, k0)
         head_yielded = False
         for position, candidate in enumerate(candidates):
             decision.strategy = candidate
@@ -761,6 +789,75 @@ class _Engine:
                     "strategy='auto' to fall back to another strategy automatically."
                 )
         return decision  # pragma: no cover - the loop always returns or raises
+
+    def rows_mix(self) -> bool:
+        """Whether the output of a row depends on the other rows of its forward pass.
+
+        Such a model (a mean or a normalisation over the batch, attention across rows) cannot have
+        replicas of the batch in one pass, which would mix MC samples, nor a batch split into
+        chunks, which would change every row's neighbours. The check runs once per decision, on at
+        most :data:`~mcdrop._gatecheck.CHECK_ROWS` rows, with the modules in the modes they sample
+        in, every dropout operation the identity and every RNG left as it was: the output of the rows
+        together must equal, row by row, the outputs of their two halves run apart. A batch of
+        one row (or of identical rows) is checked against a changed copy of that row (float inputs
+        scaled and shifted, integer ones rolled along their last dimension). When the model fails
+        on the check's rows or its output is not deterministic, the check says no (nothing changes).
+        Randomness other than dropout operations (a hand-made ``torch.rand`` mask) can make it say
+        yes for a model that does not mix rows: the samples are then drawn one whole batch per
+        pass, correct but slower.
+        """
+        batch = self.inputs.batch_size
+        if batch == 0:
+            return False
+        rows = slice_batch(self.inputs, 0, min(batch, CHECK_ROWS))
+        if rows.batch_size < 2 or _all_rows_alike(rows):
+            first = slice_batch(rows, 0, 1)
+            other = _other_row(first)
+            if other is None:
+                return False
+            rows = _concat_rows(first, other)
+        split = rows.batch_size // 2
+        compiled = type(self.model).__name__ == "OptimizedModule" and hasattr(self.model, "_orig_mod")
+        model = self.model._orig_mod if compiled else self.model
+        _, dtype = model_device_dtype(model)
+        tolerance = max(
+            [1e-4]
+            + [
+                64 * torch.finfo(d).eps
+                for d in (dtype, self.autocast_dtype)
+                if d is not None and d.is_floating_point
+            ]
+        )
+        cuda = []
+        if self.device.type == "cuda":
+            cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        enabled = self.ctx.enabled if self.ctx is not None else None
+
+        def run(part: Inputs) -> Any:
+            args, kwargs = replicate(part, 1)
+            with rng_untouched(0, cuda), NoDropout(), self._autocast():
+                out = select_output(model(*args, **kwargs), self.output, self.pair)
+            return _rows_first(out, self.output_batch_dim)
+
+        try:
+            if self.ctx is not None:
+                self.ctx.enabled = False  # the engine's faster dropout would ignore eval mode
+            whole = run(rows)
+            if not (
+                _row_gap(whole, run(slice_batch(rows, 0, split)), 0, tolerance)
+                or _row_gap(whole, run(slice_batch(rows, split, rows.batch_size)), split, tolerance)
+            ):
+                return False
+            mixes = not _row_gap(whole, run(rows), 0, tolerance)  # else not deterministic: no verdict
+        except Exception as err:  # noqa: BLE001 - the model fails on the check rows: no verdict
+            _log.debug("mcdrop: row-independence check not possible (%s: %s).", type(err).__name__, err)
+            return False
+        finally:
+            if self.ctx is not None and enabled is not None:
+                self.ctx.enabled = enabled
+        if mixes:
+            _log.debug("mcdrop: a row's output depends on the other rows of its pass.")
+        return mixes
 
     def _attempt_trial(
         self, strategy: str, s: int, e: int, k: int, report: ProbeReport | None, k0: int
@@ -854,8 +951,13 @@ class _Engine:
         return chunk, None
 
     # ------------------------------------------------------------------ planning
-    def first_rows(self, memory_budget: int | None) -> int:
-        """Rows of the first pass (one sample each) when chunks are sized automatically."""
+    def first_rows(self, memory_budget: int | None, mixes_rows: bool = False) -> int:
+        """Rows of the first pass (one sample each) when chunks are sized automatically.
+
+        The whole batch when ``mixes_rows`` (see :meth:`rows_mix`), whatever the budget.
+        """
+        if mixes_rows:
+            return self.inputs.batch_size
         return min(
             self.inputs.batch_size, auto_max_batch_size(self.inputs, None, _budget(memory_budget), self.n)
         )
@@ -874,8 +976,14 @@ class _Engine:
         batch = self.inputs.batch_size
         if max_batch_size is not None:
             work = list(plan_work(0, batch, self.n, max_batch_size))
+            if decision.strategy == "vmap" and not probed:
+                return work
+            s0, e0, k0 = work[0]
+            h = decision.head_samples
+            if h < k0:  # the head pass (loop, or a model mixing rows) has fewer samples
+                work = [(s0, e0, h), (s0, e0, k0 - h), *work[1:]]
             return work[1:] if probed else work
-        r0 = self.first_rows(memory_budget)
+        r0 = self.first_rows(memory_budget, decision.mixes_rows)
         rows = self._rows_per_pass(decision, memory_budget, r0)
         if decision.strategy == "vmap" and not probed:
             return list(plan_work(0, batch, self.n, rows))
@@ -903,6 +1011,8 @@ class _Engine:
             else:
                 k_min = self.n
             rows = max(rows, min(rows_memory, r0 * min(k_min, self.n)))
+        if decision.mixes_rows:
+            rows = max(rows, self.inputs.batch_size)  # never split the batch of such a model
         return max(1, rows)
 
     def raise_if_bad_rows(self) -> None:
@@ -916,6 +1026,73 @@ def _budget(memory_budget: int | None) -> int:
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _rows_first(out: Any, out_dim: int) -> Any:
+    """The selected output (or pair) with its batch dim first, detached, in float64 on the CPU."""
+    if isinstance(out, tuple):
+        return tuple(_rows_first(o, out_dim) for o in out)
+    return out.detach().movedim(out_dim, 0).to("cpu", torch.float64)
+
+
+def _row_gap(whole: Any, part: Any, start: int, tolerance: float) -> bool:
+    """Whether rows ``start:`` of ``whole`` differ from ``part`` by more than ``tolerance`` (relative)."""
+    if isinstance(whole, tuple):
+        return any(_row_gap(w, q, start, tolerance) for w, q in zip(whole, part, strict=True))
+    rows = whole[start : start + part.shape[0]]
+    if rows.shape != part.shape:
+        return True
+    both_nan = rows.isnan() & part.isnan()
+    rows, part = torch.where(both_nan, 0.0, rows), torch.where(both_nan, 0.0, part)
+    finite = rows.abs().nan_to_num(posinf=0.0, neginf=0.0)
+    scale = max(1.0, float(finite.max())) if finite.numel() else 1.0
+    gap = (rows - part).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
+    same_inf = rows.isinf() & (rows == part)
+    return bool((torch.where(same_inf, 0.0, gap) > tolerance * scale).any())
+
+
+def _other_row(inputs: Inputs) -> Inputs | None:
+    """A one-row input that differs from the one row of ``inputs``, or ``None`` if none is at hand.
+
+    Float leaves become ``1.25 x + 0.5``; integer and boolean leaves are rolled by one along their
+    last non-batch dimension (token ids stay valid ids, masks stay aligned with their tokens).
+    """
+
+    def change(t: torch.Tensor, d: int) -> torch.Tensor:
+        if t.is_floating_point() or t.is_complex():
+            return t * 1.25 + 0.5
+        dims = [i for i in range(t.dim()) if i != d and t.shape[i] > 1]
+        return t.roll(1, dims[-1]) if dims else t
+
+    args, kwargs = inputs.map(change)
+    other = Inputs(args, kwargs, inputs.batch_size, inputs.dims)
+    return None if _same_rows(inputs, other) else other
+
+
+def _batched_leaves(inputs: Inputs) -> list[tuple[torch.Tensor, int]]:
+    found: list[tuple[torch.Tensor, int]] = []
+    inputs.map(lambda t, d: found.append((t, d)) or t)
+    return found
+
+
+def _same_rows(a: Inputs, b: Inputs) -> bool:
+    """Whether every batched leaf of ``a`` equals that of ``b`` (same row count)."""
+    return all(
+        x.shape == y.shape and bool((x == y).all())
+        for (x, _), (y, _) in zip(_batched_leaves(a), _batched_leaves(b), strict=True)
+    )
+
+
+def _concat_rows(a: Inputs, b: Inputs) -> Inputs:
+    """The rows of ``a`` followed by those of ``b`` (inputs of the same structure)."""
+    rest = iter(_batched_leaves(b))
+    args, kwargs = a.map(lambda t, d: torch.cat([t, next(rest)[0]], dim=d))
+    return Inputs(args, kwargs, a.batch_size + b.batch_size, a.dims)
+
+
+def _all_rows_alike(inputs: Inputs) -> bool:
+    """Whether every row of ``inputs`` equals its first row."""
+    return all(bool((t == t.narrow(d, 0, 1)).all()) for t, d in _batched_leaves(inputs))
 
 
 def _vmapped_samples_first(t: torch.Tensor, b: int, out_dim: int) -> torch.Tensor:

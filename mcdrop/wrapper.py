@@ -107,7 +107,10 @@ class MCDropout:
             more and vmap runs the model and draws fresh randomness for every sample, otherwise
             replication, otherwise the loop; the choice is remembered per input signature and
             logged (with its reason) at DEBUG level on the ``mcdrop.sampling`` logger. All draw
-            the same distribution of samples.
+            the same distribution of samples. A model whose rows affect each other's outputs (a
+            mean over the batch) is detected on a few rows and never replicated nor split: every
+            pass holds the whole batch once, and ``"replicate"`` raises for it (see
+            ``docs/performance.md``).
         dtype: ``torch.bfloat16`` or ``torch.float16`` runs the model under :func:`torch.autocast`
             in that precision (mixed precision: faster on hardware with fast low-precision
             kernels); samples and statistics are still returned and accumulated in float32.
@@ -570,7 +573,10 @@ class MCDropout:
         gates = [
             s.path
             for s in self.policy.sampled_sites
-            if (s.kind == "functional" or (s.kind == "attention_dropout" and s.module_type != "MultiheadAttention"))
+            if (
+                s.kind == "functional"
+                or (s.kind == "attention_dropout" and s.module_type != "MultiheadAttention")
+            )
             and s.note != INCLUDED_NOTE
         ]
         if not gates or inputs.batch_size == 0:
@@ -630,7 +636,9 @@ class MCDropout:
                 GateRandomnessWarning,
                 stacklevel=4,
             )
-            notes.update({p: "draws from numpy's or Python's RNG in train mode" for p in outside_torch if p in gates})
+            notes.update(
+                {p: "draws from numpy's or Python's RNG in train mode" for p in outside_torch if p in gates}
+            )
         self.policy.gate_notes.update(notes)
         self._gates_checked.add(key)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mcdrop
-from mcdrop._gatecheck import TORCH_RANDOMNESS_NOTE, check_gates
+from mcdrop._gatecheck import TORCH_RANDOMNESS_NOTE, check_gates, checking
 from mcdrop.errors import GateRandomnessWarning, ModelStateError
 
 
@@ -172,7 +172,9 @@ def test_excluding_or_including_the_gate_settles_it() -> None:
     with torch.no_grad():
         eval_out = model(x)
     assert kept_off.samples is None
-    mean_logits = mcdrop.MCDropout(model, n_samples=200, seed=0, exclude=["block"], keep_samples=True).sample(x)
+    mean_logits = mcdrop.MCDropout(model, n_samples=200, seed=0, exclude=["block"], keep_samples=True).sample(
+        x
+    )
     torch.testing.assert_close(mean_logits.mean(0), eval_out, atol=0.1, rtol=0)
     # include= says the train-mode behaviour is wanted: sampled without the check
     included = mcdrop.MCDropout(model, n_samples=8, seed=0, include=[TemperatureGate]).sample(x)
@@ -214,7 +216,7 @@ class Counter:
 def test_the_check_runs_once_per_input_signature_on_a_few_rows() -> None:
     model = build(DropoutGate)
     rows: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    handle = model.register_forward_pre_hook(lambda m, args: rows.append((args[0].shape[0], checking())))
     try:
         mc = mcdrop.MCDropout(model, n_samples=4, max_batch_size=100, strategy="replicate")
         mc.predict(x_in(20))
@@ -225,10 +227,13 @@ def test_the_check_runs_once_per_input_signature_on_a_few_rows() -> None:
         again = list(rows)
     finally:
         handle.remove()
-    # the reference and the train-mode pass on 8 rows, then the sampling pass(es)
-    assert first[:2] == [8, 8] and 8 not in first[2:]
-    assert sum(first[2:]) == 4 * 20
-    assert sum(again) == 4 * 27 and 8 not in again
+    # the gate check's reference and train-mode passes on 8 rows, the engine's row check on 8 rows
+    # and its halves, then the sampling pass(es)
+    checks = [r for r, check in first if check]
+    assert checks == [8, 8, 8, 4, 4]
+    assert first[: len(checks)] == [(r, True) for r in checks]
+    assert sum(r for r, check in first if not check) == 4 * 20
+    assert sum(r for r, _ in again) == 4 * 27 and not any(check for _, check in again)
 
 
 def test_the_check_leaves_every_generator_as_it_was() -> None:

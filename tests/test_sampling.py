@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import mcdrop
+from mcdrop._gatecheck import checking
 from mcdrop._statistics import ClassificationStats, RunningMoments, SampleStore
 from mcdrop.errors import InvalidInputError, NoRandomnessWarning
 from mcdrop.sampling import plan_work
@@ -39,7 +40,7 @@ def _one_thread():
 
 
 class Tagged(nn.Module):
-    """``cat([x, dropout(ones)], -1)``; records the rows of every forward pass."""
+    """``cat([x, dropout(ones)], -1)``; records the rows of every sampling pass (not the checks)."""
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
@@ -47,7 +48,8 @@ class Tagged(nn.Module):
         self.rows: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.rows.append(x.shape[0])
+        if not checking():
+            self.rows.append(x.shape[0])
         return torch.cat([x, self.drop(torch.ones_like(x))], -1)
 
 
@@ -148,7 +150,9 @@ def test_automatic_chunking_respects_a_tiny_memory_budget():
     assert torch.equal(s[..., :3], x.expand(4, 5, 3))
 
 
-@pytest.mark.parametrize("size, n, max_rows", [(1, 1, 1), (5, 7, 3), (3, 10, 7), (4, 9, 100), (8, 2, 8), (6, 3, 4)])
+@pytest.mark.parametrize(
+    "size, n, max_rows", [(1, 1, 1), (5, 7, 3), (3, 10, 7), (4, 9, 100), (8, 2, 8), (6, 3, 4)]
+)
 def test_plan_work_gives_every_row_exactly_n_samples(size, n, max_rows):
     start = 2
     counts = [0] * (start + size)
@@ -209,8 +213,15 @@ def test_batch_dim_1_input_with_output_batch_dim_0():
             return torch.cat([xt, self.drop(torch.ones_like(xt))], 1)
 
     x = distinct_rows(4, 3).t().contiguous()  # (3, 4): batch of 4 on dim 1
-    mc = mcdrop.MCDropout(Transposed(), n_samples=5, batch_dim=1, output_batch_dim=0, seed=0,
-                          task="regression", max_batch_size=8)
+    mc = mcdrop.MCDropout(
+        Transposed(),
+        n_samples=5,
+        batch_dim=1,
+        output_batch_dim=0,
+        seed=0,
+        task="regression",
+        max_batch_size=8,
+    )
     s = mc.sample(x)
     assert s.shape == (5, 4, 6)
     assert torch.equal(s[..., :3], x.t().expand(5, 4, 3))
@@ -273,8 +284,9 @@ def test_shared_mask_marked_not_batched():
     t = 3
     x = distinct_rows(5, t)
     mask = torch.tril(torch.ones(t, t))
-    mc = mcdrop.MCDropout(KwargNet(), n_samples=4, seed=0, task="regression",
-                          batch_dim={"mask": None, "*": 0})
+    mc = mcdrop.MCDropout(
+        KwargNet(), n_samples=4, seed=0, task="regression", batch_dim={"mask": None, "*": 0}
+    )
     s = mc.sample(x, mask=mask)
     assert torch.equal(s[..., :t], (x @ mask).expand(4, 5, t))
 
@@ -374,8 +386,9 @@ class MultiOut(nn.Module):
 )
 def test_output_selection(kind, output):
     x = distinct_rows(3, 2)
-    mc = mcdrop.MCDropout(MultiOut(kind), n_samples=4, seed=0, output=output, task="regression",
-                          max_batch_size=5)
+    mc = mcdrop.MCDropout(
+        MultiOut(kind), n_samples=4, seed=0, output=output, task="regression", max_batch_size=5
+    )
     s = mc.sample(x)
     assert s.shape == (4, 3, 4)
     assert torch.equal(s[..., :2], x.expand(4, 3, 2))
@@ -417,15 +430,18 @@ def test_classification_statistics_do_not_depend_on_chunking(max_batch_size):
     ent = -torch.special.xlogy(probs, probs).sum(-1)
     torch.testing.assert_close(pred.expected_entropy.double(), ent.mean(0), atol=1e-5, rtol=0)
     votes = torch.nn.functional.one_hot(probs.argmax(-1), 4).sum(0)
-    torch.testing.assert_close(pred.variation_ratio.double(), 1 - votes.amax(-1).double() / n, atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        pred.variation_ratio.double(), 1 - votes.amax(-1).double() / n, atol=1e-7, rtol=0
+    )
 
 
 @pytest.mark.parametrize("max_batch_size", [1, 3, B, 7 * B, None])
 def test_regression_statistics_do_not_depend_on_chunking(max_batch_size):
     net = mlp(d_in=3, d_out=2)
     x = torch.randn(B, 3, generator=torch.Generator().manual_seed(1))
-    mc = mcdrop.MCDropout(net, n_samples=11, seed=3, keep_samples=True, max_batch_size=max_batch_size,
-                          task="regression")
+    mc = mcdrop.MCDropout(
+        net, n_samples=11, seed=3, keep_samples=True, max_batch_size=max_batch_size, task="regression"
+    )
     pred = mc.predict(x)
     ys = pred.samples.double()
     torch.testing.assert_close(pred.mean.double(), ys.mean(0), atol=1e-5, rtol=0)
@@ -436,8 +452,9 @@ def test_auto_chunking_with_small_budget_agrees_with_kept_samples():
     net = mlp(d_in=3, d_out=2)
     x = torch.randn(B, 3)
     for budget in (1, 2000, 5000):
-        mc = mcdrop.MCDropout(net, n_samples=7, seed=3, keep_samples=True, memory_budget=budget,
-                              task="regression")
+        mc = mcdrop.MCDropout(
+            net, n_samples=7, seed=3, keep_samples=True, memory_budget=budget, task="regression"
+        )
         pred = mc.predict(x)
         ys = pred.samples.double()
         torch.testing.assert_close(pred.mean.double(), ys.mean(0), atol=1e-5, rtol=0)
@@ -467,8 +484,10 @@ def random_plan(rng: random.Random, b: int, n: int) -> list[tuple[int, int, int,
     return plan
 
 
-@pytest.mark.parametrize("dtype, offset, tol", [(torch.float32, 0.0, 1e-5), (torch.float32, 1000.0, 2e-3),
-                                                (torch.float64, 1000.0, 1e-9)])
+@pytest.mark.parametrize(
+    "dtype, offset, tol",
+    [(torch.float32, 0.0, 1e-5), (torch.float32, 1000.0, 2e-3), (torch.float64, 1000.0, 1e-9)],
+)
 def test_running_moments_match_torch_for_random_chunkings(dtype, offset, tol):
     g = torch.Generator().manual_seed(0)
     n, b = 13, 6
@@ -545,7 +564,8 @@ def test_positional_index_in_batch_dim_does_not_match_list_elements():
 
     a, b = distinct_rows(4, 3, seed=0), distinct_rows(4, 3, seed=1)
     mask = torch.tril(torch.ones(3, 3))
-    mc = mcdrop.MCDropout(ListAndMask(), n_samples=4, seed=0, task="regression", max_batch_size=8,
-                          batch_dim={1: None, "*": 0})
+    mc = mcdrop.MCDropout(
+        ListAndMask(), n_samples=4, seed=0, task="regression", max_batch_size=8, batch_dim={1: None, "*": 0}
+    )
     s = mc.sample([a, b], mask)
     assert torch.equal(s[..., :3], ((a + b) @ mask).expand(4, 4, 3))

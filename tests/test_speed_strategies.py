@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import weakref
 
 import pytest
@@ -25,7 +26,8 @@ from torch.utils._pytree import tree_flatten
 
 import mcdrop
 from mcdrop import _fastdropout as fd
-from mcdrop.errors import InvalidInputError, UnsupportedModelError
+from mcdrop._gatecheck import checking
+from mcdrop.errors import InvalidInputError, NoRandomnessWarning, UnsupportedModelError
 from mcdrop.sampling import STRATEGIES
 
 LOGGER = "mcdrop.sampling"
@@ -206,6 +208,111 @@ def test_a_model_that_only_takes_its_own_batch_size_falls_back_to_the_loop(caplo
     assert s.shape == (5, 3, 4)
 
 
+class CentersOverTheBatch(nn.Module):
+    """Dropout, then each row minus the mean over the batch: a row's output depends on its neighbours.
+
+    In a plain pass the outputs of a batch sum to zero over its rows, whatever the masks; replicas of
+    the batch in one pass (or a batch split into chunks) would break that.
+    """
+
+    def __init__(self, embed: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(10, 6) if embed else None
+        self.drop = nn.Dropout(0.5)
+        self.lin = nn.Linear(6, 3)
+        self.rows: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not checking():
+            self.rows.append(x.shape[0])
+        if self.embed is not None:
+            x = self.embed(x)[:, 0]  # the first token
+        h = self.lin(self.drop(x))
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "vmap", "loop"])
+@pytest.mark.parametrize("b", [1, 4, 12])
+def test_a_model_mixing_batch_rows_gets_the_whole_batch_once_per_pass(strategy, b, caplog):
+    """Each sample is a plain pass of the whole batch: its rows sum to zero, as the model guarantees."""
+    net = CentersOverTheBatch().eval()
+    x = torch.randn(b, 6, generator=torch.Generator().manual_seed(b))
+    mc = mcdrop.MCDropout(net, n_samples=30, seed=0, strategy=strategy, task="regression")
+    with caplog.at_level(logging.DEBUG, logger=LOGGER), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = mc.sample(x)
+    # one row minus the mean of its batch of one: zero in every pass, and mcdrop says so
+    assert any(issubclass(w.category, NoRandomnessWarning) for w in caught) == (b == 1)
+    assert s.shape == (30, b, 3)
+    assert float(s.sum(1).abs().max()) < 1e-5
+    if b > 1:
+        assert bool((s.std(0) > 0).all())
+    assert set(net.rows) == {b}  # no replicas, no split batch
+    assert any("depends on the other rows" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_mixing_rows_is_not_split_by_a_tiny_memory_budget():
+    net = CentersOverTheBatch().eval()
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
+    s = mcdrop.MCDropout(net, n_samples=8, seed=0, memory_budget=1, task="regression").sample(x)
+    assert float(s.sum(1).abs().max()) < 1e-5
+    assert set(net.rows) == {10}
+
+
+def test_a_model_mixing_rows_of_token_ids_is_detected_from_one_row():
+    """A single row of integer inputs: the check compares it with the row rolled along its tokens."""
+    net = CentersOverTheBatch(embed=True).eval()
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with pytest.warns(NoRandomnessWarning):  # a batch of one row minus its own mean: zero, every pass
+        s = mcdrop.MCDropout(net, n_samples=20, seed=0, task="regression").sample(x)
+    assert float(s.abs().max()) < 1e-5
+    assert set(net.rows) == {1}
+
+
+def test_replicating_or_splitting_a_model_that_mixes_rows_is_refused_and_leaves_it_unchanged():
+    net = CentersOverTheBatch().eval()
+    x = torch.randn(6, 6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="depends on the other rows.*strategy='auto'"):
+        mcdrop.MCDropout(net, n_samples=4, strategy="replicate", task="regression").sample(x)
+    with pytest.raises(UnsupportedModelError, match=r"max_batch_size=4 would split this batch of 6 rows"):
+        mcdrop.MCDropout(net, n_samples=4, max_batch_size=4, task="regression").sample(x)
+    assert not any(m.training for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    # enough room for the whole batch: allowed, one batch per pass
+    s = mcdrop.MCDropout(net, n_samples=4, max_batch_size=30, seed=0, task="regression").sample(x)
+    assert float(s.sum(1).abs().max()) < 1e-5
+
+
+def test_row_independent_models_are_still_replicated():
+    rows: list[int] = []
+    model = mlp()
+    handle = model.register_forward_pre_hook(lambda m, a: None if checking() else rows.append(a[0].shape[0]))
+    try:
+        mcdrop.MCDropout(model, n_samples=8, seed=0, strategy="replicate", max_batch_size=100).sample(
+            torch.randn(5, 6)
+        )
+    finally:
+        handle.remove()
+    assert rows == [40]
+
+
+@pytest.mark.parametrize("max_batch_size", [7, 100])
+def test_loop_makes_one_pass_per_sample_even_with_room_for_replicas(max_batch_size):
+    rows: list[int] = []
+    model = mlp()
+    handle = model.register_forward_pre_hook(lambda m, a: None if checking() else rows.append(a[0].shape[0]))
+    try:
+        s = mcdrop.MCDropout(
+            model, n_samples=6, seed=0, strategy="loop", max_batch_size=max_batch_size
+        ).sample(torch.randn(3, 6))
+    finally:
+        handle.remove()
+    assert rows == [3] * 6
+    assert s.shape == (6, 3, 3)
+
+
 def test_explicit_vmap_that_cannot_sample_correctly_raises():
     with pytest.raises(UnsupportedModelError, match="shared between samples"):
         mcdrop.MCDropout(TrunkThenLSTM().eval(), n_samples=4, strategy="vmap", task="regression").sample(
@@ -229,7 +336,7 @@ def test_model_errors_after_the_decision_propagate():
             self.calls = 0
 
         def forward(self, x):
-            self.calls += 1
+            self.calls += not checking()  # mcdrop's check passes do not count
             if self.calls == 4:
                 raise RuntimeError("boom")
             return self.net(x)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mcdrop
+from mcdrop._gatecheck import checking
 from mcdrop.errors import ModelStateError, NoDropoutError, NoRandomnessWarning
 
 
@@ -297,7 +298,7 @@ class ExplodesOnCall(nn.Module):
         self.at = at
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
+        self.calls += not checking()  # mcdrop's check passes do not count
         if self.calls == self.at:
             raise Boom("interrupted")
         return x

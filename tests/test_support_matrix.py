@@ -626,7 +626,8 @@ def test_torchscript_models_honour_the_flags(name: str) -> None:
         # a scripted gate's rate is unknown: mcdrop samples it and says when nothing varied
         with pytest.warns(NoRandomnessWarning, match="identical"):
             samples = draw(quiet, x)
-        assert all(torch.equal(samples[0], s) for s in samples)
+        # identical up to the float rounding of TorchScript's optimised graph at other batch sizes
+        assert all(torch.allclose(samples[0], s, rtol=0, atol=1e-6) for s in samples)
     else:
         assert_nothing_to_sample(quiet, lambda: quiet(x))
 
@@ -674,9 +675,13 @@ def test_a_traced_part_without_dropout_runs_as_recorded_and_the_rest_is_sampled(
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: torch.jit.trace(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2)).train(), torch.randn(3, 4), check_trace=False),
+        lambda: torch.jit.trace(
+            nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2)).train(), torch.randn(3, 4), check_trace=False
+        ),
         lambda: torch.jit.trace(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2)).eval(), torch.randn(3, 4)),
-        lambda: nn.Sequential(nn.Linear(4, 8), torch.jit.trace(HandMadeMask(), torch.randn(3, 8), check_trace=False)),
+        lambda: nn.Sequential(
+            nn.Linear(4, 8), torch.jit.trace(HandMadeMask(), torch.randn(3, 8), check_trace=False)
+        ),
     ],
     ids=["dropout-traced-in-train-mode", "dropout-layer-inside", "random-op-in-graph"],
 )
@@ -760,7 +765,9 @@ def test_hf_wav2vec2_spec_augment_is_flagged_as_randomness_outside_dropout(T) ->
     audio = torch.randn(3, 800, generator=torch.Generator().manual_seed(0))
     masked = _wav2vec2(T, mask_time_prob=0.3)
     mc = mcdrop.MCDropout(masked, n_samples=4, seed=0)
-    with pytest.warns(mcdrop.GateRandomnessWarning, match=r"wav2vec2 draw from numpy's.*exclude=\['wav2vec2'\]"):
+    with pytest.warns(
+        mcdrop.GateRandomnessWarning, match=r"wav2vec2 draw from numpy's.*exclude=\['wav2vec2'\]"
+    ):
         mc.predict(audio)
     assert "numpy" in mc.describe().set_index("path").loc["wav2vec2", "note"]
     # kept in eval as the warning says: no warning, and its dropout children are still sampled

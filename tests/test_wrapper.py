@@ -29,6 +29,7 @@ from mcdrop import (
     RegressionPrediction,
     concat_predictions,
 )
+from mcdrop._gatecheck import checking
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,8 +66,11 @@ def x_in(b=5, d=4, seed=1) -> torch.Tensor:
 
 
 def fields_equal(a, b) -> bool:
-    names = ("probs", "std", "predictive_entropy", "expected_entropy", "variation_ratio") if isinstance(
-        a, ClassificationPrediction) else ("mean", "variance")
+    names = (
+        ("probs", "std", "predictive_entropy", "expected_entropy", "variation_ratio")
+        if isinstance(a, ClassificationPrediction)
+        else ("mean", "variance")
+    )
     return all(torch.equal(getattr(a, n), getattr(b, n)) for n in names)
 
 
@@ -80,8 +84,16 @@ def fields_equal(a, b) -> bool:
         ({"n_samples": -1}, InvalidInputError, "n_samples must be at least 1; got -1"),
         ({"n_samples": 2.5}, InvalidTypeError, "n_samples must be an integer; got 2.5"),
         ({"n_samples": True}, InvalidTypeError, "n_samples must be an integer"),
-        ({"task": "foo"}, InvalidInputError, "task must be one of 'auto', 'classification', 'regression'; got 'foo'"),
-        ({"output_type": "foo"}, InvalidInputError, "output_type must be one of 'logits', 'probs', 'log_probs'"),
+        (
+            {"task": "foo"},
+            InvalidInputError,
+            "task must be one of 'auto', 'classification', 'regression'; got 'foo'",
+        ),
+        (
+            {"output_type": "foo"},
+            InvalidInputError,
+            "output_type must be one of 'logits', 'probs', 'log_probs'",
+        ),
         ({"aleatoric": "std"}, InvalidInputError, "aleatoric must be one of 'variance', 'log_variance'"),
         ({"aleatoric": "variance", "task": "classification"}, InvalidInputError, "applies to regression"),
         ({"max_batch_size": 0}, InvalidInputError, "max_batch_size must be at least 1"),
@@ -89,7 +101,11 @@ def fields_equal(a, b) -> bool:
         ({"seed": -3}, InvalidInputError, "seed must be at least 0"),
         ({"seed": 1.5}, InvalidTypeError, "seed must be an integer"),
         ({"seed": 2**64}, InvalidInputError, "seed must be at most 18446744073709551615"),
-        ({"output": 1.5}, InvalidTypeError, "output must be None, a key/attribute name, a tuple index or a callable"),
+        (
+            {"output": 1.5},
+            InvalidTypeError,
+            "output must be None, a key/attribute name, a tuple index or a callable",
+        ),
         ({"batch_dim": "0"}, InvalidTypeError, "batch_dim must be an integer"),
     ],
 )
@@ -131,7 +147,9 @@ def test_inputs_disagree_on_batch_size():
             return self.net(a + b)
 
     mc = MCDropout(Two(), n_samples=2)
-    with pytest.raises(InvalidInputError, match=r"disagree on the batch size \(argument 0: 5, argument 1: 3\)"):
+    with pytest.raises(
+        InvalidInputError, match=r"disagree on the batch size \(argument 0: 5, argument 1: 3\)"
+    ):
         mc.predict(torch.randn(5, 4), torch.randn(3, 4))
     with pytest.raises(InvalidInputError, match=r"argument 0: 5, keyword 'b': 2"):
         mc.predict(torch.randn(5, 4), b=torch.randn(2, 4))
@@ -187,8 +205,12 @@ def test_same_seed_gives_identical_predictions_in_fresh_wrappers():
     pb1, pb2 = b.predict(x), b.predict(x)
     assert fields_equal(pa1, pb1) and fields_equal(pa2, pb2)
     assert not torch.equal(pa1.probs, pa2.probs)  # successive calls draw new samples
-    assert torch.equal(MCDropout(mlp(), n_samples=4, seed=7).sample(x), MCDropout(mlp(), n_samples=4, seed=7).sample(x))
-    assert not torch.equal(MCDropout(mlp(), n_samples=4, seed=7).sample(x), MCDropout(mlp(), n_samples=4, seed=8).sample(x))
+    assert torch.equal(
+        MCDropout(mlp(), n_samples=4, seed=7).sample(x), MCDropout(mlp(), n_samples=4, seed=7).sample(x)
+    )
+    assert not torch.equal(
+        MCDropout(mlp(), n_samples=4, seed=7).sample(x), MCDropout(mlp(), n_samples=4, seed=8).sample(x)
+    )
 
 
 def test_seeded_calls_leave_the_global_rng_untouched():
@@ -234,7 +256,7 @@ class RaisesOnCall(nn.Module):
         self.calls = 0
 
     def forward(self, x):
-        self.calls += 1
+        self.calls += not checking()  # mcdrop's check passes do not count
         if self.calls == self.n:
             raise RuntimeError(f"boom on call {self.n}")
         return self.net(x)
@@ -305,7 +327,9 @@ def test_only_dropout_is_in_train_mode_during_sampling(mode):
     model = set_mode(bn_net(), mode)
     seen: dict[str, list[bool]] = {}
     for name, m in model.named_modules():
-        m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(mod.training))
+        m.register_forward_pre_hook(
+            lambda mod, args, name=name: seen.setdefault(name, []).append(mod.training)
+        )
     MCDropout(model, n_samples=5, max_batch_size=6).predict(x_in(b=4))
     assert seen["3"] and all(seen["3"])  # the dropout
     for name in ("", "0", "1", "2", "4"):
@@ -362,7 +386,8 @@ def test_included_dropout_with_rate_zero_warns_that_samples_are_identical():
     with pytest.warns(NoRandomnessWarning, match="rate 0"):
         mc = MCDropout(net, n_samples=5, include=[nn.Dropout], task="classification")
     pred = mc.predict(x_in())
-    assert torch.equal(pred.mutual_information, torch.zeros_like(pred.mutual_information))
+    # zero up to the float rounding of passes at different batch sizes
+    assert pred.mutual_information.abs().max() < 1e-6
 
 
 # --------------------------------------------------------------------------- predict_loader
@@ -430,8 +455,10 @@ def test_predict_loader_with_dict_batches_takes_labels_out():
         def forward(self, features, offset):
             return {"logits": self.net(features + offset)}
 
-    data = [{"features": f, "offset": torch.ones(1), "labels": torch.tensor(i % 3)}
-            for i, f in enumerate(x_in(b=7))]
+    data = [
+        {"features": f, "offset": torch.ones(1), "labels": torch.tensor(i % 3)}
+        for i, f in enumerate(x_in(b=7))
+    ]
     loader = DataLoader(data, batch_size=3)
     pred = MCDropout(Keyword(), n_samples=5, seed=0).predict_loader(loader, progress=False)
     assert len(pred) == 7
@@ -464,7 +491,8 @@ def test_predict_loader_with_custom_unpack():
             return self.net(a + b)
 
     pred = MCDropout(Pair(), n_samples=3, seed=0).predict_loader(
-        two_args, unpack=lambda b: (tuple(b), None), progress=False)
+        two_args, unpack=lambda b: (tuple(b), None), progress=False
+    )
     assert len(pred) == 6 and pred.targets is None
 
 
@@ -584,6 +612,12 @@ def test_sample_shape_and_kept_samples_reproduce_predict(b, n, max_batch_size, d
 
 
 def test_errors_are_all_mcdrop_errors():
-    for cls in (InvalidInputError, InvalidTypeError, NoDropoutError, NonFiniteError,
-                mcdrop.ModelStateError, mcdrop.UnsupportedModelError):
+    for cls in (
+        InvalidInputError,
+        InvalidTypeError,
+        NoDropoutError,
+        NonFiniteError,
+        mcdrop.ModelStateError,
+        mcdrop.UnsupportedModelError,
+    ):
         assert issubclass(cls, McdropError)
