@@ -50,7 +50,10 @@ class NoDropoutError(McdropError):
 
 
 class NonFiniteError(InvalidInputError):
-    """An input or a model output contains NaN or infinity."""
+    """An input holds NaN or +inf (or overflows the model's dtype), or a model output holds NaN or +inf.
+
+    ``-inf`` is allowed in inputs, where additive attention masks put it.
+    """
 
 
 class ModelStateError(McdropError):

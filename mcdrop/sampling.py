@@ -218,21 +218,35 @@ def prepare_inputs(
         batch_size=batch_size,
         dims=dims,
     )
-    # Checked after the cast to the model's dtype, so a float64 value that overflows float32 is caught.
-    for i, a in enumerate(converted.args):
-        _check_finite_inputs(_leaves(a, (i,)))
-    for k, v in converted.kwargs.items():
-        _check_finite_inputs(_leaves(v, (k,)))
+    # Checked after the cast to the model's dtype too, so a float64 value that overflows float32 is caught.
+    after = [(p, t) for i, a in enumerate(converted.args) for p, t in _leaves(a, (i,))]
+    after += [(p, t) for k, v in converted.kwargs.items() for p, t in _leaves(v, (k,))]
+    for (path, original), (_, cast) in zip(leaves, after, strict=True):
+        _check_finite_input(path, original, cast)
     return converted
 
 
-def _check_finite_inputs(leaves: Iterator[tuple[tuple[Any, ...], torch.Tensor]]) -> None:
-    for path, tensor in leaves:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(
-                f"{_path_name(path)} contains NaN or infinity (after casting to the model's dtype "
-                f"{tensor.dtype}); inputs must be finite."
-            )
+def _check_finite_input(path: tuple[Any, ...], original: torch.Tensor, cast: torch.Tensor) -> None:
+    """Refuse NaN and +inf, and values the cast to the model's dtype overflowed; allow -inf.
+
+    ``-inf`` is what additive attention masks hold where attention is not allowed (e.g.
+    ``nn.Transformer.generate_square_subsequent_mask``); a ``-inf`` that makes outputs NaN or +inf
+    is refused on the outputs.
+    """
+    if not cast.is_floating_point() or bool(torch.isfinite(cast).all()):
+        return
+    if bool(torch.isnan(cast).any()) or bool((cast == float("inf")).any()):
+        raise NonFiniteError(
+            f"{_path_name(path)} contains NaN or +infinity (after casting to the model's dtype "
+            f"{cast.dtype}); inputs must be finite, or -inf where an additive mask blocks a position."
+        )
+    created = (cast == float("-inf")) & ~(original.to(cast.device) == float("-inf"))
+    if bool(created.any()):
+        raise NonFiniteError(
+            f"{_path_name(path)} holds values beyond the range of the model's dtype {cast.dtype}: "
+            f"casting them from {original.dtype} made them -infinity. Scale the inputs, or run the "
+            "model in a wider dtype."
+        )
 
 
 def input_bytes_per_row(inputs: Inputs) -> int:
