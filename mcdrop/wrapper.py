@@ -438,6 +438,14 @@ class MCDropout:
             "seed": self.seed,
             "max_batch_size": self.max_batch_size,
             "memory_budget": self.memory_budget,
+            # how the passes are drawn and read: another setting would mix two sets of draws
+            "strategy": self.strategy,
+            "dtype": str(self.dtype),
+            "output": _describe_option(self.output),
+            "output_batch_dim": self.output_batch_dim,
+            "batch_dim": _describe_option(self.batch_dim),
+            # which sites are sampled, at which rates (include=, exclude=, drop_path=, set_dropout_rate)
+            "sampled_sites": [f"{s.path or '<model>'}:{s.kind}:{s.rate}" for s in self.sites if s.sampled],
         }
 
     def _stream_metrics(
@@ -744,6 +752,15 @@ def _negligible(variance: torch.Tensor, mean: torch.Tensor) -> bool:
 
 
 _CHECKPOINT_FORMAT = "mcdrop-predict-loader-checkpoint"
+
+
+def _describe_option(value: Any) -> str:
+    """A stable text for an option in a checkpoint fingerprint (a callable by its qualified name)."""
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    if isinstance(value, Mapping):
+        return repr(sorted((repr(k), repr(v)) for k, v in value.items()))
+    return repr(value)
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

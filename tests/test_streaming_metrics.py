@@ -418,6 +418,28 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
         mcdrop.MCDropout(classifier(), n_samples=4, seed=0).predict_loader(
             loader, keep="metrics", checkpoint=path, progress=False
         )
+    # every setting that changes the draws or what is read from them is part of the configuration
+    others = {
+        "strategy": {"strategy": "loop"},
+        "dtype": {"dtype": torch.bfloat16},
+        "output": {"output": lambda out: out},
+        "output_batch_dim": {"output_batch_dim": -2},
+        "batch_dim": {"batch_dim": {"*": 0, "extra": None}},
+    }
+    for changed, options in others.items():
+        with pytest.raises(InvalidInputError, match=f"differs in {changed}"):
+            mcdrop.MCDropout(classifier(), n_samples=3, seed=0, **options).predict_loader(
+                loader, keep="metrics", checkpoint=path, progress=False
+            )
+    mcdrop.set_dropout_rate(model := classifier(), 0.1)
+    with pytest.raises(InvalidInputError, match="differs in sampled_sites"):
+        mcdrop.MCDropout(model, n_samples=3, seed=0).predict_loader(
+            loader, keep="metrics", checkpoint=path, progress=False
+        )
+    # the same settings resume (here: the finished run answers at once)
+    mcdrop.MCDropout(classifier(), n_samples=3, seed=0).predict_loader(
+        loader, keep="metrics", checkpoint=path, progress=False
+    )
     bad = tmp_path / "bad.pt"
     torch.save({"hello": 1}, bad)
     with pytest.raises(InvalidInputError, match="not a predict_loader checkpoint"):
