@@ -11,13 +11,17 @@ remaining passes:
   deterministic *trunk* that need not be repeated per sample;
 * the FLOPs of the trunk and of the stochastic part (matrix products, convolutions, attention, as
   counted by :mod:`torch.utils.flop_counter`) and the largest single activation of each, per row,
-  for choosing chunk sizes.
+  for choosing chunk sizes;
+* the peak of the tensor storage the pass allocated and held at once (:class:`LiveBytes`), per
+  row, for keeping passes within a memory budget.
 
 The mode only observes: it never changes a result or the random stream.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +37,15 @@ try:  # the FLOP formulas of torch's own FLOP counter
 except ImportError:  # pragma: no cover - present in every supported torch
     _FLOP_REGISTRY = {}
 
-__all__ = ["ProbeMode", "ProbeReport", "RngState", "rng_restore", "rng_snapshot"]
+__all__ = [
+    "LiveBytes",
+    "PeakBytesMode",
+    "ProbeMode",
+    "ProbeReport",
+    "RngState",
+    "rng_restore",
+    "rng_snapshot",
+]
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class ProbeReport:
         max_bytes: Largest single operation output, per row.
         max_stochastic_bytes: Largest output of an operation downstream of a random draw, per row.
         random_ops: Names of the torch operations that drew random numbers.
+        peak_bytes: Most bytes of tensor storage allocated by the pass and alive at once, per row.
+        peak_stochastic_bytes: The same for the storage of operations downstream of a random draw
+            (what grows with the samples of a vmap pass), per row.
     """
 
     rows: int
@@ -59,12 +74,96 @@ class ProbeReport:
     max_bytes: float
     max_stochastic_bytes: float
     random_ops: tuple[str, ...] = ()
+    peak_bytes: float = 0.0
+    peak_stochastic_bytes: float = 0.0
 
     @property
     def trunk_fraction(self) -> float:
         """Share of the FLOPs that a hoisted run computes once instead of once per sample."""
         total = self.trunk_flops + self.stochastic_flops
         return self.trunk_flops / total if total > 0 else 0.0
+
+
+class LiveBytes:
+    """Bytes of the tensor storage that a pass's operations returned and that is still alive, and its peak.
+
+    Each storage counts once while any tensor using it lives (views share their base's storage);
+    storage freed by the time the next operation returns no longer counts. This is what a pass
+    holds at its fullest, measured without an allocator (the CPU has no memory statistics) and
+    without counting parameters or inputs allocated before it.
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        #: The same for storage first returned by an operation downstream of a random draw.
+        self.live_stochastic = 0
+        self.peak_stochastic = 0
+        self._users: dict[int, list[int]] = {}  # storage -> [users, bytes, stochastic]
+
+    def _release(self, key: int) -> None:
+        entry = self._users.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            self.live_stochastic -= entry[1] * entry[2]
+            del self._users[key]
+
+    @staticmethod
+    def _storage_key(t: Tensor) -> tuple[int, int] | None:
+        if t.device.type == "meta" or t.is_nested:
+            return None
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
+            return None
+        key = storage.data_ptr()
+        return None if key == 0 else (key, storage.nbytes())
+
+    def observe(self, outputs: list[Tensor], inputs: Sequence[Tensor] = (), stochastic: bool = False) -> None:
+        """Count the storages of an operation's outputs (once each) and update the peaks.
+
+        An output that shares the storage of an input allocated before the pass (a view of a
+        parameter, an in-place op on an input) allocated nothing and is not counted.
+        ``stochastic``: the operation depends on a random draw.
+        """
+        before: set[int] | None = None
+        for t in outputs:
+            found = self._storage_key(t)
+            if found is None:
+                continue
+            key, nbytes = found
+            if key not in self._users:
+                if before is None:
+                    before = {k[0] for k in map(self._storage_key, inputs) if k is not None}
+                if key in before:
+                    continue
+            entry = self._users.setdefault(key, [0, nbytes, int(stochastic)])
+            if entry[0] == 0:
+                self.live += entry[1]
+                self.live_stochastic += entry[1] * entry[2]
+            entry[0] += 1
+            weakref.finalize(t, self._release, key)
+        self.peak = max(self.peak, self.live)
+        self.peak_stochastic = max(self.peak_stochastic, self.live_stochastic)
+
+
+class PeakBytesMode(TorchDispatchMode):
+    """A dispatch mode that only measures :class:`LiveBytes` (``mode.meter.peak`` afterwards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meter = LiveBytes()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.meter.observe(
+            [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)],
+            [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)],
+        )
+        return out
 
 
 def _generator_states() -> list[Tensor]:
@@ -93,6 +192,7 @@ class ProbeMode(TorchDispatchMode):
         self.stochastic_flops = 0.0
         self.max_bytes = 0
         self.max_stochastic_bytes = 0
+        self.live = LiveBytes()
 
     def own_draw(self, active: bool) -> None:
         """Mark the draws made while ``active`` as mcdrop's own (hooked into the fast masks)."""
@@ -118,6 +218,7 @@ class ProbeMode(TorchDispatchMode):
             for t in (*outputs, *written):
                 self._tainted[t] = True
         flops = self._flops(func, args, kwargs, out)
+        self.live.observe(outputs, inputs, stochastic)
         size = max((_nbytes(t) for t in outputs), default=0)
         self.max_bytes = max(self.max_bytes, size)
         if stochastic:
@@ -161,6 +262,8 @@ class ProbeMode(TorchDispatchMode):
             max_bytes=self.max_bytes / rows,
             max_stochastic_bytes=self.max_stochastic_bytes / rows,
             random_ops=tuple(sorted(self.random_ops)),
+            peak_bytes=self.live.peak / rows,
+            peak_stochastic_bytes=self.live.peak_stochastic / rows,
         )
 
 

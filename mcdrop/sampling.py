@@ -38,7 +38,7 @@ from torch import nn
 from mcdrop._checks import check_choice
 from mcdrop._fastdropout import FastContext, accelerated
 from mcdrop._gatecheck import CHECK_ROWS, NoDropout, rng_untouched
-from mcdrop._probe import ProbeMode, ProbeReport, RngState, rng_restore, rng_snapshot
+from mcdrop._probe import PeakBytesMode, ProbeMode, ProbeReport, RngState, rng_restore, rng_snapshot
 from mcdrop.errors import (
     InvalidInputError,
     InvalidTypeError,
@@ -53,6 +53,11 @@ OutputSelector = Callable[[Any], Any] | str | int | None
 #: sizes automatically (inputs and outputs times a safety factor for intermediate activations).
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 _ACTIVATION_FACTOR = 16
+#: Margin on a measured peak (tensor storage of an observed pass, per row) when sizing passes.
+_PEAK_MARGIN = 1.25
+#: Extra margin on the peak of the row check's pass, which ran with dropout as the identity (a
+#: sampling pass also holds the masks and the dropped copies).
+_CHECK_MARGIN = 2.0
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -411,11 +416,24 @@ def plan_work(start: int, stop: int, n_samples: int, max_rows: int) -> Iterator[
 
 
 def auto_max_batch_size(
-    inputs: Inputs, out_bytes_per_row: int | None, memory_budget: int, n_samples: int
+    inputs: Inputs,
+    out_bytes_per_row: int | None,
+    memory_budget: int,
+    n_samples: int,
+    measured_bytes_per_row: float | None = None,
 ) -> int:
-    """Rows per forward pass so that inputs and outputs times a safety factor fit ``memory_budget``."""
-    per_row = input_bytes_per_row(inputs) + (out_bytes_per_row or 0)
-    rows = memory_budget // (per_row * _ACTIVATION_FACTOR)
+    """Rows per forward pass that fit ``memory_budget``.
+
+    With ``measured_bytes_per_row`` (the peak of what an observed pass held, per row): that with a
+    margin, plus the copy of the inputs a pass makes. Without: inputs and outputs times a safety
+    factor for the activations in between.
+    """
+    in_out = input_bytes_per_row(inputs) + (out_bytes_per_row or 0)
+    if measured_bytes_per_row is not None and measured_bytes_per_row > 0:
+        per_row = measured_bytes_per_row * _PEAK_MARGIN + input_bytes_per_row(inputs)
+    else:
+        per_row = in_out * _ACTIVATION_FACTOR
+    rows = int(memory_budget // max(per_row, 1.0))
     return int(max(1, min(rows, n_samples * inputs.batch_size)))
 
 
@@ -537,6 +555,7 @@ class _Decision:
     reason: str
     mixes_rows: bool = False
     head_samples: int = 1
+    first_row_bytes: float | None = None
 
 
 def _signature(inputs: Inputs, *rest: Any) -> tuple[Any, ...]:
@@ -587,6 +606,8 @@ class _Engine:
         self.autocast_dtype = autocast_dtype
         self.device = device
         self.ctx: FastContext | None = None
+        # Peak bytes per row of the row check's first pass (see rows_mix), for sizing the first pass.
+        self.measured_row_bytes: float | None = None
         # Off the CPU, bad rows are flagged on the device and checked once after the last chunk,
         # so the loop never waits for the device (no host-device synchronisation per chunk).
         self.bad_rows: list[torch.Tensor] = []
@@ -710,7 +731,7 @@ class _Engine:
         Returns the :class:`_Decision`.
         """
         batch = self.inputs.batch_size
-        mixes = self.rows_mix()
+        mixes = self.rows_mix(max_batch_size, memory_budget)
         if mixes:
             if strategy == "replicate" and self.n > 1:
                 raise UnsupportedModelError(
@@ -729,7 +750,7 @@ class _Engine:
         if max_batch_size is not None:
             s0, e0, k0 = next(plan_work(0, batch, self.n, max_batch_size))
         else:
-            s0, e0, k0 = 0, self.first_rows(memory_budget, mixes), 1
+            s0, e0, k0 = 0, self.first_rows(memory_budget, mixes, self.measured_row_bytes), 1
         if strategy == "loop" or mixes:
             k0 = 1  # the head pass holds no replicas
         before_probe = self._snapshot()
@@ -744,7 +765,7 @@ class _Engine:
                 "; a row's output depends on the other rows of its pass: every pass holds the whole "
                 "batch once, never replicas"
             )
-        decision = _Decision(candidates[0], report, out_row, reason, mixes, k0)
+        decision = _Decision(candidates[0], report, out_row, reason, mixes, k0, self.measured_row_bytes)
         head_yielded = False
         for position, candidate in enumerate(candidates):
             decision.strategy = candidate
@@ -804,61 +825,71 @@ class _Engine:
                 )
         return decision  # pragma: no cover - the loop always returns or raises
 
-    def rows_mix(self) -> bool:
+    def rows_mix(self, max_batch_size: int | None, memory_budget: int | None) -> bool:
         """Whether the output of a row depends on the other rows of its forward pass.
 
         Such a model (a mean or a normalisation over the batch, attention across rows) cannot have
         replicas of the batch in one pass, which would mix MC samples, nor a batch split into
-        chunks, which would change every row's neighbours. The check runs once per decision, on at
-        most :data:`~mcdrop._gatecheck.CHECK_ROWS` rows, with the modules in the modes they sample
-        in, every dropout operation the identity and every RNG left as it was: the output of the rows
-        together must equal, row by row, the outputs of their two halves run apart. A batch of
-        one row (or of identical rows) is checked against a changed copy of that row (float inputs
-        scaled and shifted, integer ones rolled along their last dimension). When the model fails
-        on the check's rows or its output is not deterministic, the check says no (nothing changes).
-        Randomness other than dropout operations (a hand-made ``torch.rand`` mask) can make it say
-        yes for a model that does not mix rows: the samples are then drawn one whole batch per
-        pass, correct but slower.
+        chunks, which would change every row's neighbours. The check runs once per decision with
+        the modules in the modes they sample in, every dropout operation the identity and every
+        RNG left as it was: the output of a few rows together must equal, row by row, the outputs
+        of their two halves run apart. A batch of one row (or of identical rows) is checked against
+        a changed copy of that row (float inputs scaled and shifted, integer ones rolled along their
+        last dimension). When the model fails on the check's rows or its output is not
+        deterministic, the check says no (nothing changes). Randomness other than dropout
+        operations (a hand-made ``torch.rand`` mask) can make it say yes for a model that does not
+        mix rows: the samples are then drawn one whole batch per pass, correct but slower.
+
+        Its passes stay within the limits of the call: a first pass of one row measures what a row
+        holds at the peak (kept in :attr:`measured_row_bytes`, which sizes the first sampling
+        pass), then at most :data:`~mcdrop._gatecheck.CHECK_ROWS` rows, no more than
+        ``max_batch_size`` and than fit ``memory_budget`` (at least two). With ``max_batch_size=1``
+        there is no check (every pass holds one row of one sample anyway).
         """
         batch = self.inputs.batch_size
-        if batch == 0:
+        if batch == 0 or (max_batch_size is not None and max_batch_size < 2):
             return False
-        rows = slice_batch(self.inputs, 0, min(batch, CHECK_ROWS))
-        if rows.batch_size < 2 or _all_rows_alike(rows):
-            first = slice_batch(rows, 0, 1)
-            other = _other_row(first)
-            if other is None:
-                return False
-            rows = _concat_rows(first, other)
-        split = rows.batch_size // 2
         compiled = type(self.model).__name__ == "OptimizedModule" and hasattr(self.model, "_orig_mod")
         model = self.model._orig_mod if compiled else self.model
         _, dtype = model_device_dtype(model)
-        tolerance = max(
-            [1e-4]
-            + [
-                64 * torch.finfo(d).eps
-                for d in (dtype, self.autocast_dtype)
-                if d is not None and d.is_floating_point
-            ]
-        )
+        eps = [
+            torch.finfo(d).eps for d in (dtype, self.autocast_dtype) if d is not None and d.is_floating_point
+        ]
+        tolerance = max([1e-4] + [64 * e for e in eps])
         cuda = []
         if self.device.type == "cuda":
             cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         enabled = self.ctx.enabled if self.ctx is not None else None
 
-        def run(part: Inputs) -> Any:
-            args, kwargs = replicate(part, 1)
+        def run(part: Inputs, meter: PeakBytesMode | None = None) -> Any:
             with rng_untouched(0, cuda), NoDropout(), self._autocast():
-                out = select_output(model(*args, **kwargs), self.output, self.pair)
+                with meter if meter is not None else contextlib.nullcontext():
+                    args, kwargs = replicate(part, 1)
+                    out = select_output(model(*args, **kwargs), self.output, self.pair)
             return _rows_first(out, self.output_batch_dim)
 
         try:
             if self.ctx is not None:
                 self.ctx.enabled = False  # the engine's faster dropout would ignore eval mode
+            first = slice_batch(self.inputs, 0, 1)
+            meter = PeakBytesMode()
+            first_out = run(first, meter)
+            self.measured_row_bytes = float(meter.meter.peak) * _CHECK_MARGIN
+            fit = auto_max_batch_size(
+                self.inputs, None, _budget(memory_budget), self.n, self.measured_row_bytes
+            )
+            cap = min(batch, CHECK_ROWS, max_batch_size or CHECK_ROWS, max(2, fit))
+            rows = slice_batch(self.inputs, 0, cap)
+            if rows.batch_size < 2 or _all_rows_alike(rows):
+                other = _other_row(first)
+                if other is None:
+                    return False
+                rows = _concat_rows(first, other)
+            split = rows.batch_size // 2
             whole = run(rows)
+            head = first_out if split == 1 else run(slice_batch(rows, 0, split))
             if not (
-                _row_gap(whole, run(slice_batch(rows, 0, split)), 0, tolerance)
+                _row_gap(whole, head, 0, tolerance)
                 or _row_gap(whole, run(slice_batch(rows, split, rows.batch_size)), split, tolerance)
             ):
                 return False
@@ -965,16 +996,18 @@ class _Engine:
         return chunk, None
 
     # ------------------------------------------------------------------ planning
-    def first_rows(self, memory_budget: int | None, mixes_rows: bool = False) -> int:
+    def first_rows(
+        self, memory_budget: int | None, mixes_rows: bool = False, row_bytes: float | None = None
+    ) -> int:
         """Rows of the first pass (one sample each) when chunks are sized automatically.
 
-        The whole batch when ``mixes_rows`` (see :meth:`rows_mix`), whatever the budget.
+        Sized from ``row_bytes`` (what the row check's pass held at its peak, per row) where it was
+        measured. The whole batch when ``mixes_rows`` (see :meth:`rows_mix`), whatever the budget.
         """
         if mixes_rows:
             return self.inputs.batch_size
-        return min(
-            self.inputs.batch_size, auto_max_batch_size(self.inputs, None, _budget(memory_budget), self.n)
-        )
+        rows = auto_max_batch_size(self.inputs, None, _budget(memory_budget), self.n, row_bytes)
+        return min(self.inputs.batch_size, rows)
 
     def plan(
         self, decision: _Decision, max_batch_size: int | None, memory_budget: int | None, *, probed: bool
@@ -997,7 +1030,7 @@ class _Engine:
             if h < k0:  # the head pass (loop, or a model mixing rows) has fewer samples
                 work = [(s0, e0, h), (s0, e0, k0 - h), *work[1:]]
             return work[1:] if probed else work
-        r0 = self.first_rows(memory_budget, decision.mixes_rows)
+        r0 = self.first_rows(memory_budget, decision.mixes_rows, decision.first_row_bytes)
         rows = self._rows_per_pass(decision, memory_budget, r0)
         if decision.strategy == "vmap" and not probed:
             return list(plan_work(0, batch, self.n, rows))
@@ -1007,12 +1040,29 @@ class _Engine:
     def _rows_per_pass(self, decision: _Decision, memory_budget: int | None, r0: int) -> int:
         report = decision.report
         if decision.strategy == "vmap" and report is not None:
-            # Only what follows the first random draw grows with the samples of a vmap pass.
-            per_row = (report.max_stochastic_bytes + decision.out_row_bytes) * _ACTIVATION_FACTOR
-            rows_memory = int(max(1, _budget(memory_budget) // max(per_row, 1.0)))
+            # Only what follows the first random draw grows with the samples of a vmap pass: what
+            # that part held at its peak in the probe, per row, with a margin (or, unmeasured, its
+            # largest activation times a safety factor).
+            budget = _budget(memory_budget)
+            if report.peak_stochastic_bytes > 0:
+                # A pass of k samples of b rows holds the trunk of b rows once and the rest k times.
+                per_row = report.peak_stochastic_bytes * _PEAK_MARGIN + decision.out_row_bytes
+                trunk_row = max(report.peak_bytes - report.peak_stochastic_bytes, 0.0) * _PEAK_MARGIN
+                batch = self.inputs.batch_size
+                if budget >= batch * (per_row + trunk_row):
+                    rows_memory = int((budget - batch * trunk_row) // max(per_row, 1.0))
+                else:
+                    rows_memory = int(max(1, budget // max(per_row + trunk_row, 1.0)))
+            else:
+                per_row = (report.max_stochastic_bytes + decision.out_row_bytes) * _ACTIVATION_FACTOR
+                rows_memory = int(max(1, budget // max(per_row, 1.0)))
         else:
             rows_memory = auto_max_batch_size(
-                self.inputs, decision.out_row_bytes, _budget(memory_budget), self.n
+                self.inputs,
+                decision.out_row_bytes,
+                _budget(memory_budget),
+                self.n,
+                report.peak_bytes if report is not None else decision.first_row_bytes,
             )
         rows = rows_memory
         if memory_budget is None and self.device.type == "cpu" and report is not None:

@@ -85,7 +85,9 @@ class MCDropout:
         max_batch_size: Most rows per forward pass (replicas times inputs). ``None`` chooses from
             ``memory_budget`` and the sizes of inputs, outputs and activations (on the CPU, passes
             small enough to stay fast; see ``docs/performance.md``).
-        memory_budget: Bytes one forward pass may use, for the automatic choice (default 256 MiB).
+        memory_budget: Bytes of tensor storage one forward pass may hold, for the automatic choice
+            (default 256 MiB), as measured on a first pass of one row and on the probe pass (see
+            ``docs/performance.md``). A model whose rows affect each other always gets whole batches.
         seed: An integer in ``[0, 2**64)`` that makes the samples exactly reproducible: a wrapper
             built with the same seed and the same options draws the same sequence of samples over
             the same calls. The draws depend on how the passes are cut into forward passes, so
@@ -592,7 +594,8 @@ class MCDropout:
         key = (_signature(inputs), tuple(gates))
         if key in self._gates_checked:
             return
-        rows = slice_batch(inputs, 0, min(inputs.batch_size, CHECK_ROWS))
+        # No more rows than a sampling pass may hold (max_batch_size).
+        rows = slice_batch(inputs, 0, min(inputs.batch_size, CHECK_ROWS, self.max_batch_size or CHECK_ROWS))
         device, _ = model_device_dtype(self.model)
         cuda = []
         if device is not None and device.type == "cuda":

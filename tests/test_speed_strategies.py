@@ -577,13 +577,16 @@ class LiveTensorBytes(TorchDispatchMode):
             self.live -= entry[1]
             del self._users[key]
 
+    def _skip(self, key: int, args, kwargs) -> bool:
+        return key == 0
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key == 0:
+                if self._skip(key, args, kwargs):
                     continue
                 entry = self._users.setdefault(key, [0, storage.nbytes()])
                 if entry[0] == 0:
@@ -603,6 +606,68 @@ def peak_bytes(fn) -> int:
 def segmenter() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Dropout2d(0.2), nn.Conv2d(8, 21, 1)).eval()
+
+
+class AllocatedBytes(LiveTensorBytes):
+    """Like :class:`LiveTensorBytes`, but a view of a tensor from before the pass (a parameter's
+    transpose) allocates nothing and is not counted."""
+
+    def _skip(self, key: int, args, kwargs) -> bool:
+        if key == 0 or key in self._users:
+            return key == 0
+        return any(
+            t.untyped_storage().data_ptr() == key
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        )
+
+
+def wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, 1024), nn.ReLU(), nn.Dropout(0.5), nn.Linear(1024, 1024), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(1024, 3),
+    ).eval()  # fmt: skip
+
+
+def wide_cnn() -> nn.Module:
+    """Activations 21 times the size of the input: an estimate from the input alone misjudges it."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.Dropout(0.3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["auto", "replicate", "loop", "vmap"])
+@pytest.mark.parametrize(
+    "make, x, budget",
+    [(wide_mlp, torch.randn(256, 16), 2 * 2**20), (wide_cnn, torch.randn(64, 3, 16, 16), 2 * 2**20)],
+    ids=["wide-mlp", "wide-cnn"],
+)
+def test_every_pass_stays_within_an_explicit_memory_budget(strategy, make, x, budget):
+    """Each forward pass, the checks included, holds at most the budget (tensor storage it allocated)."""
+    net = make()
+    peaks: list[int] = []
+    meters: list[AllocatedBytes] = []
+
+    def start(module, args):
+        meters.append(AllocatedBytes().__enter__())
+
+    def stop(module, args, out):
+        meter = meters.pop()
+        meter.__exit__(None, None, None)
+        peaks.append(meter.peak)
+
+    handles = [net.register_forward_pre_hook(start), net.register_forward_hook(stop)]
+    try:
+        mc = mcdrop.MCDropout(net, n_samples=20, seed=0, memory_budget=budget, strategy=strategy)
+        mc.sample(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert max(peaks) <= budget, f"a pass held {max(peaks) / budget:.2f} x the budget"
+    assert len(peaks) < 20 * x.shape[0]  # and it is not met by one row per pass
 
 
 def test_the_memory_meter_sees_memory_that_grows_with_n():
