@@ -80,7 +80,10 @@ def main() -> None:
     ale = pred.aleatoric_variance.mean().item()
     print(f"mean epistemic variance {epi:.4f}, mean aleatoric variance {ale:.4f} (standardised units)")
     print(f"RMSE {metrics.rmse(pred.mean, yv) * sd_y:.2f} (original units)")
-    print(f"Gaussian NLL {metrics.gaussian_nll(pred.mean, pred.total_std, yv):.3f}")
+    # In original units: the mean and std scale by sd_y (the NLL shifts by log(sd_y)); coverage is unitless.
+    y_orig = to_t(y_te)
+    mean_orig, std_orig = pred.mean * sd_y + mu_y, pred.total_std * sd_y
+    print(f"Gaussian NLL {metrics.gaussian_nll(mean_orig, std_orig, y_orig):.3f} (original units)")
     print(f"95% interval coverage (PICP) {metrics.picp(pred.mean, pred.total_std, yv, level=0.95):.3f}")
     share = np.mean((pred.aleatoric_variance / pred.total_variance).numpy())
     print(f"share of the predictive variance that is aleatoric: {share:.2f}")

@@ -17,13 +17,14 @@ array in gives a numpy array out.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mcdrop._checks import check_real
-from mcdrop.errors import InvalidInputError, McdropError
+from mcdrop.errors import InvalidInputError, McdropError, McdropWarning
 from mcdrop.metrics._inputs import (
     F64,
     ArrayLike,
@@ -112,8 +113,10 @@ class TemperatureScaling:
 
     The 1-D problem is solved with bounded Brent minimisation over :math:`\log T` (scipy); the NLL is
     unimodal in :math:`\log T` for single logits. If the optimum found is not better than ``T = 1``
-    on the fitting data, ``T = 1`` is kept, so fitting never increases the NLL of the data it was
-    fitted on.
+    on the fitting data, ``T = 1`` is kept, so when the bounds contain 1 (the default) fitting never
+    increases the NLL of the data it was fitted on. Bounds that exclude 1 force a temperature in
+    them even when it is worse than leaving the logits alone: ``nll_after_`` can then exceed
+    ``nll_before_``, and :meth:`fit` warns (:class:`~mcdrop.errors.McdropWarning`) when it does.
 
     Args:
         bounds: Search interval ``(T_min, T_max)`` for the temperature (default ``(0.01, 100)``).
@@ -122,7 +125,8 @@ class TemperatureScaling:
     Attributes:
         temperature_: The fitted temperature (after :meth:`fit`).
         nll_before_: Validation NLL at ``T = 1``.
-        nll_after_: Validation NLL at the fitted temperature (never larger than ``nll_before_``).
+        nll_after_: Validation NLL at the fitted temperature (never larger than ``nll_before_``
+            when the bounds contain 1).
 
     Example:
         >>> import torch
@@ -194,6 +198,14 @@ class TemperatureScaling:
         if not best_nll < nll_one and low <= 1.0 <= high:
             best_t, best_nll = 1.0, nll_one
         self.temperature_, self.nll_before_, self.nll_after_ = best_t, nll_one, best_nll
+        if best_nll > nll_one:
+            warnings.warn(
+                f"TemperatureScaling: the best temperature within bounds=({low:g}, {high:g}) is {best_t:.4g}, "
+                f"whose NLL ({best_nll:.4g}) is higher than that of the unscaled logits ({nll_one:.4g}); "
+                "the bounds exclude T = 1. Widen them to include 1 unless a temperature in them is required.",
+                McdropWarning,
+                stacklevel=2,
+            )
         return self
 
     def _temperature(self) -> float:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from mcdrop import metrics
-from mcdrop.errors import InvalidInputError, McdropError
+from mcdrop.errors import InvalidInputError, McdropError, McdropWarning
 from mcdrop.recalibration import IsotonicRecalibration, NotFittedError, TemperatureScaling, VarianceScaling
 
 
@@ -99,6 +100,19 @@ def test_temperature_one_is_kept_if_nothing_is_better() -> None:
     logits = np.zeros((4, 3))  # constant logits: every temperature gives the same NLL
     ts = TemperatureScaling().fit(logits, np.array([0, 1, 2, 0]))
     assert ts.temperature_ == 1.0 and ts.nll_after_ == ts.nll_before_ == pytest.approx(math.log(3))
+
+
+def test_bounds_that_exclude_one_can_raise_the_nll_and_fit_warns() -> None:
+    logits, labels = _tempered_data(400, 3, true_t=1.0, seed=3)  # calibrated: T = 1 is best
+    with pytest.warns(McdropWarning, match=r"bounds exclude T = 1"):
+        ts = TemperatureScaling(bounds=(3.0, 10.0)).fit(logits, labels)
+    assert ts.temperature_ == pytest.approx(3.0, rel=1e-3)  # the bound nearest the optimum
+    assert ts.nll_after_ > ts.nll_before_
+    assert ts.nll_after_ == pytest.approx(_nll(logits, labels, ts.temperature_), rel=1e-6)
+    # bounds that contain 1: no warning, and the NLL does not rise
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TemperatureScaling().fit(logits, labels).nll_after_ <= ts.nll_before_
 
 
 def test_temperature_scaling_errors() -> None:
