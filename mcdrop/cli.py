@@ -19,12 +19,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", required=True, help=".npz, .pt or .csv file with inputs and targets")
     rep.add_argument("--target", default="y", help="target column/key (default: %(default)s)")
     rep.add_argument("--inputs", default=None, help="input key for .npz/.pt (default: 'x' or 'X')")
-    rep.add_argument("--ood", help="out-of-distribution data file, same format (targets optional)")
+    rep.add_argument("--ood", help="out-of-distribution data file, same format (its targets are ignored)")
     rep.add_argument("--task", choices=["classification", "regression", "auto"], default="auto")
-    rep.add_argument("--n-samples", type=int, default=50)
+    rep.add_argument(
+        "--output",
+        type=int,
+        default=None,
+        metavar="J",
+        help="for a regression model with several outputs per input: the index of the one to report",
+    )
+    rep.add_argument("--n-samples", type=int, default=50, help="MC passes per input (default: %(default)s)")
     rep.add_argument("--batch-size", type=int, default=256)
     rep.add_argument("--device", default="cpu", help="where to evaluate, e.g. cpu or cuda:0 (default: cpu)")
     rep.add_argument("--seed", type=int, default=0)
@@ -86,12 +95,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mcdrop.errors import McdropError
 
     try:
+        _check_numbers(args)
         if args.command == "demo":
             return _demo(args)
         return _report(args)
     except (CliError, McdropError, OSError) as err:
         print(f"mcdrop {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+# (option, attribute, minimum, maximum): checked before any work. A demo seed also seeds scikit-learn's
+# train_test_split and numpy, which take [0, 2**32 - 1]; MCDropout takes [0, 2**64 - 1].
+_NUMBER_OPTIONS = {
+    "demo": [
+        ("--n-samples", "n_samples", 1, None),
+        ("--epochs", "epochs", 1, None),
+        ("--seed", "seed", 0, 2**32 - 1),
+    ],
+    "report": [
+        ("--n-samples", "n_samples", 1, None),
+        ("--batch-size", "batch_size", 1, None),
+        ("--seed", "seed", 0, 2**64 - 1),
+        ("--output", "output", 0, None),
+    ],
+}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numeric options up front, before any training, loading or writing."""
+    for option, attr, low, high in _NUMBER_OPTIONS[args.command]:
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        if value < low:
+            raise CliError(f"{option} must be at least {low}; got {value}")
+        if high is not None and value > high:
+            raise CliError(f"{option} must be at most {high}; got {value}")
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -149,11 +188,20 @@ _SAFE_LOAD_HINT = (
 
 
 def _first_line(err: BaseException) -> str:
-    """``Type: first line`` of an exception's message (torch's can span a screen)."""
-    lines = str(err).strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    if "Weights only load failed" in first or "Unsupported global" in str(err):
+    """``Type: message`` of an exception, in one short line (torch's messages can span a screen).
+
+    Usually the first line of the message. A TorchScript error starts with "The following operation
+    failed in the TorchScript interpreter" and a traceback of the scripted code; its cause
+    (e.g. ``RuntimeError: mat1 and mat2 shapes cannot be multiplied ...``) is the last line, so
+    that is kept instead.
+    """
+    text = str(err)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if "Weights only load failed" in first or "Unsupported global" in text:
         first = "the file holds pickled Python objects beyond tensors, which weights_only=True refuses"
+    elif len(lines) > 1 and ("TorchScript interpreter" in first or "Traceback of TorchScript" in text):
+        return lines[-1][:300]  # already "ErrorType: message"
     return f"{type(err).__name__}: {first[:300]}"
 
 
@@ -206,10 +254,23 @@ def _load_model(args: argparse.Namespace) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise CliError(f"cannot import module {module_name!r}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - the module's own code raised while importing
+        raise CliError(
+            f"cannot import module {module_name!r}: importing it raised {_first_line(err)}"
+        ) from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise CliError(f"module {module_name!r} has no callable {factory_name!r}")
-    model = factory()
+    required = _required_parameters(factory)
+    if required:
+        raise CliError(
+            f"--model {spec}: {factory_name}() needs arguments ({', '.join(required)}); the factory must be "
+            "callable with no arguments and return the nn.Module (wrap it: def make(): return Net(...))"
+        )
+    try:
+        model = factory()
+    except Exception as err:  # noqa: BLE001 - the factory is the user's code; any failure is theirs
+        raise CliError(f"calling {spec}() failed: {_first_line(err)}") from None
     if not isinstance(model, torch.nn.Module):
         raise CliError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     if args.weights:
@@ -224,7 +285,49 @@ def _load_model(args: argparse.Namespace) -> Any:
     return model.to(args.device).eval()
 
 
+def _required_parameters(func: Any) -> list[str]:
+    """Names of the parameters ``func`` cannot be called without (empty when unknown)."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # builtins and some C callables have none: just call them
+        return []
+    return [
+        name
+        for name, param in signature.parameters.items()
+        if param.default is inspect.Parameter.empty
+        and param.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+
+
+def _numbers(value: Any, path: Path, what: str) -> Any:
+    """``value`` (a tensor, an array or a nested list of numbers from a data file) as a tensor."""
+    import numpy as np
+    import torch
+
+    expected = "expected a tensor or array of numbers with one row per input"
+    if isinstance(value, np.ndarray) and not (
+        np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.bool_)
+    ):
+        sample = value.reshape(-1)[:1].tolist()
+        got = f"an array of dtype {value.dtype}" + (f" (first value {sample[0]!r})" if sample else "")
+        raise CliError(f"{path}: {what} must be numbers; got {got}; {expected}")
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        got = type(value).__name__
+        if isinstance(value, (list, tuple)) and value:
+            got += f" starting with {type(value[0]).__name__} {value[0]!r:.40}"
+        raise CliError(f"{path}: {what} must be numbers; got {got}; {expected}") from None
+    if tensor.dim() == 0:
+        raise CliError(f"{path}: {what} is a single number; {expected}")
+    return tensor
+
+
 def _load_data(path_text: str, args: argparse.Namespace, need_target: bool) -> tuple[Any, Any]:
+    """Inputs and targets of a data file; ``need_target=False`` (the ``--ood`` file) ignores its targets.
+
+    The inputs come back as a tensor, the targets as a tensor or (``need_target=False``) ``None``.
+    """
     import numpy as np
     import torch
 
@@ -239,18 +342,37 @@ def _load_data(path_text: str, args: argparse.Namespace, need_target: bool) -> t
             frame = pd.read_csv(path)
         except Exception as err:  # noqa: BLE001
             raise CliError(f"could not read {path} as CSV: {err}") from None
+        if len(frame) == 0:
+            raise CliError(f"{path} has no data rows (only a header: {list(frame.columns)})")
         if args.target in frame.columns:
-            y = frame[args.target].to_numpy()
+            y = frame[args.target] if need_target else None
             x = frame.drop(columns=[args.target])
         elif need_target:
             raise CliError(f"{path} has no target column {args.target!r}; columns are {list(frame.columns)}")
         else:
             y, x = None, frame
-        non_numeric = [c for c in x.columns if not np.issubdtype(x[c].dtype, np.number)]
+        if len(x.columns) == 0:
+            raise CliError(
+                f"{path} has no feature columns (only the target column {args.target!r}); every column "
+                "other than --target is an input"
+            )
+        # pandas' own predicates: pandas >= 3 reads text as a StringDtype, which numpy cannot interpret
+        types = pd.api.types
+        non_numeric = [c for c in x.columns if not types.is_numeric_dtype(x[c]) or types.is_bool_dtype(x[c])]
         if non_numeric:
             raise CliError(f"{path}: input columns must be numeric; these are not: {non_numeric}")
-        xs = torch.from_numpy(x.to_numpy(dtype=np.float32))
-        return xs, None if y is None else torch.from_numpy(np.array(y))
+        xs = torch.from_numpy(x.to_numpy(dtype=np.float32, na_value=np.nan))
+        if y is None:
+            return xs, None
+        if not types.is_numeric_dtype(y):
+            not_numbers = y[pd.to_numeric(y, errors="coerce").isna() & y.notna()]
+            bad = not_numbers.iloc[0] if len(not_numbers) else y.iloc[0]
+            raise CliError(
+                f"{path}: target column {args.target!r} must hold numbers (class labels 0..K-1, or "
+                f"regression targets); it holds {bad!r} (dtype {y.dtype})"
+            )
+        ys = y.to_numpy() if isinstance(y.dtype, np.dtype) else y.to_numpy(dtype=np.float64, na_value=np.nan)
+        return xs, torch.from_numpy(np.array(ys))  # a copy: pandas may hand out a read-only view
     if suffix == ".npz":
         try:
             store = dict(np.load(path, allow_pickle=False))
@@ -269,18 +391,20 @@ def _load_data(path_text: str, args: argparse.Namespace, need_target: bool) -> t
         raise CliError(f"unsupported data format {suffix!r} for {path}; use .npz, .pt or .csv")
     keys = [args.inputs] if args.inputs else ["x", "X", "inputs"]
     x_key = next((k for k in keys if k in store), None)
+    names = sorted(str(k) for k in store)
     if x_key is None:
-        raise CliError(f"{path} has no inputs under {keys}; keys are {sorted(store)} (use --inputs)")
-    x = torch.as_tensor(store[x_key])
+        raise CliError(f"{path} has no inputs under {keys}; keys are {names} (use --inputs)")
+    x = _numbers(store[x_key], path, f"the inputs {x_key!r}")
+    if len(x) == 0:
+        raise CliError(f"{path}: the inputs {x_key!r} have no rows (shape {tuple(x.shape)})")
     if x.is_floating_point():
         x = x.float()
-    y = store.get(args.target)
-    if y is None and need_target:
-        raise CliError(
-            f"{path} has no targets under {args.target!r}; keys are {sorted(store)} (use --target)"
-        )
-    y = None if y is None else torch.as_tensor(y)
-    if y is not None and len(y) != len(x):
+    if not need_target:
+        return x, None
+    if store.get(args.target) is None:
+        raise CliError(f"{path} has no targets under {args.target!r}; keys are {names} (use --target)")
+    y = _numbers(store[args.target], path, f"the targets {args.target!r}")
+    if len(y) != len(x):
         raise CliError(f"{path}: {len(x)} inputs but {len(y)} targets")
     return x, y
 
@@ -291,11 +415,7 @@ def _report(args: argparse.Namespace) -> int:
     import mcdrop
 
     out = Path(args.out)
-    _check_out(out, args.force)
-    if args.n_samples < 1:
-        raise CliError(f"--n-samples must be at least 1; got {args.n_samples}")
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be at least 1; got {args.batch_size}")
+    _check_out(out, args.force)  # --n-samples, --batch-size, --seed, --output: checked in main
     _check_device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _report_distributed(args, out)
@@ -303,14 +423,8 @@ def _report(args: argparse.Namespace) -> int:
     x, y = _load_data(args.data, args, need_target=True)
     mc = mcdrop.MCDropout(model, n_samples=args.n_samples, task=args.task, seed=args.seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch_size)
-    try:
+    with _model_errors(x, args.data):
         pred = mc.predict_loader(loader, progress=not args.quiet)
-    except mcdrop.McdropError:
-        raise
-    except RuntimeError as err:
-        raise CliError(
-            f"the model failed on inputs of shape {tuple(x.shape)} from {args.data}: {str(err).splitlines()[0]}"
-        ) from None
     ood = None
     if args.ood:
         x_ood, _ = _load_data(args.ood, args, need_target=False)
@@ -318,13 +432,61 @@ def _report(args: argparse.Namespace) -> int:
             raise CliError(
                 f"--ood inputs have shape {tuple(x_ood.shape[1:])} per row; --data has {tuple(x.shape[1:])}"
             )
-        ood = mcdrop.concat_predictions(
-            [mc.predict(x_ood[i : i + args.batch_size]) for i in range(0, len(x_ood), args.batch_size)]
-        )
-    report = mcdrop.report(pred, ood=ood, title=f"mcdrop report: {args.model} on {args.data}", model=mc)
+        with _model_errors(x_ood, args.ood):
+            ood = mcdrop.concat_predictions(
+                [mc.predict(x_ood[i : i + args.batch_size]) for i in range(0, len(x_ood), args.batch_size)]
+            )
+    report = _build_report(args, pred, ood, mc)
     report.save(out, overwrite=args.force)
     _say(args, f"mcdrop report: written to {out.resolve()}")
     return 0
+
+
+@contextlib.contextmanager
+def _model_errors(x: Any, source: str) -> Iterator[None]:
+    """Turn a failure of the model's forward pass on ``x`` (from file ``source``) into a one-line CliError.
+
+    mcdrop's own errors already say what was wrong and pass through, as do torch.distributed's.
+    """
+    import torch
+
+    from mcdrop.errors import McdropError
+
+    try:
+        yield
+    except McdropError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the model is the user's code; any failure is theirs
+        if isinstance(err, getattr(torch.distributed, "DistError", ())):  # absent from some builds
+            raise
+        raise CliError(
+            f"the model failed on inputs of shape {tuple(x.shape)} from {source}: {_first_line(err)}"
+        ) from None
+
+
+def _build_report(args: argparse.Namespace, pred: Any, ood: Any, mc: Any) -> Any:
+    """``mcdrop.report`` of the prediction, with ``--output`` checked against what the model gave."""
+    import mcdrop
+
+    if isinstance(pred, mcdrop.RegressionPrediction):
+        mean = pred.mean
+        d = 1 if mean.dim() == 1 else mean.shape[1]  # (n, d); a mean of more dims: mcdrop.report says
+        if mean.dim() <= 2 and args.output is None and d > 1:
+            raise CliError(
+                f"the model gives {d} outputs per input (mean of shape {tuple(mean.shape)}) and a report covers "
+                f"one: choose it with --output J (0 <= J < {d}), one report per output"
+            )
+        if mean.dim() <= 2 and args.output is not None and args.output >= d:
+            raise CliError(f"--output {args.output} is out of range: the model gives {d} output(s) per input")
+    elif args.output is not None:
+        raise CliError(
+            f"--output applies to regression models with several outputs; this is a {type(pred).__name__} "
+            "(pass --task regression if the model is a regressor)"
+        )
+    title = f"mcdrop report: {args.model} on {args.data}"
+    if args.output is not None:
+        title += f" (output {args.output})"
+    return mcdrop.report(pred, ood=ood, title=title, model=mc, output=args.output)
 
 
 def _report_distributed(args: argparse.Namespace, out: Path) -> int:
@@ -357,27 +519,18 @@ def _report_distributed(args: argparse.Namespace, out: Path) -> int:
         mc = mcdrop.MCDropout(model, n_samples=args.n_samples, task=args.task, seed=args.seed)
         _say(args, f"mcdrop report: evaluating {len(x)} inputs on {world} processes ...")
         dataset = torch.utils.data.TensorDataset(x, y)
-        try:
+        with _model_errors(x, args.data):
             loader = distributed.shard_loader(dataset, batch_size=args.batch_size)
             pred = distributed.predict_loader(mc, loader, progress=not args.quiet)
-            ood = None
-            if x_ood is not None:
+        ood = None
+        if x_ood is not None:
+            with _model_errors(x_ood, args.ood):
                 ood_loader = distributed.shard_loader(
                     torch.utils.data.TensorDataset(x_ood), batch_size=args.batch_size
                 )
                 ood = distributed.predict_loader(mc, ood_loader, progress=False)
-        except mcdrop.McdropError:
-            raise
-        except RuntimeError as err:
-            if isinstance(err, torch.distributed.DistError):
-                raise
-            raise CliError(
-                f"the model failed on inputs of shape {tuple(x.shape)} from {args.data}: {str(err).splitlines()[0]}"
-            ) from None
         if rank == 0:
-            report = mcdrop.report(
-                pred, ood=ood, title=f"mcdrop report: {args.model} on {args.data}", model=mc
-            )
+            report = _build_report(args, pred, ood, mc)
             report.save(out, overwrite=args.force)
             _say(args, f"mcdrop report: written to {out.resolve()} ({world} processes)")
     return 0

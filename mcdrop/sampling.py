@@ -887,6 +887,8 @@ class _Engine:
                 rows = _concat_rows(first, other)
             split = rows.batch_size // 2
             whole = run(rows)
+            if not (_finite_or_minus_inf(first_out) and _finite_or_minus_inf(whole)):
+                return False  # NaN or +inf outputs: sampling refuses them, with rows named
             head = first_out if split == 1 else run(slice_batch(rows, 0, split))
             if not (
                 _row_gap(whole, head, 0, tolerance)
@@ -1113,6 +1115,13 @@ def _row_gap(whole: Any, part: Any, start: int, tolerance: float) -> bool:
     gap = (rows - part).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
     same_inf = rows.isinf() & (rows == part)
     return bool((torch.where(same_inf, 0.0, gap) > tolerance * scale).any())
+
+
+def _finite_or_minus_inf(out: Any) -> bool:
+    """Whether an output (or pair) holds no NaN and no +inf."""
+    if isinstance(out, tuple):
+        return all(_finite_or_minus_inf(o) for o in out)
+    return not bool((out.isnan() | (out == float("inf"))).any())
 
 
 def _other_row(inputs: Inputs) -> Inputs | None:

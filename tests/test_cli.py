@@ -117,7 +117,16 @@ def test_report_from_csv_with_a_named_target(tmp_path: Path, scripted_model: Pat
 
 
 def test_torchscript_needs_trust_code(tmp_path: Path, scripted_model: Path, npz_data: Path, capsys) -> None:
-    args = ["report", "--model", str(scripted_model), "--data", str(npz_data), "--out", str(tmp_path / "r"), "--quiet"]
+    args = [
+        "report",
+        "--model",
+        str(scripted_model),
+        "--data",
+        str(npz_data),
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+    ]
     assert main(args) == 2
     assert "--trust-code" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
@@ -199,3 +208,244 @@ def test_python_dash_m_runs_the_command() -> None:
     )
     assert done.returncode == 0
     assert "demo" in done.stdout and "report" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input exits 2 with a short message naming what was wrong, never a traceback
+# ------------------------------------------------------------------------------------------------
+def _fails(argv: list[str], capsys) -> str:
+    """Run ``main(argv)``, check it exits 2 with one or two lines on stderr and no traceback; the text."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert 1 <= len(err.strip().splitlines()) <= 2, err
+    return err
+
+
+def _report_args(tmp_path: Path, model: Path | str, data: Path, *extra: str) -> list[str]:
+    out = str(tmp_path / "rep")
+    model_args = ["--model", str(model), "--trust-code", "--data", str(data)]
+    return ["report", *model_args, "--n-samples", "3", "--out", out, "--quiet", *extra]
+
+
+def _features(n: int = 12, seed: int = 0) -> pd.DataFrame:
+    return pd.DataFrame(np.random.default_rng(seed).normal(size=(n, 5)), columns=list("abcde"))
+
+
+def test_csv_with_string_targets_exits_2(tmp_path: Path, scripted_model: Path, capsys) -> None:
+    frame = _features()
+    frame["y"] = ["cat", "dog", "1"] * 4
+    data = tmp_path / "pets.csv"
+    frame.to_csv(data, index=False)
+    err = _fails(_report_args(tmp_path, scripted_model, data), capsys)
+    assert "target column 'y' must hold numbers" in err and "'cat'" in err
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("target", ["strings", "empty", "absent"])
+def test_ood_csv_targets_are_ignored(
+    tmp_path: Path, scripted_model: Path, npz_data: Path, capsys, target: str
+) -> None:
+    frame = _features(9, seed=1)
+    if target == "strings":
+        frame["y"] = ["cat", "dog", "bird"] * 3
+    elif target == "empty":
+        frame["y"] = np.nan
+    ood = tmp_path / "ood.csv"
+    frame.to_csv(ood, index=False)
+    assert main(_report_args(tmp_path, scripted_model, npz_data, "--ood", str(ood))) == 0, (
+        capsys.readouterr().err
+    )
+    summary = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("metric")["value"]
+    assert summary["n_ood"] == 9  # the target column, if any, was dropped, not used as a 6th input
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ({"x": ["a", "b"], "y": [0, 1]}, "the inputs 'x' must be numbers; got list starting with str 'a'"),
+        ({"x": {"a": 1}, "y": [0, 1]}, "the inputs 'x' must be numbers; got dict"),
+        ({"x": None, "y": [0, 1]}, "the inputs 'x' must be numbers; got NoneType"),
+        ({"x": torch.tensor(3.0), "y": [0]}, "the inputs 'x' is a single number"),
+        ({"x": torch.zeros(2, 5), "y": ["a", "b"]}, "the targets 'y' must be numbers; got list"),
+        ({"x": torch.zeros(2, 5), "y": {"a": 1}}, "the targets 'y' must be numbers; got dict"),
+    ],
+)
+def test_pt_data_that_are_not_numbers_exit_2(
+    tmp_path: Path, scripted_model: Path, capsys, store: dict, message: str
+) -> None:
+    data = tmp_path / "data.pt"
+    torch.save(store, data)
+    err = _fails(_report_args(tmp_path, scripted_model, data), capsys)
+    assert message in err, err
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (
+            {"x": np.array(["a", "b"]), "y": np.array([0, 1])},
+            "the inputs 'x' must be numbers; got an array of dtype",
+        ),
+        ({"x": np.zeros((2, 5), np.float32), "y": np.array(["a", "b"])}, "the targets 'y' must be numbers"),
+    ],
+)
+def test_npz_data_that_are_not_numbers_exit_2(
+    tmp_path: Path, scripted_model: Path, capsys, arrays: dict, message: str
+) -> None:
+    data = tmp_path / "data.npz"
+    np.savez(data, **arrays)
+    err = _fails(_report_args(tmp_path, scripted_model, data), capsys)
+    assert message in err and "'a'" in err, err
+
+
+def test_ood_pt_targets_are_ignored(tmp_path: Path, scripted_model: Path, npz_data: Path, capsys) -> None:
+    ood = tmp_path / "ood.pt"
+    torch.save({"x": torch.randn(7, 5), "y": ["not", "labels"]}, ood)  # wrong type and length: unused
+    assert main(_report_args(tmp_path, scripted_model, npz_data, "--ood", str(ood))) == 0, (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("boom", "calling cli_factories:boom() failed: ValueError: bad config"),
+        ("needs", "needs() needs arguments (n_in)"),
+        ("Net", "Net() needs arguments (width)"),
+        ("broken_import", None),
+    ],
+)
+def test_factory_that_fails_exits_2(
+    tmp_path: Path, npz_data: Path, monkeypatch, capsys, factory: str, message: str | None
+) -> None:
+    (tmp_path / "cli_factories.py").write_text(
+        "import torch\n"
+        "def boom():\n"
+        "    raise ValueError('bad config')\n"
+        "def needs(n_in, n_out=3):\n"
+        "    return torch.nn.Linear(n_in, n_out)\n"
+        "class Net(torch.nn.Linear):\n"
+        "    def __init__(self, width):\n"
+        "        super().__init__(5, width)\n"
+    )
+    (tmp_path / "cli_broken_module.py").write_text("raise RuntimeError('cannot configure')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = "cli_broken_module:make" if factory == "broken_import" else f"cli_factories:{factory}"
+    err = _fails(_report_args(tmp_path, spec, npz_data), capsys)
+    if message is None:
+        assert (
+            "cannot import module 'cli_broken_module'" in err and "RuntimeError: cannot configure" in err
+        ), err
+    else:
+        assert message in err, err
+
+
+@pytest.fixture()
+def two_output_regressor(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2)).eval()
+    path = tmp_path / "reg.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    return path
+
+
+def test_output_option_reports_the_chosen_output(tmp_path: Path, two_output_regressor: Path, capsys) -> None:
+    x = np.random.default_rng(0).normal(size=(30, 5)).astype(np.float32)
+    y = np.zeros((30, 2), np.float32)
+    y[:, 0] = 1e6  # output 0 is far off its targets, output 1 close: the RMSE shows which was reported
+    data = tmp_path / "reg.npz"
+    np.savez(data, x=x, y=y)
+    args = _report_args(tmp_path, two_output_regressor, data, "--task", "regression")
+
+    err = _fails(args, capsys)
+    assert "2 outputs per input" in err and "--output J (0 <= J < 2)" in err and "output=j" not in err, err
+    err = _fails([*args, "--output", "2"], capsys)
+    assert "--output 2 is out of range" in err, err
+
+    assert main([*args, "--output", "1"]) == 0, capsys.readouterr().err
+    summary = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("metric")["value"]
+    assert summary["RMSE"] < 10, summary["RMSE"]
+    assert "(output 1)" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_output_option_is_refused_for_a_classifier(
+    tmp_path: Path, scripted_model: Path, npz_data: Path, capsys
+) -> None:
+    err = _fails(_report_args(tmp_path, scripted_model, npz_data, "--output", "0"), capsys)
+    assert "--output applies to regression models" in err, err
+
+
+def test_torchscript_forward_failure_keeps_its_cause(tmp_path: Path, scripted_model: Path, capsys) -> None:
+    data = tmp_path / "wide.npz"
+    np.savez(data, x=np.zeros((4, 7), np.float32), y=np.zeros(4, int))
+    err = _fails(_report_args(tmp_path, scripted_model, data), capsys)
+    assert "failed on inputs of shape (4, 7)" in err, err
+    assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x7 and 5x16)" in err, err
+    assert "TorchScript interpreter" not in err, err
+
+
+def test_ood_forward_failure_exits_2(tmp_path: Path, scripted_model: Path, npz_data: Path, capsys) -> None:
+    ood = tmp_path / "ood.npz"
+    np.savez(ood, x=np.zeros((4, 5), np.int64))  # integer inputs: the Linear refuses them
+    err = _fails(_report_args(tmp_path, scripted_model, npz_data, "--ood", str(ood)), capsys)
+    assert f"the model failed on inputs of shape (4, 5) from {ood}" in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a,b,c,d,e,y\n", "has no data rows (only a header"),
+        ("y\n0\n1\n2\n", "has no feature columns (only the target column 'y')"),
+    ],
+)
+def test_degenerate_csvs_are_named(
+    tmp_path: Path, scripted_model: Path, capsys, text: str, message: str
+) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text(text)
+    err = _fails(_report_args(tmp_path, scripted_model, data), capsys)
+    assert message in err, err
+    assert "numeric" not in err and "failed on inputs" not in err, err
+
+
+def test_text_feature_columns_exit_2(tmp_path: Path, scripted_model: Path, capsys) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("a,b,y\n1,cat,0\n2,dog,1\n")  # pandas >= 3 reads 'b' as a StringDtype column
+    err = _fails(_report_args(tmp_path, scripted_model, data), capsys)
+    assert "input columns must be numeric; these are not: ['b']" in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--epochs", "-3"], "--epochs must be at least 1; got -3"),
+        (["demo", "--epochs", "0"], "--epochs must be at least 1; got 0"),
+        (["demo", "--n-samples", "0"], "--n-samples must be at least 1; got 0"),
+        (["demo", "--seed", "-1"], "--seed must be at least 0; got -1"),
+        (["demo", "--seed", str(2**32)], "--seed must be at most 4294967295"),
+        (
+            ["report", "--model", "m.pt", "--data", "d.npz", "--batch-size", "0"],
+            "--batch-size must be at least 1",
+        ),
+        (
+            ["report", "--model", "m.pt", "--data", "d.npz", "--seed", "-5"],
+            "--seed must be at least 0; got -5",
+        ),
+        (["report", "--model", "m.pt", "--data", "d.npz", "--output", "-1"], "--output must be at least 0"),
+    ],
+)
+def test_numeric_options_are_checked_before_any_work(
+    tmp_path: Path, monkeypatch, capsys, argv: list[str], message: str
+) -> None:
+    import mcdrop._demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the demo trained before checking its options")
+
+    monkeypatch.setattr(mcdrop._demo, "train_digits_mlp", no_training)
+    monkeypatch.setattr(mcdrop._demo, "load_digits_data", no_training)
+    err = _fails([*argv, "--out", str(tmp_path / "rep"), "--quiet"], capsys)
+    assert message in err, err
+    assert not (tmp_path / "rep").exists()
