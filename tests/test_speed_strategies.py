@@ -285,6 +285,26 @@ def test_replicating_or_splitting_a_model_that_mixes_rows_is_refused_and_leaves_
     assert float(s.sum(1).abs().max()) < 1e-5
 
 
+def test_batch_statistics_that_cannot_run_on_one_row_are_still_found_mixing():
+    """Batch normalisation with batch statistics fails on a single row; the check uses more rows."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(8, 32), nn.Dropout(0.5), nn.BatchNorm1d(32, affine=False, track_running_stats=False)
+    ).eval()  # fmt: skip
+    x = torch.randn(16, 8)
+    with pytest.raises(UnsupportedModelError, match="depends on the other rows"):
+        mcdrop.MCDropout(net, n_samples=4, strategy="replicate", task="regression").sample(x)
+    s = mcdrop.MCDropout(net, n_samples=10, seed=0, task="regression").sample(x)
+    assert float(s.mean(1).abs().max()) < 1e-4  # each pass normalises its own whole batch
+
+
+def test_mixing_in_bfloat16_is_found():
+    net = CentersOverTheBatch().bfloat16().eval()
+    x = (torch.randn(16, 6, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    with pytest.raises(UnsupportedModelError, match="depends on the other rows"):
+        mcdrop.MCDropout(net, n_samples=4, strategy="replicate", task="regression").sample(x)
+
+
 def test_row_independent_models_are_still_replicated():
     rows: list[int] = []
     model = mlp()
