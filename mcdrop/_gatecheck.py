@@ -72,6 +72,16 @@ TORCH_RANDOMNESS_NOTE = "train mode adds torch randomness other than dropout ops
 _STATE = threading.local()
 
 
+def eager_module(model: nn.Module) -> nn.Module:
+    """The eager original of a ``torch.compile``'d model (the same modules and flags), else the model.
+
+    Check passes run through it, so they do not compile once more for their own shapes.
+    """
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        return model._orig_mod  # type: ignore[return-value]
+    return model
+
+
 def checking() -> bool:
     """Whether this thread is running one of mcdrop's check passes (every dropout op the identity).
 

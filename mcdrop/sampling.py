@@ -37,7 +37,7 @@ from torch import nn
 
 from mcdrop._checks import check_choice
 from mcdrop._fastdropout import FastContext, accelerated
-from mcdrop._gatecheck import CHECK_ROWS, NoDropout, rng_untouched
+from mcdrop._gatecheck import CHECK_ROWS, NoDropout, eager_module, rng_untouched
 from mcdrop._probe import PeakBytesMode, ProbeMode, ProbeReport, RngState, rng_restore, rng_snapshot
 from mcdrop.errors import (
     InvalidInputError,
@@ -849,8 +849,7 @@ class _Engine:
         batch = self.inputs.batch_size
         if batch == 0 or (max_batch_size is not None and max_batch_size < 2):
             return False
-        compiled = type(self.model).__name__ == "OptimizedModule" and hasattr(self.model, "_orig_mod")
-        model = self.model._orig_mod if compiled else self.model
+        model = eager_module(self.model)
         _, dtype = model_device_dtype(model)
         eps = [
             torch.finfo(d).eps for d in (dtype, self.autocast_dtype) if d is not None and d.is_floating_point

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mcdrop._checks import check_choice, check_int
-from mcdrop._gatecheck import CHECK_ROWS, check_gates
+from mcdrop._gatecheck import CHECK_ROWS, check_gates, eager_module
 from mcdrop._rnglock import rng_access
 from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
 from mcdrop.errors import (
@@ -601,10 +601,7 @@ class MCDropout:
         if device is not None and device.type == "cuda":
             cuda = [device.index if device.index is not None else torch.cuda.current_device()]
 
-        # A torch.compile'd model is checked through its eager original: the same modules and
-        # flags, without compiling once more for the check's passes.
-        compiled = type(self.model).__name__ == "OptimizedModule" and hasattr(self.model, "_orig_mod")
-        eager = self.model._orig_mod if compiled else self.model
+        eager = eager_module(self.model)
 
         def run() -> Any:
             args, kwargs = replicate(rows, 1)
