@@ -72,6 +72,13 @@ TORCH_RANDOMNESS_NOTE = "train mode adds torch randomness other than dropout ops
 _STATE = threading.local()
 
 
+def cuda_devices(device: torch.device | None) -> list[int]:
+    """The CUDA device indices whose generators a check pass on ``device`` may draw from."""
+    if device is None or device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def eager_module(model: nn.Module) -> nn.Module:
     """The eager original of a ``torch.compile``'d model (the same modules and flags), else the model.
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from mcdrop._checks import check_choice
 from mcdrop._fastdropout import FastContext, accelerated
-from mcdrop._gatecheck import CHECK_ROWS, NoDropout, eager_module, rng_untouched
+from mcdrop._gatecheck import CHECK_ROWS, NoDropout, cuda_devices, eager_module, rng_untouched
 from mcdrop._probe import PeakBytesMode, ProbeMode, ProbeReport, RngState, rng_restore, rng_snapshot
 from mcdrop.errors import (
     InvalidInputError,
@@ -428,11 +428,11 @@ def auto_max_batch_size(
     margin, plus the copy of the inputs a pass makes. Without: inputs and outputs times a safety
     factor for the activations in between.
     """
-    in_out = input_bytes_per_row(inputs) + (out_bytes_per_row or 0)
+    in_bytes = input_bytes_per_row(inputs)
     if measured_bytes_per_row is not None and measured_bytes_per_row > 0:
-        per_row = measured_bytes_per_row * _PEAK_MARGIN + input_bytes_per_row(inputs)
+        per_row = measured_bytes_per_row * _PEAK_MARGIN + in_bytes
     else:
-        per_row = in_out * _ACTIVATION_FACTOR
+        per_row = (in_bytes + (out_bytes_per_row or 0)) * _ACTIVATION_FACTOR
     rows = int(memory_budget // max(per_row, 1.0))
     return int(max(1, min(rows, n_samples * inputs.batch_size)))
 
@@ -855,9 +855,7 @@ class _Engine:
             torch.finfo(d).eps for d in (dtype, self.autocast_dtype) if d is not None and d.is_floating_point
         ]
         tolerance = max([1e-4] + [4 * e for e in eps])  # bfloat16: 3%, float16: 0.4%
-        cuda = []
-        if self.device.type == "cuda":
-            cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        cuda = cuda_devices(self.device)
         enabled = self.ctx.enabled if self.ctx is not None else None
 
         def run(part: Inputs, meter: PeakBytesMode | None = None) -> Any:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mcdrop._checks import check_choice, check_int
-from mcdrop._gatecheck import CHECK_ROWS, check_gates, eager_module
+from mcdrop._gatecheck import CHECK_ROWS, check_gates, cuda_devices, eager_module
 from mcdrop._rnglock import rng_access
 from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
 from mcdrop.errors import (
@@ -597,9 +597,7 @@ class MCDropout:
         # No more rows than a sampling pass may hold (max_batch_size).
         rows = slice_batch(inputs, 0, min(inputs.batch_size, CHECK_ROWS, self.max_batch_size or CHECK_ROWS))
         device, _ = model_device_dtype(self.model)
-        cuda = []
-        if device is not None and device.type == "cuda":
-            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+        cuda = cuda_devices(device)
 
         eager = eager_module(self.model)
 
