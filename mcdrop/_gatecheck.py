@@ -128,14 +128,70 @@ class NoDropout(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
+    """Argument ``name`` of a call, given at position ``index`` or by keyword, else ``default``."""
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _kept(p: Any) -> Any:
+    """The draw of a Bernoulli(p) "keep" mask made certain: 1 where ``p > 0``, else 0."""
+    return torch.as_tensor(p) > 0 if isinstance(p, torch.Tensor) else float(p > 0)
+
+
+#: For each torch random op, the constant (or tensor) its draws become in :class:`NoRandomness`:
+#: a mask keeps everything it could keep, noise is its mean or centre.
+_CONSTANT_DRAWS: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], Any]] = {
+    torch.rand: lambda a, k: 0.5,
+    torch.rand_like: lambda a, k: 0.5,
+    torch.randn: lambda a, k: 0.0,
+    torch.randn_like: lambda a, k: 0.0,
+    torch.Tensor.uniform_: lambda a, k: (_arg(a, k, 1, "from", 0.0) + _arg(a, k, 2, "to", 1.0)) / 2,
+    torch.Tensor.normal_: lambda a, k: _arg(a, k, 1, "mean", 0.0),
+    torch.normal: lambda a, k: _arg(a, k, 0, "mean", 0.0),
+    torch.Tensor.exponential_: lambda a, k: 1.0 / _arg(a, k, 1, "lambd", 1.0),
+    torch.Tensor.bernoulli_: lambda a, k: _kept(_arg(a, k, 1, "p", 0.5)),
+    torch.bernoulli: lambda a, k: _kept(_arg(a, k, 1, "p", a[0] if a else k["input"])),
+    torch.Tensor.bernoulli: lambda a, k: _kept(_arg(a, k, 1, "p", a[0])),
+}
+
+
+class NoRandomness(NoDropout):
+    """Every torch dropout operation the identity, and the common random ops drawing a constant.
+
+    For checks that compare passes over different rows (whether a model mixes its batch rows):
+    a per-row draw, such as a drop-path mask (``x.new_empty(...).bernoulli_(keep)`` in timm and
+    torchvision) or Gaussian noise (``torch.randn_like``), lands on other rows in a pass over other
+    rows, so the passes would differ for a model that does not mix rows. Here masks keep all they
+    may keep (``bernoulli`` gives 1 where its probability is positive), uniform draws are their
+    centre, normal and exponential draws their mean. Random ops not listed (``randint``,
+    ``randperm``, ``multinomial``, ...) still draw: a check has to compare two seeds to see them.
+    Not for the gate check, where it would turn a random gate into a deterministic one.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        constant = _CONSTANT_DRAWS.get(func)
+        if constant is None:
+            return super().__torch_function__(func, types, args, kwargs)
+        kwargs = dict(kwargs or {})
+        value = constant(args, kwargs)
+        out = func(*args, **kwargs)
+        fill = torch.as_tensor(value, device=out.device).to(out.dtype)
+        with torch.no_grad():
+            return out.copy_(fill.expand_as(out))
+
+
 @contextlib.contextmanager
 def rng_untouched(seed: int, cuda_devices: list[int]) -> Iterator[None]:
-    """Run from torch seed ``seed``; put torch's, numpy's and Python's generators back afterwards."""
+    """Run from seed ``seed`` (torch's, numpy's and Python's generators); put them back afterwards."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     try:
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
             yield
     finally:
         np.random.set_state(np_state)

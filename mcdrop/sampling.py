@@ -37,7 +37,13 @@ from torch import nn
 
 from mcdrop._checks import check_choice
 from mcdrop._fastdropout import FastContext, accelerated
-from mcdrop._gatecheck import CHECK_ROWS, NoDropout, cuda_devices, eager_module, rng_untouched
+from mcdrop._gatecheck import (
+    CHECK_ROWS,
+    NoRandomness,
+    cuda_devices,
+    eager_module,
+    rng_untouched,
+)
 from mcdrop._probe import PeakBytesMode, ProbeMode, ProbeReport, RngState, rng_restore, rng_snapshot
 from mcdrop.errors import (
     InvalidInputError,
@@ -57,7 +63,7 @@ _ACTIVATION_FACTOR = 16
 _PEAK_MARGIN = 1.25
 #: Extra margin on the peak of the row check's pass, which ran with dropout as the identity (a
 #: sampling pass also holds the masks and the dropped copies).
-_CHECK_MARGIN = 2.0
+CHECK_MARGIN = 2.0
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -435,6 +441,23 @@ def auto_max_batch_size(
         per_row = (in_bytes + (out_bytes_per_row or 0)) * _ACTIVATION_FACTOR
     rows = int(memory_budget // max(per_row, 1.0))
     return int(max(1, min(rows, n_samples * inputs.batch_size)))
+
+
+def check_row_count(
+    inputs: Inputs,
+    max_batch_size: int | None,
+    memory_budget: int | None,
+    n_samples: int,
+    row_bytes: float | None,
+) -> int:
+    """Rows of a check pass (row check, gate check): at most :data:`~mcdrop._gatecheck.CHECK_ROWS`.
+
+    No more than ``max_batch_size`` and than fit ``memory_budget`` with ``row_bytes`` per row
+    (measured on one row; the default budget when ``None``), but at least two rows where the batch
+    and ``max_batch_size`` have them (batch statistics need two).
+    """
+    fit = auto_max_batch_size(inputs, None, _budget(memory_budget), n_samples, row_bytes)
+    return min(inputs.batch_size, CHECK_ROWS, max_batch_size or CHECK_ROWS, max(2, fit))
 
 
 def sample_chunks(
@@ -831,19 +854,22 @@ class _Engine:
         Such a model (a mean or a normalisation over the batch, attention across rows) cannot have
         replicas of the batch in one pass, which would mix MC samples, nor a batch split into
         chunks, which would change every row's neighbours. The check runs once per decision with
-        the modules in the modes they sample in, every dropout operation the identity and every
-        RNG left as it was: the output of a few rows together must equal, row by row, the outputs
-        of their two halves run apart. A batch of one row (or of identical rows) is checked against
-        a changed copy of that row (float inputs scaled and shifted, integer ones rolled along their
-        last dimension). When the model fails on the check's rows or its output is not
-        deterministic, the check says no (nothing changes). Randomness other than dropout
-        operations (a hand-made ``torch.rand`` mask) can make it say yes for a model that does not
-        mix rows: the samples are then drawn one whole batch per pass, correct but slower.
+        the modules in the modes they sample in, every dropout operation the identity, the common
+        random ops drawing constants (drop-path masks keep everything, noise is its mean: see
+        :class:`~mcdrop._gatecheck.NoRandomness`) and every RNG left as it was: the output of a few
+        rows together must equal, row by row, the outputs of their two halves run apart. A batch of
+        one row (or of identical rows) is checked against a changed copy of that row (float inputs
+        scaled and shifted; integer ones rolled along their last dimension, or, where that changes
+        nothing, such as ids of shape ``(batch,)``, moved to a neighbouring value). When the model
+        fails on the check's rows, or its output still varies from one seed to another (randomness
+        the check cannot make constant, e.g. ``torch.randperm``), the check gives no verdict and
+        says no (nothing changes).
 
         Its passes stay within the limits of the call: a first pass of one row measures what a row
-        holds at the peak (kept in :attr:`measured_row_bytes`, which sizes the first sampling
-        pass), then at most :data:`~mcdrop._gatecheck.CHECK_ROWS` rows, no more than
-        ``max_batch_size`` and than fit ``memory_budget`` (at least two). With ``max_batch_size=1``
+        holds at the peak, then at most :data:`~mcdrop._gatecheck.CHECK_ROWS` rows, no more than
+        ``max_batch_size`` and than fit ``memory_budget`` (at least two; see
+        :func:`check_row_count`). The most a row held in either pass is kept in
+        :attr:`measured_row_bytes`, which sizes the first sampling pass. With ``max_batch_size=1``
         there is no check (every pass holds one row of one sample anyway).
         """
         batch = self.inputs.batch_size
@@ -858,8 +884,8 @@ class _Engine:
         cuda = cuda_devices(self.device)
         enabled = self.ctx.enabled if self.ctx is not None else None
 
-        def run(part: Inputs, meter: PeakBytesMode | None = None) -> Any:
-            with rng_untouched(0, cuda), NoDropout(), self._autocast():
+        def run(part: Inputs, meter: PeakBytesMode | None = None, seed: int = 0) -> Any:
+            with rng_untouched(seed, cuda), NoRandomness(), self._autocast():
                 with meter if meter is not None else contextlib.nullcontext():
                     args, kwargs = replicate(part, 1)
                     out = select_output(model(*args, **kwargs), self.output, self.pair)
@@ -872,13 +898,10 @@ class _Engine:
             meter = PeakBytesMode()
             try:
                 first_out = run(first, meter)
-                self.measured_row_bytes = float(meter.meter.peak) * _CHECK_MARGIN
+                self.measured_row_bytes = float(meter.meter.peak) * CHECK_MARGIN
             except Exception:  # noqa: BLE001 - e.g. batch statistics need two rows: check on more rows
                 first_out = None
-            fit = auto_max_batch_size(
-                self.inputs, None, _budget(memory_budget), self.n, self.measured_row_bytes
-            )
-            cap = min(batch, CHECK_ROWS, max_batch_size or CHECK_ROWS, max(2, fit))
+            cap = check_row_count(self.inputs, max_batch_size, memory_budget, self.n, self.measured_row_bytes)
             rows = slice_batch(self.inputs, 0, cap)
             if rows.batch_size < 2 or _all_rows_alike(rows):
                 other = _other_row(first)
@@ -886,7 +909,12 @@ class _Engine:
                     return False
                 rows = _concat_rows(first, other)
             split = rows.batch_size // 2
-            whole = run(rows)
+            meter = PeakBytesMode()
+            whole = run(rows, meter)
+            # The most a row held in either pass (a row's activations may depend on its data).
+            self.measured_row_bytes = max(
+                self.measured_row_bytes or 0.0, float(meter.meter.peak) * CHECK_MARGIN / rows.batch_size
+            )
             if not ((first_out is None or _finite_or_minus_inf(first_out)) and _finite_or_minus_inf(whole)):
                 return False  # NaN or +inf outputs: sampling refuses them, with rows named
             head = first_out if split == 1 and first_out is not None else run(slice_batch(rows, 0, split))
@@ -895,7 +923,14 @@ class _Engine:
                 or _row_gap(whole, run(slice_batch(rows, split, rows.batch_size)), split, tolerance)
             ):
                 return False
-            mixes = not _row_gap(whole, run(rows), 0, tolerance)  # else not deterministic: no verdict
+            if _row_gap(whole, run(rows, seed=1), 0, tolerance):
+                # Randomness the check could not make constant (randperm, numpy, ...): no verdict.
+                _log.debug(
+                    "mcdrop: row-independence check not possible: the check passes still draw randomness "
+                    "other than dropout, drop-path and noise ops."
+                )
+                return False
+            mixes = True
         except Exception as err:  # noqa: BLE001 - the model fails on the check rows: no verdict
             _log.debug("mcdrop: row-independence check not possible (%s: %s).", type(err).__name__, err)
             return False
@@ -1128,14 +1163,22 @@ def _other_row(inputs: Inputs) -> Inputs | None:
     """A one-row input that differs from the one row of ``inputs``, or ``None`` if none is at hand.
 
     Float leaves become ``1.25 x + 0.5``; integer and boolean leaves are rolled by one along their
-    last non-batch dimension (token ids stay valid ids, masks stay aligned with their tokens).
+    last non-batch dimension (token ids stay valid ids, masks stay aligned with their tokens). An
+    integer leaf that rolling leaves as it was (ids of shape ``(batch,)``, a row of one repeated
+    id) moves to a neighbouring value (``x - 1`` where positive, else ``x + 1``); a boolean one is
+    negated.
     """
 
     def change(t: torch.Tensor, d: int) -> torch.Tensor:
         if t.is_floating_point() or t.is_complex():
             return t * 1.25 + 0.5
         dims = [i for i in range(t.dim()) if i != d and t.shape[i] > 1]
-        return t.roll(1, dims[-1]) if dims else t
+        rolled = t.roll(1, dims[-1]) if dims else t
+        if not torch.equal(rolled, t):
+            return rolled
+        if t.dtype == torch.bool:
+            return ~t
+        return torch.where(t > 0, t - 1, t + 1)  # a neighbouring id: valid wherever 0 and 1 are
 
     args, kwargs = inputs.map(change)
     other = Inputs(args, kwargs, inputs.batch_size, inputs.dims)

@@ -315,7 +315,9 @@ def _in_checkpointing_condition(instructions: list[dis.Instruction], index: int)
             continue
         low, high = sorted((index, other))
         between = instructions[low + 1 : high]
-        if any("JUMP" in w.opname for w in between) and not any(w.opname.startswith("STORE_") for w in between):
+        if any("JUMP" in w.opname for w in between) and not any(
+            w.opname.startswith("STORE_") for w in between
+        ):
             return True
     return False
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -14,7 +16,8 @@ import torch
 from torch import nn
 
 from mcdrop._checks import check_choice, check_int
-from mcdrop._gatecheck import CHECK_ROWS, check_gates, cuda_devices, eager_module
+from mcdrop._gatecheck import CHECK_ROWS, NoDropout, check_gates, cuda_devices, eager_module, rng_untouched
+from mcdrop._probe import PeakBytesMode
 from mcdrop._rnglock import rng_access
 from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
 from mcdrop.errors import (
@@ -31,12 +34,14 @@ from mcdrop.metrics.streaming import (
 )
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction, concat_predictions
 from mcdrop.sampling import (
+    CHECK_MARGIN,
     DEFAULT_MEMORY_BUDGET,
     STRATEGIES,
     Inputs,
     OutputSelector,
     _signature,
     autocast_context,
+    check_row_count,
     model_device_dtype,
     prepare_inputs,
     replicate,
@@ -445,7 +450,7 @@ class MCDropout:
             "dtype": str(self.dtype),
             "output": _describe_option(self.output),
             "output_batch_dim": self.output_batch_dim,
-            "batch_dim": _describe_option(self.batch_dim),
+            "batch_dim": _batch_dim_option(self.batch_dim),
             # which sites are sampled, at which rates (include=, exclude=, drop_path=, set_dropout_rate)
             "sampled_sites": [f"{s.path or '<model>'}:{s.kind}:{s.rate}" for s in self.sites if s.sampled],
         }
@@ -594,19 +599,30 @@ class MCDropout:
         key = (_signature(inputs), tuple(gates))
         if key in self._gates_checked:
             return
-        # No more rows than a sampling pass may hold (max_batch_size).
-        rows = slice_batch(inputs, 0, min(inputs.batch_size, CHECK_ROWS, self.max_batch_size or CHECK_ROWS))
         device, _ = model_device_dtype(self.model)
         cuda = cuda_devices(device)
-
         eager = eager_module(self.model)
 
-        def run() -> Any:
+        def run_rows(rows: Inputs) -> Any:
             args, kwargs = replicate(rows, 1)
             with autocast_context(device, self.dtype):
                 return select_output(eager(*args, **kwargs), self.output, self.aleatoric is not None)
 
-        notes, deterministic, outside_torch = check_gates(self.model, gates, run, cuda)
+        # No more rows than a sampling pass may hold (max_batch_size) and than fit the memory budget,
+        # measured on one row (that pass may fail, e.g. on batch statistics: then estimated).
+        row_bytes = None
+        if min(inputs.batch_size, CHECK_ROWS, self.max_batch_size or CHECK_ROWS) > 2:
+            meter = PeakBytesMode()
+            try:
+                with rng_untouched(0, cuda), NoDropout(), meter:
+                    run_rows(slice_batch(inputs, 0, 1))
+                row_bytes = float(meter.meter.peak) * CHECK_MARGIN
+            except Exception:  # noqa: BLE001 - the check itself runs (and reports) on more rows
+                row_bytes = None
+        budget = None if self._auto_budget else self.memory_budget
+        count = check_row_count(inputs, self.max_batch_size, budget, self.n_samples, row_bytes)
+        rows = slice_batch(inputs, 0, count)
+        notes, deterministic, outside_torch = check_gates(self.model, gates, lambda: run_rows(rows), cuda)
 
         def exclude_hint(paths: list[str]) -> str:
             names = [p for p in paths if p in gates]
@@ -753,12 +769,58 @@ _CHECKPOINT_FORMAT = "mcdrop-predict-loader-checkpoint"
 
 
 def _describe_option(value: Any) -> str:
-    """A stable text for an option in a checkpoint fingerprint (a callable by its qualified name)."""
-    if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    """A text for an option in a checkpoint fingerprint, the same in another process.
+
+    A callable is described by what it computes: its qualified name, and for Python functions
+    (lambdas included) a digest of their code, constants, names and closure values; a
+    ``functools.partial`` by its function and bound arguments. Two lambdas that select other
+    outputs therefore differ, and the same lambda in a new process matches.
+    """
+    if isinstance(value, functools.partial):
+        return f"partial({_describe_option(value.func)}, {_describe_option(value.args)}, " + (
+            f"{_describe_option(value.keywords)})"
+        )
+    if callable(value) and not isinstance(value, type):
+        name = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        code = getattr(value, "__code__", None)
+        if code is None:  # a builtin, or an object with __call__: its repr where that is stable
+            text = repr(value)
+            return name if " at 0x" in text or isinstance(value, nn.Module) else f"{name}:{text}"
+        cells = tuple(_describe_option(c.cell_contents) for c in (getattr(value, "__closure__", None) or ()))
+        body = repr(
+            (code.co_code, _code_constants(code), code.co_names, cells, getattr(value, "__defaults__", None))
+        )
+        return f"{name}#{hashlib.sha256(body.encode()).hexdigest()[:16]}"
     if isinstance(value, Mapping):
-        return repr(sorted((repr(k), repr(v)) for k, v in value.items()))
-    return repr(value)
+        return repr(sorted((repr(k), _describe_option(v)) for k, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return repr([_describe_option(v) for v in value])
+    if isinstance(value, torch.Tensor):
+        digest = ""
+        if value.numel() <= 2**20 and value.device.type != "meta":
+            digest = hashlib.sha256(
+                value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            ).hexdigest()
+        return f"tensor{tuple(value.shape)}:{value.dtype}:{digest[:16]}"
+    text = repr(value)
+    if " at 0x" in text or isinstance(value, nn.Module):  # an address or a whole model: by its type
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    return text
+
+
+def _code_constants(code: Any) -> tuple[Any, ...]:
+    """The constants of a code object, nested code objects (inner lambdas) by their own contents."""
+    return tuple(
+        (c.co_code, _code_constants(c), c.co_names) if hasattr(c, "co_code") else repr(c)
+        for c in code.co_consts
+    )
+
+
+def _batch_dim_option(batch_dim: int | Mapping[Any, int | None]) -> str:
+    """``batch_dim`` for a fingerprint: ``0``, ``{}`` and ``{"*": 0}`` say the same, and read the same."""
+    dims = dict(batch_dim) if isinstance(batch_dim, Mapping) else {"*": batch_dim}
+    dims.setdefault("*", 0)
+    return _describe_option(dims)
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

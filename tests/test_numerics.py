@@ -409,7 +409,9 @@ def test_accepted_half_precision_probabilities_are_normalised_per_pass(form: str
         torch.testing.assert_close(pred.probs[0].double(), normalised, atol=1e-2, rtol=0)
     too_big = torch.tensor([[1.5, 0.2]])
     too_big = (too_big.log() if form == "log_probs" else too_big).to(dtype)
-    with pytest.raises(InvalidInputError, match=r"exp\(outputs\) fall" if form == "log_probs" else "outputs fall"):
+    with pytest.raises(
+        InvalidInputError, match=r"exp\(outputs\) fall" if form == "log_probs" else "outputs fall"
+    ):
         picked(too_big, form)
 
 

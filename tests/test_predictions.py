@@ -77,8 +77,15 @@ def reference_classification(samples: torch.Tensor, output_type: str, class_dim:
 
 
 def check_classification(pred: ClassificationPrediction, ref: dict) -> None:
-    for name in ("probs", "std", "predictive_entropy", "expected_entropy", "mutual_information",
-                 "variation_ratio", "confidence"):
+    for name in (
+        "probs",
+        "std",
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+        "variation_ratio",
+        "confidence",
+    ):
         close(getattr(pred, name), ref[name])
     assert torch.equal(pred.predicted, ref["predicted"])
     assert bool((pred.mutual_information >= 0).all())
@@ -94,8 +101,9 @@ def check_classification(pred: ClassificationPrediction, ref: dict) -> None:
 @pytest.mark.parametrize("max_batch_size", [None, 4])
 def test_classification_fields_match_definitions(output_type, head, max_batch_size):
     net = mlp(d_out=4, head=head)
-    mc = mcdrop.MCDropout(net, n_samples=30, output_type=output_type, keep_samples=True, seed=0,
-                          max_batch_size=max_batch_size)
+    mc = mcdrop.MCDropout(
+        net, n_samples=30, output_type=output_type, keep_samples=True, seed=0, max_batch_size=max_batch_size
+    )
     pred = mc.predict(inputs())
     assert isinstance(pred, ClassificationPrediction) and pred.task == "classification"
     assert pred.samples.shape == (30, 6, 4)
@@ -115,12 +123,14 @@ def test_probs_are_the_mean_of_softmax_not_the_softmax_of_the_mean():
     assert (pred.probs - wrong).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("output_type, head", [("logits", None), ("probs", nn.Sigmoid()),
-                                               ("log_probs", nn.LogSigmoid())])
+@pytest.mark.parametrize(
+    "output_type, head", [("logits", None), ("probs", nn.Sigmoid()), ("log_probs", nn.LogSigmoid())]
+)
 def test_binary_one_logit_classifier(output_type, head):
     net = mlp(d_out=1, head=head)
-    mc = mcdrop.MCDropout(net, n_samples=25, task="classification", output_type=output_type,
-                          keep_samples=True, seed=0)
+    mc = mcdrop.MCDropout(
+        net, n_samples=25, task="classification", output_type=output_type, keep_samples=True, seed=0
+    )
     pred = mc.predict(inputs())
     assert pred.probs.shape == (6, 2) and pred.samples.shape == (25, 6, 1)
     p1 = pred.samples.double()
@@ -140,8 +150,14 @@ def test_segmentation_maps_with_class_dim_1():
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1))
     pred = mcdrop.MCDropout(net, n_samples=12, keep_samples=True, seed=0, max_batch_size=5).predict(x)
     assert pred.probs.shape == pred.std.shape == (2, 3, 4, 5)
-    for name in ("predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio",
-                 "predicted", "confidence"):
+    for name in (
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+        "variation_ratio",
+        "predicted",
+        "confidence",
+    ):
         assert getattr(pred, name).shape == (2, 4, 5), name
     assert pred.class_dim == 1 and pred.n_classes == 3
     ref = reference_classification(pred.samples, "logits", class_dim=1)
@@ -245,8 +261,11 @@ def test_aleatoric_and_total_variance(aleatoric):
     close(low, ys.mean(0) - z * total_std)
     close(high, ys.mean(0) + z * total_std)
     df = pred.to_frame(0.8)
-    assert list(df.columns) == [f"{c}_{j}" for c in ("mean", "std", "aleatoric_std", "total_std",
-                                                    "lower_0.8", "upper_0.8") for j in range(d)]
+    assert list(df.columns) == [
+        f"{c}_{j}"
+        for c in ("mean", "std", "aleatoric_std", "total_std", "lower_0.8", "upper_0.8")
+        for j in range(d)
+    ]
     np.testing.assert_allclose(df["aleatoric_std_1"], pred.aleatoric_variance[:, 1].sqrt().numpy(), rtol=1e-6)
 
 
@@ -264,11 +283,25 @@ def test_classification_to_frame_columns_and_values():
     pred = mcdrop.MCDropout(mlp(d_out=3), n_samples=10, seed=0).predict(inputs())
     df = pred.to_frame()
     assert isinstance(df, pd.DataFrame) and len(df) == 6
-    assert list(df.columns) == ["predicted", "confidence", "predictive_entropy", "expected_entropy",
-                                "mutual_information", "variation_ratio", "prob_0", "prob_1", "prob_2"]
+    assert list(df.columns) == [
+        "predicted",
+        "confidence",
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+        "variation_ratio",
+        "prob_0",
+        "prob_1",
+        "prob_2",
+    ]
     np.testing.assert_array_equal(df["predicted"], pred.predicted.numpy())
-    for col in ("confidence", "predictive_entropy", "expected_entropy", "mutual_information",
-                "variation_ratio"):
+    for col in (
+        "confidence",
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+        "variation_ratio",
+    ):
         np.testing.assert_array_equal(df[col], getattr(pred, col).numpy())
     for k in range(3):
         np.testing.assert_array_equal(df[f"prob_{k}"], pred.probs[:, k].numpy())
@@ -303,8 +336,16 @@ def test_regression_to_frame_columns_and_values():
 
     multi = mcdrop.MCDropout(mlp(d_out=2), n_samples=5, seed=0, task="regression").predict(x)
     assert list(multi.to_frame(0.5).columns) == [
-        "mean_0", "mean_1", "std_0", "std_1", "total_std_0", "total_std_1",
-        "lower_0.5_0", "lower_0.5_1", "upper_0.5_0", "upper_0.5_1",
+        "mean_0",
+        "mean_1",
+        "std_0",
+        "std_1",
+        "total_std_0",
+        "total_std_1",
+        "lower_0.5_0",
+        "lower_0.5_1",
+        "upper_0.5_0",
+        "upper_0.5_1",
     ]
 
 
@@ -317,8 +358,16 @@ def test_concat_predictions_concatenates_every_field():
     a.targets, b.targets = torch.tensor([0, 1]), torch.tensor([2, 0, 1])
     both = concat_predictions([a, b])
     assert isinstance(both, ClassificationPrediction) and len(both) == 5 and both.n_samples == 6
-    for name in ("probs", "std", "predictive_entropy", "expected_entropy", "variation_ratio", "targets",
-                 "mutual_information", "predicted"):
+    for name in (
+        "probs",
+        "std",
+        "predictive_entropy",
+        "expected_entropy",
+        "variation_ratio",
+        "targets",
+        "mutual_information",
+        "predicted",
+    ):
         assert torch.equal(getattr(both, name), torch.cat([getattr(a, name), getattr(b, name)])), name
     assert torch.equal(both.samples, torch.cat([a.samples, b.samples], 1))
     assert both.samples.shape == (6, 5, 3)

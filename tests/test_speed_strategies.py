@@ -659,15 +659,7 @@ def wide_cnn() -> nn.Module:
     ).eval()  # fmt: skip
 
 
-@pytest.mark.parametrize("strategy", ["auto", "replicate", "loop", "vmap"])
-@pytest.mark.parametrize(
-    "make, x, budget",
-    [(wide_mlp, torch.randn(256, 16), 2 * 2**20), (wide_cnn, torch.randn(64, 3, 16, 16), 2 * 2**20)],
-    ids=["wide-mlp", "wide-cnn"],
-)
-def test_every_pass_stays_within_an_explicit_memory_budget(strategy, make, x, budget):
-    """Each forward pass, the checks included, holds at most the budget (tensor storage it allocated)."""
-    net = make()
+def _peaks_of_every_pass(net: nn.Module, run) -> list[int]:
     peaks: list[int] = []
     meters: list[AllocatedBytes] = []
 
@@ -681,11 +673,24 @@ def test_every_pass_stays_within_an_explicit_memory_budget(strategy, make, x, bu
 
     handles = [net.register_forward_pre_hook(start), net.register_forward_hook(stop)]
     try:
-        mc = mcdrop.MCDropout(net, n_samples=20, seed=0, memory_budget=budget, strategy=strategy)
-        mc.sample(x)
+        run()
     finally:
         for h in handles:
             h.remove()
+    return peaks
+
+
+@pytest.mark.parametrize("strategy", ["auto", "replicate", "loop", "vmap"])
+@pytest.mark.parametrize(
+    "make, x, budget",
+    [(wide_mlp, torch.randn(256, 16), 2 * 2**20), (wide_cnn, torch.randn(64, 3, 16, 16), 2 * 2**20)],
+    ids=["wide-mlp", "wide-cnn"],
+)
+def test_every_pass_stays_within_an_explicit_memory_budget(strategy, make, x, budget):
+    """Each forward pass, the checks included, holds at most the budget (tensor storage it allocated)."""
+    net = make()
+    mc = mcdrop.MCDropout(net, n_samples=20, seed=0, memory_budget=budget, strategy=strategy)
+    peaks = _peaks_of_every_pass(net, lambda: mc.sample(x))
     assert max(peaks) <= budget, f"a pass held {max(peaks) / budget:.2f} x the budget"
     assert len(peaks) < 20 * x.shape[0]  # and it is not met by one row per pass
 
@@ -706,3 +711,206 @@ def test_streaming_statistics_of_a_segmentation_map_do_not_grow_with_n():
         mc = mcdrop.MCDropout(net, n_samples=n, seed=0)
         peaks[n] = peak_bytes(lambda mc=mc: mc.predict(x))
     assert peaks[1000] <= 1.10 * peaks[10], peaks
+
+
+class WideGate(nn.Module):
+    """A functional gate (``F.dropout(training=self.training)``) with activations 64 times its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(16, 1024)
+        self.down = nn.Linear(1024, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        return self.down(nn.functional.dropout(h, 0.5, training=self.training))
+
+
+class WiderForLargeInputs(nn.Module):
+    """Its memory depends on the data: a pass holding a value > 5 makes a scratch tensor 16 times as
+    wide as its activations (the outputs do not depend on it, so rows stay independent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.drop, self.head = nn.Linear(16, 1024), nn.Dropout(0.5), nn.Linear(1024, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        if bool((x > 5).any()):
+            h = h + torch.zeros(x.shape[0], 16 * 1024, device=x.device)[:, :1024]
+        return self.head(self.drop(h))
+
+
+def _large_fourth_row() -> torch.Tensor:
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)).clamp(-3, 3)
+    x[3, 0] = 10.0
+    return x
+
+
+@pytest.mark.parametrize("strategy", ["auto", "replicate", "loop"])
+@pytest.mark.parametrize(
+    "make, x",
+    [(WideGate, torch.randn(256, 16)), (WiderForLargeInputs, _large_fourth_row())],
+    ids=["gate", "data"],
+)
+def test_gate_checks_and_data_dependent_widths_stay_within_the_budget(strategy, make, x):
+    """The gate check's rows are capped by the budget; the first pass is sized from the widest check row."""
+    budget = 2**20
+    net = make().eval()
+    mc = mcdrop.MCDropout(net, n_samples=20, seed=0, memory_budget=budget, strategy=strategy)
+    peaks = _peaks_of_every_pass(net, lambda: mc.sample(x))
+    assert max(peaks) <= budget, f"a pass held {max(peaks) / budget:.2f} x the budget"
+    assert len(peaks) < 20 * x.shape[0]
+
+
+def test_the_gate_check_runs_on_eight_rows_when_the_budget_allows_and_on_two_when_it_is_tiny():
+    rows: list[int] = []
+    net = WideGate().eval()
+    handle = net.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]) if checking() else None)
+    try:
+        mcdrop.MCDropout(net, n_samples=4, seed=0).sample(torch.randn(32, 16))
+        roomy = set(rows)
+        rows.clear()
+        mcdrop.MCDropout(net, n_samples=4, seed=0, memory_budget=1).sample(torch.randn(32, 16))
+        tiny = set(rows)
+    finally:
+        handle.remove()
+    assert 8 in roomy
+    assert max(tiny) == 2  # at least two rows (batch statistics need them), no more
+
+
+# --------------------------------------------------------------------------- row check and other randomness
+class TimmStyleDropPath(nn.Module):
+    """Stochastic depth as timm and torchvision write it: a per-row Bernoulli mask from ``bernoulli_``."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.drop_prob = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class GaussianNoise(nn.Module):
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x) if self.training else x
+
+
+class Residual(nn.Module):
+    def __init__(self, noise: str = "drop_path", center: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.random = TimmStyleDropPath(0.3) if noise == "drop_path" else GaussianNoise(0.5)
+        self.drop = nn.Dropout(0.1)
+        self.center = center
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.random(self.drop(self.lin(x)))
+        return h - h.mean(0, keepdim=True) if self.center else h
+
+
+def _rows_seen(net: nn.Module, run) -> list[int]:
+    rows: list[int] = []
+    handle = net.register_forward_pre_hook(lambda m, a: None if checking() else rows.append(a[0].shape[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return rows
+
+
+@pytest.mark.parametrize("noise", ["drop_path", "gaussian"])
+def test_drop_path_and_noise_do_not_make_a_row_independent_model_look_mixing(noise):
+    """Per-row masks and noise land on other rows in a pass over other rows; the check makes them constant."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Residual(noise), Residual(noise), nn.Linear(8, 3)).eval()
+    options = {"drop_path": True} if noise == "drop_path" else {"include": [GaussianNoise]}
+    x = torch.randn(16, 8)
+    rows = _rows_seen(
+        net, lambda: mcdrop.MCDropout(net, n_samples=6, seed=0, max_batch_size=8, **options).sample(x)
+    )
+    assert max(rows) <= 8 and sum(rows) == 6 * 16  # the batch is split as asked
+    rows = _rows_seen(
+        net, lambda: mcdrop.MCDropout(net, n_samples=6, seed=0, strategy="replicate", **options).sample(x)
+    )
+    assert max(rows) > 16  # replicas of the batch in one pass
+    budget_rows = _rows_seen(
+        net, lambda: mcdrop.MCDropout(net, n_samples=6, seed=0, memory_budget=1, **options).sample(x)
+    )
+    assert max(budget_rows) < 16  # a tiny budget splits the batch
+
+
+@pytest.mark.parametrize("noise", ["drop_path", "gaussian"])
+def test_a_mixing_model_with_drop_path_or_noise_is_still_found_mixing(noise):
+    torch.manual_seed(0)
+    net = nn.Sequential(Residual(noise, center=True), nn.Linear(8, 3)).eval()
+    options = {"drop_path": True} if noise == "drop_path" else {"include": [GaussianNoise]}
+    with pytest.raises(UnsupportedModelError, match="depends on the other rows"):
+        mcdrop.MCDropout(net, n_samples=4, strategy="replicate", **options).sample(torch.randn(6, 8))
+
+
+class Shuffles(nn.Module):
+    """Dropout, then a random 0/1 mask from ``randint``: randomness the check cannot make constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.drop = nn.Linear(6, 6), nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.lin(x))
+        if self.training:
+            h = h * torch.randint(0, 2, h.shape, dtype=h.dtype)
+        return h
+
+
+def test_randomness_the_check_cannot_fix_gives_no_verdict(caplog):
+    net = Shuffles().eval()
+    x = torch.randn(10, 6)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        rows = _rows_seen(
+            net,
+            lambda: mcdrop.MCDropout(net, n_samples=4, seed=0, max_batch_size=5, include=[Shuffles]).sample(
+                x
+            ),
+        )
+    assert max(rows) <= 5
+    assert any("still draw randomness" in r.getMessage() for r in caplog.records)
+
+
+class CentersOverIds(nn.Module):
+    """Ids of shape ``(batch,)``, embedded, dropped, then each row minus the batch mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.drop, self.lin = nn.Embedding(10, 6), nn.Dropout(0.5), nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.lin(self.drop(self.embed(ids)))
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("ids", [[4], [0], [3, 3, 3, 3]], ids=["one-id", "id-0", "repeated-id"])
+def test_a_model_mixing_rows_of_one_dimensional_ids_is_detected(ids):
+    """One row (or identical rows) of ids with no token axis: the check compares a neighbouring id."""
+    net = CentersOverIds().eval()
+    x = torch.tensor(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoRandomnessWarning)  # one row minus its own mean: zero
+        rows = _rows_seen(
+            net, lambda: mcdrop.MCDropout(net, n_samples=20, seed=0, task="regression").sample(x)
+        )
+    assert set(rows) == {len(ids)}  # never replicated
+    with pytest.raises(UnsupportedModelError, match="depends on the other rows"):
+        mcdrop.MCDropout(net, n_samples=4, strategy="replicate", task="regression").sample(x)

@@ -8,6 +8,7 @@ run interrupted and resumed from a checkpoint must give the uninterrupted result
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -446,6 +447,40 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
         mcdrop.MCDropout(classifier(), n_samples=3, seed=0).predict_loader(
             loader, keep="metrics", checkpoint=bad, progress=False
         )
+
+
+def _identity_selector():
+    return lambda out: out  # a new function object on every call, the same code
+
+
+def test_checkpoint_fingerprint_tells_callables_apart_by_their_code_and_equal_batch_dims_alike(tmp_path):
+    path = tmp_path / "c.pt"
+    loader = loader_of(30, batch_size=10)
+    run = {"keep": "metrics", "checkpoint": path, "progress": False}
+    first = mcdrop.MCDropout(classifier(), n_samples=3, seed=0, output=_identity_selector()).predict_loader(
+        loader, **run
+    )
+    # the same code in a new function object (as in a new process), and batch_dim 0 spelled as a mapping
+    again = mcdrop.MCDropout(
+        classifier(), n_samples=3, seed=0, output=_identity_selector(), batch_dim={"*": 0}
+    ).predict_loader(loader, **run)
+    assert again.summary() == first.summary()
+    others = [
+        lambda out: out.flip(-1),  # another lambda, the same qualified name
+        functools.partial(torch.flip, dims=(-1,)),
+    ]
+    for other in others:
+        with pytest.raises(InvalidInputError, match="differs in output"):
+            mcdrop.MCDropout(classifier(), n_samples=3, seed=0, output=other).predict_loader(loader, **run)
+    path2 = tmp_path / "p.pt"
+    run2 = {**run, "checkpoint": path2}
+    mcdrop.MCDropout(
+        classifier(), n_samples=3, seed=0, output=functools.partial(torch.flip, dims=(-1,))
+    ).predict_loader(loader, **run2)
+    with pytest.raises(InvalidInputError, match="differs in output"):
+        mcdrop.MCDropout(
+            classifier(), n_samples=3, seed=0, output=functools.partial(torch.flip, dims=(0,))
+        ).predict_loader(loader, **run2)
 
 
 # --------------------------------------------------------------------------- a data set 20x the budget
