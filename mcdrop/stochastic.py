@@ -872,8 +872,17 @@ class StochasticPolicy:
                     raise ModelStateError(message)
 
     def describe(self) -> list[dict[str, Any]]:
-        """Return the sites as a list of plain dicts (one per site)."""
-        return _site_rows(self.sites)
+        """The sites of the model as it is now (see :meth:`current_sites`), as plain dicts, one per site.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2))
+            >>> policy = mcdrop.StochasticPolicy(net)
+            >>> _ = mcdrop.set_dropout_rate(net, 0.4)
+            >>> [(row["path"], row["rate"]) for row in policy.describe()]
+            [('1', 0.4)]
+        """
+        return _site_rows(self.current_sites())
 
 
 # Modules whose training flags an activation has switched, with the thread that switched them and

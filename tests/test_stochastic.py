@@ -531,3 +531,12 @@ def test_inactive_sites_warn() -> None:
     model = nn.Sequential(nn.Linear(6, 6), FunctionalDropoutNet(0.0))
     with pytest.warns(NoRandomnessWarning, match="identical"):
         mcdrop.MCDropout(model, n_samples=4).predict(torch.randn(3, 6))
+
+
+def test_policy_describe_shows_the_rates_of_the_model_as_it_is_now() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+    policy = mcdrop.StochasticPolicy(net)
+    with mcdrop.set_dropout_rate(net, 0.45):
+        assert [row["rate"] for row in policy.describe()] == [0.45]
+    assert [row["rate"] for row in policy.describe()] == [0.2]
+    assert policy.describe() == mcdrop.describe(policy).to_dict("records")
