@@ -63,7 +63,12 @@ How the policy decides, module by module (the first rule that matches wins):
     ``dropout_prob``, ``dropout_p`` or ``dropout`` (a number, or an ``nn.Dropout`` whose ``p`` is
     read) is attention dropout (kind ``"attention_dropout"``) with that rate: this is how Hugging Face
     and timm attention passes ``dropout_p`` to ``scaled_dot_product_attention`` or to the eager
-    attention function only in train mode. With a known rate of 0 it is not sampled.
+    attention function only in train mode. With a known rate of 0 it is not sampled. Where the rate
+    is an ``nn.Dropout``'s ``p`` (BERT's ``self.dropout``, GPT-2's ``attn_dropout``), that child is
+    listed as the same attention dropout ("holds the rate of ..."): both are sampled together, and
+    excluding either keeps both in eval mode. A gate whose code also reads other numeric
+    ``*drop*`` attributes (Starcoder2's ``residual_dropout``) applies several rates: it is a
+    ``"functional"`` gate, sampled unless every rate is 0, with the rates in its note.
 
 TorchScript modules are classified by their original class name and, for user classes, by whether
 their compiled code reads ``self.training``. Traced modules (``torch.jit.trace``) froze the mode
@@ -432,6 +437,33 @@ def _attention_rate(module: nn.Module, cls: type) -> tuple[float, str] | None:
     return None
 
 
+def _other_dropout_rates(module: nn.Module, cls: type, rate_attr: str | None) -> dict[str, float]:
+    """Dropout rates other than ``rate_attr`` that a gate's code reads: numeric attributes named ``*drop*``.
+
+    Starcoder2's attention, for one, applies ``F.dropout(attn_output, p=self.residual_dropout,
+    training=self.training)`` besides its attention dropout; such a module is not one rate.
+    """
+    own = (rate_attr or "").split(".", 1)[0]
+    rates = {}
+    for name in sorted(_class_code(cls)[1]):
+        if "drop" not in name.lower() or name == own or name in module._modules:
+            continue
+        rate = _rate(module, name)
+        if rate is not None:
+            rates[name] = rate
+    return rates
+
+
+def _never_called(path: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether the module at ``path`` is one its parent uses only through its weights, never calls.
+
+    ``nn.MultiheadAttention.out_proj`` is such a layer (the attention function reads
+    ``out_proj.weight``): a hook on it would never run, so dropout cannot go in front of it.
+    """
+    parent = path.rpartition(".")[0] if "." in path else ("" if path else None)
+    return parent is not None and isinstance(modules.get(parent), nn.MultiheadAttention)
+
+
 def _is_torch_class(cls: type) -> bool:
     module = getattr(cls, "__module__", "") or ""
     return module == "torch" or module.startswith("torch.")
@@ -509,7 +541,9 @@ def _classify(
         return StochasticSite(path, kind, name, rate, drop_path and rate != 0.0, note, rate_attr)
     if rate is not None and rate == 0.0:
         return StochasticSite(path, kind, name, rate, False, "rate is 0: nothing to sample", rate_attr)
-    note = ""
+    note = (
+        _gate_note(module) if kind == "functional" and not isinstance(module, torch.jit.ScriptModule) else ""
+    )
     if (
         kind == "attention_dropout"
         and rate_attr is not None
@@ -650,9 +684,24 @@ def _classify_kind(module: nn.Module, name: str) -> tuple[str, float | None, str
     if _class_reads_training(cls):
         found = _attention_rate(module, cls)
         if found is not None:
-            return "attention_dropout", found[0], found[1]
-        return "functional", None, None
+            others = _other_dropout_rates(module, cls, found[1])
+            if not others or (found[0] == 0.0 and not any(others.values())):
+                return "attention_dropout", found[0], found[1]
+        return "functional", None, None  # several rates (see _gate_note), or none known
     return None
+
+
+def _gate_note(module: nn.Module) -> str:
+    """The describe() note of a functional gate whose code reads several dropout rates, else ``""``."""
+    cls = type(module)
+    found = _attention_rate(module, cls)
+    rates = dict([(found[1], found[0])] if found is not None else []) | _other_dropout_rates(
+        module, cls, found[1] if found is not None else None
+    )
+    if not rates:
+        return ""
+    listed = ", ".join(f"{name}={rate:g}" for name, rate in rates.items())
+    return f"its own code applies dropout in train mode ({listed}): sampled as a gate; set_dropout_rate cannot change these rates"
 
 
 def _is_drop_path_name(name: str) -> bool:
@@ -725,7 +774,55 @@ def find_stochastic_sites(
                     "train mode keeps the fused eval fast path (which skips dropout) off",
                 )
         kept.append(site)
-    return kept
+    return _merge_rate_holders(kept)
+
+
+#: The note of an ``nn.Dropout`` whose ``p`` an attention gate reads (see :func:`_merge_rate_holders`).
+RATE_HOLDER_NOTE = "holds the rate of {parent}'s attention dropout (the attention module applies it)"
+
+
+def is_rate_holder(site: StochasticSite) -> bool:
+    """Whether ``site`` is the ``nn.Dropout`` an attention gate reads its rate from (not a gate itself)."""
+    return site.note.startswith(RATE_HOLDER_NOTE.split("{", 1)[0])
+
+
+def _merge_rate_holders(sites: list[StochasticSite]) -> list[StochasticSite]:
+    """Tie each attention gate to the ``nn.Dropout`` child whose ``p`` it reads as its rate.
+
+    Hugging Face attention (``BertSelfAttention``'s ``self.dropout``) passes ``self.dropout.p`` as
+    ``dropout_p`` in train mode and may never call the child; timm's ``Attention`` calls it on one
+    path and passes its ``p`` on the fused one. Either way the two are one site of attention
+    dropout: the child is listed as kind ``"attention_dropout"``, and both are sampled only when
+    neither is excluded by the user (excluding either keeps both in eval mode, so the attention is
+    deterministic on every path).
+    """
+    by_path = {s.path: i for i, s in enumerate(sites)}
+    merged = list(sites)
+    for parent in sites:
+        if parent.kind != "attention_dropout" or not (parent.rate_attr or "").endswith(".p"):
+            continue
+        child_path = f"{parent.path}.{parent.rate_attr[:-2]}" if parent.path else parent.rate_attr[:-2]
+        i = by_path.get(child_path)
+        if i is None:
+            continue
+        child = merged[i]
+        name = parent.path or "<model>"
+        note = RATE_HOLDER_NOTE.format(parent=name)
+        excluded = [s for s in (parent, child) if s.note == "excluded by the user"]
+        sampled = parent.sampled and not excluded
+        if excluded and not sampled:
+            note += f"; not sampled: {excluded[0].path or '<model>'} is excluded by the user"
+        elif not sampled and child.rate == 0.0:
+            note += "; rate is 0: nothing to sample"
+        merged[i] = dataclasses.replace(child, kind="attention_dropout", sampled=sampled, note=note)
+        if parent.sampled and not sampled:
+            j = by_path[parent.path]
+            merged[j] = dataclasses.replace(
+                parent,
+                sampled=False,
+                note=f"not sampled: its rate holder {child_path} is excluded by the user",
+            )
+    return merged
 
 
 class StochasticPolicy:
@@ -1141,7 +1238,9 @@ def add_dropout(
             order, which is the output head of nearly every model — check with :func:`describe`),
             ``"all"`` (or ``None``), or module-path patterns (``fnmatch`` style, e.g. ``"classifier"`` or
             ``"encoder.layer.?.output.dense"``; ``*`` also matches dots), module classes, or callables
-            ``(path, module) -> bool``, alone or in a list.
+            ``(path, module) -> bool``, alone or in a list. Layers that their parent never calls
+            (``nn.MultiheadAttention.out_proj``, whose weights the attention function reads
+            directly) are never chosen: dropout in front of them would never run.
         inplace: Change ``model`` itself instead of a deep copy of it.
         layer: Makes the dropout module from ``p``: ``nn.Dropout`` (default), or e.g.
             ``nn.Dropout2d`` before a convolution, ``mcdrop.nn.Dropout``.
@@ -1179,10 +1278,11 @@ def add_dropout(
             f"add_dropout cannot change modules made by torch.jit.trace ({', '.join(traced[:5])}). Add "
             "dropout to the eager model, then trace or script the result."
         )
+    modules = dict(model.named_modules())
     candidates = [
         (path, m)
-        for path, m in model.named_modules()
-        if isinstance(m, classes) and not _is_added_dropout_path(path)
+        for path, m in modules.items()
+        if isinstance(m, classes) and not _is_added_dropout_path(path) and not _never_called(path, modules)
     ]
     class_names = "/".join(c.__name__ for c in classes)
     if not candidates:

@@ -49,7 +49,7 @@ from mcdrop.sampling import (
     select_output,
     slice_batch,
 )
-from mcdrop.stochastic import INCLUDED_NOTE, StochasticPolicy, StochasticSite
+from mcdrop.stochastic import INCLUDED_NOTE, StochasticPolicy, StochasticSite, is_rate_holder
 from mcdrop.stochastic import describe as describe_sites
 
 __all__ = ["MCDropout"]
@@ -593,6 +593,7 @@ class MCDropout:
                 or (s.kind == "attention_dropout" and s.module_type != "MultiheadAttention")
             )
             and s.note != INCLUDED_NOTE
+            and not is_rate_holder(s)
         ]
         if not gates or inputs.batch_size == 0:
             return

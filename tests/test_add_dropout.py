@@ -509,3 +509,28 @@ def test_public_functions_are_exported_documented_and_their_examples_run() -> No
         assert f"`{name}" in support or name == "RateChange", name
     result = doctest.testmod(stochastic, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+class AttentionLast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.attn(h, h, h, need_weights=False)[0].mean(1)
+
+
+def test_add_dropout_never_chooses_a_layer_its_parent_does_not_call() -> None:
+    """nn.MultiheadAttention reads out_proj.weight directly: dropout before it would never run."""
+    torch.manual_seed(0)
+    net = AttentionLast().eval()
+    added = mcdrop.add_dropout(net, 0.5)  # "last" skips attn.out_proj
+    assert [s.path for s in mcdrop.find_stochastic_sites(added) if s.sampled] == ["inp.mcdrop_dropout"]
+    calls: list[int] = []
+    added.inp.mcdrop_dropout.register_forward_hook(lambda *a: calls.append(1))
+    s = mcdrop.MCDropout(added, n_samples=4, seed=0, task="regression").sample(torch.randn(3, 5, 4))
+    assert calls and not torch.equal(s[0], s[1])
+    with pytest.raises(InvalidInputError, match="matches none"):
+        mcdrop.add_dropout(net, 0.5, where="attn.out_proj")

@@ -281,8 +281,65 @@ def test_describe_lists_every_dropout_site_of_hf_models(T, arch: str) -> None:
     for path in attention:
         assert rows[path].kind == "attention_dropout" and rows[path].rate == 0.2 and rows[path].sampled
         assert "attention weights" in rows[path].note
-    for path in dropout:
+    # an nn.Dropout whose p an attention module reads as its rate (BERT's attention.self.dropout,
+    # never called itself) is listed as that attention dropout, sampled with it
+    rate_attrs = {site.path: site.rate_attr for site in mcdrop.find_stochastic_sites(model)}
+    holders = {f"{p}.{rate_attrs[p][:-2]}" for p in attention if rate_attrs[p].endswith(".p")}
+    assert holders <= dropout
+    for path in holders:
+        assert rows[path].kind == "attention_dropout" and rows[path].rate == 0.2 and rows[path].sampled
+        assert "holds the rate of" in rows[path].note
+    for path in dropout - holders:
         assert rows[path].kind == "dropout" and rows[path].sampled == (rows[path].rate > 0)
+
+
+@pytest.mark.parametrize("arch", ["bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa"])
+def test_excluding_attention_or_its_rate_holder_keeps_attention_dropout_off(T, arch: str) -> None:
+    """The nn.Dropout an attention module reads its rate from and the module are one site."""
+    model, inputs, output = hf_model(T, arch, attention_dropout=RATE)  # attention dropout only
+    assert_varies(draw(model, output=output, **inputs))
+    attention = sorted(attention_paths(model, arch.split("-")[0]))
+    holder = next(s for s in mcdrop.find_stochastic_sites(model) if s.path == attention[0]).rate_attr[:-2]
+    for excluded in (attention, [f"{a}.{holder}" for a in attention]):
+        table = mcdrop.describe(model, exclude=excluded)
+        assert not table[table.kind == "attention_dropout"].sampled.any(), excluded
+        with pytest.raises(NoDropoutError):
+            mcdrop.MCDropout(model, n_samples=N, exclude=excluded)
+
+
+def test_attention_that_applies_other_dropout_rates_is_sampled_as_a_gate(T) -> None:
+    """Starcoder2's attention also applies residual_dropout: not one rate, and not off when one is 0."""
+    torch.manual_seed(0)
+    config = T.Starcoder2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attention_dropout=0.0,
+        residual_dropout=RATE,
+        embedding_dropout=0.0,
+    )
+    model = T.Starcoder2ForCausalLM(config).eval()
+    found = sites(model)
+    attn = found["model.layers.0.self_attn"]
+    assert attn.kind == "functional" and attn.sampled and attn.rate is None
+    assert "attention_dropout=0, residual_dropout=0.3" in attn.note
+    ids = torch.randint(0, 64, (2, 6))
+    mc = mcdrop.MCDropout(model, n_samples=N, seed=0, task="regression", output=lambda o: o.logits[:, -1])
+    assert_varies(mc.sample(input_ids=ids))
+    # only the attention module's own residual dropout: still sampled
+    only_attention = mcdrop.MCDropout(
+        model,
+        n_samples=N,
+        seed=0,
+        task="regression",
+        output=lambda o: o.logits[:, -1],
+        exclude=["*.mlp", "model"],
+    )
+    assert_varies(only_attention.sample(input_ids=ids))
 
 
 def test_bert_training_flags_and_state_are_restored_exactly(T) -> None:
