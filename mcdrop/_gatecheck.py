@@ -67,6 +67,11 @@ def _rnn_dropout_index(func: Any, args: tuple[Any, ...]) -> int:
 
 #: The notes ``describe()`` shows for gates the check found drawing randomness outside dropout ops.
 TORCH_RANDOMNESS_NOTE = "train mode adds torch randomness other than dropout ops (e.g. a hand-made mask)"
+#: The same for a TorchScript gate, whose compiled dropout the check cannot make the identity.
+SCRIPTED_GATE_NOTE = (
+    "TorchScript: its compiled dropout cannot be made the identity for the gate check, so a train-only "
+    "change other than randomness in it would not be found"
+)
 
 
 _STATE = threading.local()
@@ -198,6 +203,11 @@ def rng_untouched(seed: int, cuda_devices: list[int]) -> Iterator[None]:
         random.setstate(py_state)
 
 
+def _random_note(module: nn.Module) -> str:
+    """The note of a gate whose train mode changes the output differently from two seeds."""
+    return SCRIPTED_GATE_NOTE if isinstance(module, torch.jit.ScriptModule) else TORCH_RANDOMNESS_NOTE
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, tuple):
         return all(_same(x, y) for x, y in zip(a, b, strict=True))
@@ -275,7 +285,7 @@ def check_gates(
             if _same(one, other):
                 deterministic.append(([path], _max_gap(one, reference)))
             else:
-                notes[path] = TORCH_RANDOMNESS_NOTE
+                notes[path] = _random_note(modules[path])
         if not (deterministic or outside_torch or notes):
             # Only the gates together differ (e.g. one gate's flag steers another's code).
             if outside:
@@ -283,7 +293,7 @@ def check_gates(
             elif _same(first, second):
                 deterministic.append((list(gate_paths), _max_gap(first, reference)))
             else:
-                notes.update({p: TORCH_RANDOMNESS_NOTE for p in gate_paths})
+                notes.update({p: _random_note(modules[p]) for p in gate_paths})
         return notes, deterministic, outside_torch
     finally:
         for path, m in modules.items():
