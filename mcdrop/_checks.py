@@ -59,3 +59,13 @@ def check_real(
 def check_rate(p: Any, name: str = "p") -> float:
     """Validate a dropout rate: a real number in [0, 1]."""
     return check_real(p, name, low=0.0, high=1.0)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``, else raise (``"yes"``, ``1``, ``None`` are refused)."""
+    if not isinstance(value, bool):
+        raise InvalidTypeError(
+            f"{name} must be True or False; got {value!r} of type {type(value).__name__}. Pass a bool, "
+            f"e.g. {name}=True."
+        )
+    return value

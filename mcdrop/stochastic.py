@@ -95,6 +95,8 @@ import copy
 import dataclasses
 import dis
 import fnmatch
+import inspect
+import keyword
 import re
 import sys
 import threading
@@ -108,7 +110,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcdrop._checks import check_real
+from mcdrop._checks import check_bool, check_real
 from mcdrop.errors import (
     InvalidInputError,
     InvalidTypeError,
@@ -198,7 +200,14 @@ def register_stochastic(cls: type[nn.Module], kind: str = "dropout", rate_attr: 
     Args:
         cls: The ``nn.Module`` subclass.
         kind: ``"dropout"`` (sampled by default) or ``"drop_path"`` (sampled with ``drop_path=True``).
-        rate_attr: Name of the attribute holding the drop rate, or ``None`` if it has none.
+        rate_attr: Name of the attribute holding the drop rate (a plain attribute name such as
+            ``"p"``, settable for :func:`set_dropout_rate`), or ``None`` if it has none.
+
+    Raises:
+        InvalidTypeError: ``cls`` is not an ``nn.Module`` subclass, or ``rate_attr`` is neither a
+            string nor ``None``.
+        InvalidInputError: ``kind`` is not one of the two above, or ``rate_attr`` is not a valid
+            attribute name.
 
     Example:
         >>> import torch, mcdrop
@@ -214,8 +223,24 @@ def register_stochastic(cls: type[nn.Module], kind: str = "dropout", rate_attr: 
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise InvalidTypeError(f"register_stochastic expects an nn.Module subclass; got {cls!r}.")
-    if kind not in ("dropout", "drop_path"):
-        raise InvalidInputError(f"kind must be one of 'dropout', 'drop_path'; got {kind!r}.")
+    if not isinstance(kind, str) or kind not in ("dropout", "drop_path"):
+        raise InvalidInputError(
+            f"kind must be 'dropout' (sampled by default) or 'drop_path' (sampled with drop_path=True); "
+            f"got {kind!r}. For a layer whose train mode is not randomness, use "
+            "mcdrop.register_deterministic instead."
+        )
+    if rate_attr is not None and not isinstance(rate_attr, str):
+        raise InvalidTypeError(
+            f"rate_attr must be the name (a str) of the attribute that holds the drop rate of "
+            f"{cls.__name__}, e.g. rate_attr='p', or None if it has none; got {rate_attr!r} of type "
+            f"{type(rate_attr).__name__}."
+        )
+    if rate_attr is not None and (not rate_attr.isidentifier() or keyword.iskeyword(rate_attr)):
+        raise InvalidInputError(
+            f"rate_attr must be a plain attribute name of {cls.__name__} (such as 'p' or 'drop_rate'); "
+            f"got {rate_attr!r}, which is not a valid Python identifier. Pass the name of the attribute "
+            "the layer reads its rate from, or None."
+        )
     _REGISTERED_DETERMINISTIC.discard(cls)
     _REGISTERED_STOCHASTIC[cls] = (kind, rate_attr)
 
@@ -506,7 +531,50 @@ def _check_patterns(value: Any, name: str) -> tuple[Any, ...]:
                 f"{name} takes module-path patterns (str, e.g. 'encoder.*'), module classes, or "
                 f"callables (path, module) -> bool; got {p!r}."
             )
+        if not isinstance(p, (str, type)):
+            _check_pattern_signature(p, name)
     return patterns
+
+
+def _check_pattern_signature(func: Callable[..., Any], name: str) -> None:
+    """Refuse a callable pattern that cannot be called as ``func(path, module)``."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    try:
+        signature.bind("", None)
+    except TypeError as err:
+        raise InvalidTypeError(
+            f"A callable in {name}= is called as fn(path, module) -> bool, with the module's dotted "
+            "path in the model (a str, '' for the model itself) and the module, for every module; "
+            f"{getattr(func, '__qualname__', repr(func))} has the signature {signature}, which cannot take "
+            f"these two positional arguments ({err}). Pass e.g. "
+            f"{name}=lambda path, module: isinstance(module, nn.Linear)."
+        ) from None
+
+
+def _registered_rate_problem(module: nn.Module) -> str | None:
+    """Why the rate of an instance of a class registered with a ``rate_attr`` cannot be read, or None."""
+    for registered, (_, attr) in _REGISTERED_STOCHASTIC.items():
+        if not isinstance(module, registered):
+            continue
+        if attr is None:
+            return None
+        missing = object()
+        value = getattr(module, attr, missing)
+        if value is missing:
+            return (
+                f"registered with rate_attr={attr!r}, but this {type(module).__name__} has no attribute "
+                f"{attr!r}: its rate is unknown"
+            )
+        if _rate(module, attr) is None:
+            return (
+                f"registered with rate_attr={attr!r}, but its {attr!r} holds {value!r} "
+                f"({type(value).__name__}), not a number: its rate is unknown"
+            )
+        return None
+    return None
 
 
 def _classify(
@@ -615,17 +683,27 @@ def _scripted_torch_class(module: torch.jit.ScriptModule) -> bool:
     return qualified.startswith("__torch__.torch.")
 
 
+#: A read of a ``training`` attribute in TorchScript code (``self.training``, ``fc.training``; the
+#: compiler turns ``getattr(self, "training")`` into ``self.training``), not ``self.training_scale``.
+_SCRIPTED_TRAINING_READ = re.compile(r"\.training\b")
+
+
 def _scripted_code(module: torch.jit.ScriptModule) -> str:
-    """The TorchScript source of the module's own methods (``forward`` and any others)."""
-    try:
-        return str(module.code)
-    except (RuntimeError, AttributeError):
-        pass
+    """The TorchScript source of the module's own methods (``forward`` and any others).
+
+    ``module.code`` is ``forward`` alone; a helper method it calls (``self.drop(x)`` reading
+    ``self.training``) is compiled as a method of its own, so every compiled method is read.
+    """
     parts = []
     try:
         method_names = module._c._method_names()
     except (RuntimeError, AttributeError):
-        return ""
+        method_names = []
+    if not method_names:
+        try:
+            return str(module.code)
+        except (RuntimeError, AttributeError):
+            return ""
     for method in method_names:
         try:
             parts.append(str(getattr(module, method).code))
@@ -660,7 +738,7 @@ def _classify_kind(module: nn.Module, name: str) -> tuple[str, float | None, str
             if name in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
                 return "fast_path_gate", None, None
             return None
-        return ("functional", None, None) if "training" in _scripted_code(module) else None
+        return ("functional", None, None) if _SCRIPTED_TRAINING_READ.search(_scripted_code(module)) else None
     if isinstance(module, _TORCH_DETERMINISTIC_TYPES):
         return None
     if isinstance(module, _TORCH_DROPOUT_TYPES):
@@ -730,14 +808,19 @@ def find_stochastic_sites(
 
     Args:
         model: Any ``nn.Module``.
-        drop_path: Sample drop-path / stochastic-depth modules too.
+        drop_path: Sample drop-path / stochastic-depth modules too (``True`` or ``False``).
         include: Extra modules to switch to train mode: module-path patterns (``fnmatch`` style,
-            e.g. ``"encoder.*.noise"``), module classes, or callables ``(path, module) -> bool``.
+            e.g. ``"encoder.*.noise"``), module classes, or callables ``(path, module) -> bool``
+            (called with the module's dotted path, ``""`` for the model itself, and the module).
         exclude: Modules to keep in eval mode, in the same forms.
 
     Returns:
         One :class:`StochasticSite` per site, in ``named_modules()`` order. A
         ``"fast_path_gate"`` site is listed only when something inside it is sampled.
+
+    Raises:
+        InvalidTypeError: ``drop_path`` is not a bool, a pattern is of none of these forms, or a
+            callable cannot be called with ``(path, module)``.
 
     Example:
         >>> import torch, mcdrop
@@ -747,11 +830,16 @@ def find_stochastic_sites(
     """
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    check_bool(drop_path, "drop_path")
     include_p = _check_patterns(include, "include")
     exclude_p = _check_patterns(exclude, "exclude")
     sites: list[StochasticSite] = []
     for path, module in model.named_modules():
         site = _classify(path, module, drop_path=drop_path, include=include_p, exclude=exclude_p)
+        if site is not None and site.rate is None:
+            problem = _registered_rate_problem(module)
+            if problem is not None:
+                site = dataclasses.replace(site, note=_join_notes(site.note, problem))
         if site is not None:
             sites.append(site)
     # A fast-path gate matters only if a sampled site lives inside it.
@@ -858,6 +946,7 @@ class StochasticPolicy:
         self, model: nn.Module, *, drop_path: bool = False, include: Any = None, exclude: Any = None
     ):
         self.model = model
+        check_bool(drop_path, "drop_path")
         self._options = {"drop_path": drop_path, "include": include, "exclude": exclude}
         #: Notes on sites learnt from running the model (see :mod:`mcdrop._gatecheck`), by path.
         self.gate_notes: dict[str, str] = {}
@@ -1126,15 +1215,15 @@ def describe(
     Args:
         model: An ``nn.Module``; or a :class:`StochasticPolicy` or :class:`mcdrop.MCDropout`, whose
             own options are then used (and the keyword arguments must be left out).
-        drop_path: Sample drop-path / stochastic-depth modules too.
+        drop_path: Sample drop-path / stochastic-depth modules too (``True`` or ``False``).
         include: Extra modules to switch on (see :func:`find_stochastic_sites`).
         exclude: Modules to keep off (see :func:`find_stochastic_sites`).
 
     Returns:
         A ``pandas.DataFrame`` with one row per site, in ``named_modules()`` order, and the columns
         ``path`` (``"<model>"`` for the model itself), ``kind`` (one of :data:`SITE_KINDS`),
-        ``module_type``, ``rate`` (NaN where unknown, e.g. for ``"functional"`` gates),
-        ``sampled`` and ``note``. A model without any site gives an empty table with these
+        ``module_type``, ``rate`` (a float column, NaN where unknown, e.g. for ``"functional"``
+        gates), ``sampled`` and ``note``. A model without any site gives an empty table with these
         columns.
 
     Example:
@@ -1147,6 +1236,7 @@ def describe(
     """
     import pandas as pd
 
+    check_bool(drop_path, "drop_path")
     policy = model if isinstance(model, StochasticPolicy) else getattr(model, "policy", None)
     if isinstance(policy, StochasticPolicy) and not isinstance(model, nn.Module):
         if drop_path or include is not None or exclude is not None:
@@ -1158,7 +1248,8 @@ def describe(
     else:
         sites = find_stochastic_sites(model, drop_path=drop_path, include=include, exclude=exclude)
     table = pd.DataFrame(_site_rows(sites), columns=list(_DESCRIBE_COLUMNS))
-    return table.astype({"rate": "object", "sampled": "bool"}) if table.empty else table
+    # float64 always, NaN where unknown (an all-None or empty column would otherwise be object).
+    return table.astype({"rate": "float64", "sampled": "bool"})
 
 
 def _join_notes(note: str | None, extra: str) -> str:
@@ -1170,19 +1261,26 @@ def _join_notes(note: str | None, extra: str) -> str:
 ADDED_DROPOUT_NAME = "mcdrop_dropout"
 
 
-def _dropout_before_hook(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Forward pre-hook of :func:`add_dropout`: dropout on the module's first positional input."""
-    if not args or not isinstance(args[0], torch.Tensor):
-        raise InvalidInputError(
-            f"add_dropout put dropout before this {type(module).__name__}, which applies it to the first "
-            "positional input, but it was called with "
-            f"{'no positional input' if not args else f'a {type(args[0]).__name__} first'}. Call the "
-            "module with its input tensor as the first positional argument, or add dropout elsewhere "
-            "(before=, where=)."
-        )
-    return (getattr(module, ADDED_DROPOUT_NAME)(args[0]), *args[1:]), kwargs
+def _dropout_before_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+    """Forward pre-hook of :func:`add_dropout`: dropout on the module's first positional input.
+
+    TorchScript compiles it with the module (its annotations are what ``torch.jit.script`` needs for
+    a layer whose ``forward`` takes one tensor); keyword arguments pass by untouched.
+    """
+    if not torch.jit.is_scripting():
+        if not args or not isinstance(args[0], torch.Tensor):
+            _refuse_hook_input(module, args)
+    return (module.mcdrop_dropout(args[0]),) + args[1:]
+
+
+def _refuse_hook_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+    raise InvalidInputError(
+        f"add_dropout put dropout before this {type(module).__name__}, which applies it to the first "
+        "positional input, but it was called with "
+        f"{'no positional input' if not args else f'a {type(args[0]).__name__} first'}. Call the "
+        "module with its input tensor as the first positional argument, or add dropout elsewhere "
+        "(before=, where=)."
+    )
 
 
 def _check_unsupported_for_edit(model: nn.Module, what: str) -> None:
@@ -1227,7 +1325,10 @@ def add_dropout(
     ``state_dict`` keys do not change, so checkpoints of the original model still load into it; the
     hook travels with ``copy.deepcopy`` and ``pickle``, but ``save_pretrained``/``from_pretrained``
     of Hugging Face store weights only, so call ``add_dropout`` again after loading. Calling it
-    again on a layer that already has one changes that dropout's rate.
+    again on a layer that already has one changes that dropout's rate. ``torch.jit.script``
+    compiles the hook with the layer when the layer's ``forward`` takes one tensor (``nn.Linear``,
+    ``nn.Conv*``), so the result can be scripted and sampled; before a layer with more inputs
+    TorchScript refuses the hook, and the model is sampled eager.
 
     Args:
         model: An eager ``nn.Module`` (not scripted, traced or compiled: add dropout first, then
@@ -1337,7 +1438,7 @@ def add_dropout(
         dropout.train(module.training)
         module.add_module(ADDED_DROPOUT_NAME, dropout)
         if not hooked:
-            module.register_forward_pre_hook(_dropout_before_hook, with_kwargs=True)
+            module.register_forward_pre_hook(_dropout_before_hook)
     return target
 
 
@@ -1357,11 +1458,44 @@ _RATE_KINDS = ("dropout", "attention_dropout", "rnn_dropout", "drop_path")
 _DEFAULT_RATE_KINDS = ("dropout", "attention_dropout", "rnn_dropout")
 
 
+class _RateEntry:
+    """One attribute set by a :class:`RateChange`: its name, the value before, and whether it still counts."""
+
+    __slots__ = ("name", "old", "live", "__weakref__")
+
+    def __init__(self, name: str, old: Any) -> None:
+        self.name = name
+        self.old = old
+        self.live = True
+
+
+# The entries of unrestored RateChanges, oldest first, by owner and attribute name: restoring one
+# change undoes the later changes of the same attributes too (their old values are rates it set).
+# Weak all round: neither the model nor a RateChange the user dropped is kept alive by it.
+_RATE_ENTRIES: weakref.WeakKeyDictionary[Any, dict[str, list[weakref.ref[_RateEntry]]]] = (
+    weakref.WeakKeyDictionary()
+)
+_RATE_LOCK = threading.Lock()
+
+
+def _rate_stack(owner: Any, name: str) -> list[weakref.ref[_RateEntry]]:
+    """The live stack of entries of ``owner.name`` (a throwaway list for an owner without weak references)."""
+    try:
+        return _RATE_ENTRIES.setdefault(owner, {}).setdefault(name, [])
+    except TypeError:
+        return []
+
+
 class RateChange:
     """The dropout rates changed by :func:`set_dropout_rate`, and how to put them back.
 
     Used as a context manager, it restores the old rates on exit (also when the body raises);
     otherwise the change stays until :meth:`restore` is called.
+
+    Changes stack: restoring one puts back, for every rate it changed, the value from before it,
+    and so also undoes the later changes of those rates (restoring those later does not bring
+    its rate back). Restoring in any order therefore ends with the rates from before the first
+    change.
 
     Attributes:
         changes: One ``(path, attribute, old value, new value)`` per changed rate, where
@@ -1373,29 +1507,50 @@ class RateChange:
         >>> change = mcdrop.set_dropout_rate(net, 0.3)
         >>> change.changes
         [('1', 'p', 0.1, 0.3)]
-        >>> change.restore()
+        >>> later = mcdrop.set_dropout_rate(net, 0.5)
+        >>> change.restore()  # before the later change: both are undone
+        >>> later.restore()
         >>> net[1].p
         0.1
     """
 
     def __init__(self) -> None:
         self.changes: list[tuple[str, str, Any, float]] = []
-        self._targets: list[tuple[Any, str, Any]] = []
+        self._entries: list[tuple[Any, _RateEntry]] = []
         self._restored = False
 
     def _set(self, path: str, attribute: str, owner: Any, name: str, value: float) -> None:
         old = getattr(owner, name)
         setattr(owner, name, value)
-        self._targets.append((owner, name, old))
+        entry = _RateEntry(name, old)
+        self._entries.append((owner, entry))
         self.changes.append((path, attribute, old, value))
+        with _RATE_LOCK:
+            stack = _rate_stack(owner, name)
+            stack[:] = [ref for ref in stack if ref() is not None]
+            stack.append(weakref.ref(entry))
 
     def restore(self) -> None:
-        """Put every changed rate back to its old value (a second call does nothing)."""
+        """Put every changed rate back to its old value (a second call does nothing).
+
+        Later changes of the same rates that are still in force are undone with it.
+        """
         if self._restored:
             return
         self._restored = True
-        for owner, name, old in reversed(self._targets):
-            setattr(owner, name, old)
+        for owner, entry in reversed(self._entries):
+            with _RATE_LOCK:
+                if not entry.live:
+                    continue  # an earlier change was restored first and undid this one
+                stack = _rate_stack(owner, entry.name)
+                index = next((i for i, ref in enumerate(stack) if ref() is entry), len(stack))
+                for ref in stack[index:]:
+                    later = ref()
+                    if later is not None:
+                        later.live = False
+                del stack[index:]
+                entry.live = False
+            setattr(owner, entry.name, entry.old)
 
     def __enter__(self) -> RateChange:
         return self
@@ -1406,6 +1561,48 @@ class RateChange:
     def __repr__(self) -> str:
         state = "restored" if self._restored else "active"
         return f"RateChange({len(self.changes)} rates, {state})"
+
+
+def _set_site_rate(
+    change: RateChange,
+    site: StochasticSite,
+    rate_attr: str,
+    module: nn.Module,
+    rate: float,
+    seen: set[tuple[int, str]],
+) -> None:
+    """Set the rate of one site through ``change``, or raise an mcdrop error saying why it cannot be."""
+    label = f"{site.path or '<model>'} ({site.module_type})"
+    try:
+        owner, name = _resolve_attr(module, rate_attr)
+    except AttributeError as err:
+        raise UnsupportedModelError(
+            f"The rate {rate_attr!r} of {label} cannot be reached: {err}. Nothing was changed; "
+            "set that rate by hand, or leave the site out with where=."
+        ) from err
+    key = (id(owner), name)
+    if key in seen:
+        return
+    seen.add(key)
+    try:
+        change._set(site.path or "<model>", rate_attr, owner, name, rate)
+    except Exception as err:  # noqa: BLE001 - every failure to set the attribute gets the same report
+        if isinstance(owner, torch.jit.ScriptModule):  # a TorchScript constant, e.g. nn.Dropout's p
+            fix = (
+                "In a TorchScript module it is a constant compiled into the code; set the rate on the "
+                "eager model, then script it again."
+            )
+        else:
+            fix = (
+                f"The attribute must be writable (not a read-only property) and accept a number. Make "
+                f"{rate_attr!r} settable on {type(owner).__name__}, register the class with the "
+                "attribute that is (mcdrop.register_stochastic(cls, rate_attr=...)), or leave the site "
+                "out with where=."
+            )
+        raise UnsupportedModelError(
+            f"The rate {rate_attr!r} of {label} cannot be changed: setting it to {rate} raised "
+            f"{type(err).__name__}: {err}. {fix} Nothing was changed."
+        ) from err
 
 
 def _resolve_attr(module: Any, dotted: str) -> tuple[Any, str]:
@@ -1445,14 +1642,18 @@ def set_dropout_rate(
         A :class:`RateChange` listing what changed; a context manager that restores it.
 
     Raises:
-        InvalidInputError: ``p`` is outside ``[0, 1]``, an unknown kind is asked for, or no site
-            with a settable rate matches.
+        InvalidInputError: ``p`` is outside ``[0, 1]``, an unknown kind is asked for, ``where`` is
+            empty (``[]``), or no site with a settable rate matches.
+        InvalidTypeError: A callable in ``where`` cannot be called as ``fn(path, module)``.
         UnsupportedModelError: A matching rate cannot be set (a TorchScript constant, such as the
-            ``p`` of a scripted ``nn.Dropout``); then nothing is changed.
+            ``p`` of a scripted ``nn.Dropout``, or a registered ``rate_attr`` that is a read-only
+            property); then nothing is changed. Whatever exception interrupts the change, the rates
+            already set are put back before it propagates.
 
     Warns:
         McdropWarning: Matching sites whose rate mcdrop cannot see (custom code that reads
-            ``self.training``, kind ``"functional"``) keep their rate; the warning names them.
+            ``self.training``, kind ``"functional"``; an instance of a class registered with a
+            ``rate_attr`` it does not have) keep their rate; the warning names them and why.
 
     Example:
         >>> import torch, mcdrop
@@ -1479,37 +1680,47 @@ def set_dropout_rate(
                 f"kinds must be a non-empty list of {', '.join(map(repr, _RATE_KINDS))}; got {list(chosen_kinds)!r}."
             )
     patterns = _check_patterns(where, "where")
+    if where is not None and not patterns:
+        raise InvalidInputError(
+            f"where={where!r} names no site: an empty selection would change nothing (and "
+            "where=None means every site). Pass module-path patterns, classes or callables, e.g. "
+            "where='classifier*', or leave where= out to change every site."
+        )
     modules = dict(model.named_modules())
     sites = find_stochastic_sites(model, drop_path=True)
     selected = [s for s in sites if not patterns or _matches(s.path, modules[s.path], patterns)]
     change = RateChange()
     seen: set[tuple[int, str]] = set()
     unknown_rate = []
-    for site in selected:
-        if site.kind not in chosen_kinds:
-            if site.kind == "functional":
-                unknown_rate.append(site.path or "<model>")
-            continue
-        if site.rate_attr is None:
-            unknown_rate.append(site.path or "<model>")
-            continue
-        module = modules[site.path]
-        if site.kind == "rnn_dropout" and getattr(module, "num_layers", 2) < 2:
-            continue  # a one-layer RNN has no inter-layer dropout to set
-        owner, name = _resolve_attr(module, site.rate_attr)
-        key = (id(owner), name)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            change._set(site.path or "<model>", site.rate_attr, owner, name, rate)
-        except RuntimeError as err:  # a TorchScript constant, e.g. nn.Dropout's p
-            change.restore()
-            raise UnsupportedModelError(
-                f"The rate {site.rate_attr!r} of {site.path or '<model>'} ({site.module_type}) cannot be "
-                f"changed: {err}. In a TorchScript module it is a constant compiled into the code; set "
-                "the rate on the eager model, then script it again. Nothing was changed."
-            ) from err
+    misregistered = []
+    try:
+        for site in selected:
+            if site.kind not in chosen_kinds:
+                if site.kind == "functional":
+                    unknown_rate.append(site.path or "<model>")
+                continue
+            module = modules[site.path]
+            if site.rate_attr is None:
+                problem = _registered_rate_problem(module)
+                if problem is not None:
+                    misregistered.append(f"{site.path or '<model>'} ({site.module_type}): {problem}")
+                else:
+                    unknown_rate.append(site.path or "<model>")
+                continue
+            if site.kind == "rnn_dropout" and getattr(module, "num_layers", 2) < 2:
+                continue  # a one-layer RNN has no inter-layer dropout to set
+            _set_site_rate(change, site, site.rate_attr, module, rate, seen)
+    except BaseException:
+        change.restore()  # nothing is changed, whatever interrupted (KeyboardInterrupt too)
+        raise
+    if misregistered:
+        warnings.warn(
+            f"set_dropout_rate cannot change the rate of {'; '.join(misregistered)}. Give the "
+            "instances that attribute, holding the rate as a number, or register the class again "
+            "with the attribute it keeps its rate in: mcdrop.register_stochastic(cls, rate_attr=...).",
+            McdropWarning,
+            stacklevel=2,
+        )
     if unknown_rate:
         warnings.warn(
             f"set_dropout_rate cannot change the rate of {', '.join(unknown_rate)}: their own code "

@@ -261,6 +261,48 @@ def test_add_dropout_errors_say_what_to_do() -> None:
         keyword(torch.randn(2, 6))
 
 
+def test_a_model_with_added_dropout_can_be_scripted_and_is_sampled(tmp_path) -> None:
+    """The pre-hook compiles with the layer, so "add the dropout first, then script" holds."""
+    model = pretrained()
+    x = torch.randn(8, 6)
+    mc_model = mcdrop.add_dropout(model, 0.3)
+    scripted = torch.jit.script(mc_model)
+    assert scripted.state_dict().keys() == model.state_dict().keys()  # checkpoints still load
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), model(x), atol=1e-6)  # eval: the dropout is the identity
+    assert [(s.path, s.kind, s.rate) for s in mcdrop.find_stochastic_sites(scripted)] == [
+        ("5.mcdrop_dropout", "dropout", pytest.approx(0.3))
+    ]
+    samples = mcdrop.MCDropout(scripted, n_samples=6, seed=0, task="regression").sample(x)
+    assert all(not torch.equal(samples[0], samples[i]) for i in range(1, 6))
+    assert not any(m.training for m in scripted.modules())
+    # saved and loaded, the hook is part of the compiled module
+    torch.jit.save(scripted, str(tmp_path / "model.pt"))
+    loaded = torch.jit.load(str(tmp_path / "model.pt"))
+    again = mcdrop.MCDropout(loaded, n_samples=4, seed=0, task="regression").sample(x)
+    assert not torch.equal(again[0], again[1])
+
+    # at p = 0 the sampled passes (forced with include=) equal the eval output: only dropout differs
+    quiet = torch.jit.script(mcdrop.add_dropout(model, 0.0))
+    with pytest.raises(NoDropoutError):
+        mcdrop.MCDropout(quiet)
+    with pytest.warns(mcdrop.NoRandomnessWarning, match="rate 0"):
+        forced = mcdrop.MCDropout(quiet, n_samples=3, task="regression", include="*.mcdrop_dropout")
+        out = forced.sample(x)
+    with torch.no_grad():
+        reference = quiet(x)
+    assert all(torch.allclose(s, reference, atol=1e-6) for s in out)
+
+
+def test_added_dropout_before_a_layer_with_several_inputs_cannot_be_scripted() -> None:
+    """The documented limit: TorchScript types the pre-hook for a forward that takes one tensor."""
+    model = mcdrop.add_dropout(nn.Bilinear(3, 3, 2), 0.2, before=nn.Bilinear)
+    with torch.no_grad():
+        assert model(torch.ones(2, 3), torch.ones(2, 3)).shape == (2, 2)  # eager: first input only
+    with pytest.raises(RuntimeError, match="_dropout_before_hook"):
+        torch.jit.script(model)
+
+
 # ----------------------------------------------------------------------------- set_dropout_rate
 class Mixed(nn.Module):
     def __init__(self) -> None:
@@ -421,6 +463,139 @@ def test_set_dropout_rate_errors_and_warnings() -> None:
     assert scripted[1].p == pytest.approx(0.1)
 
 
+@pytest.fixture
+def registry():
+    """Undo registrations made by a test."""
+    from mcdrop import stochastic
+
+    before = dict(stochastic._REGISTERED_STOCHASTIC)
+    yield
+    stochastic._REGISTERED_STOCHASTIC.clear()
+    stochastic._REGISTERED_STOCHASTIC.update(before)
+
+
+class ReadOnlyNoise(nn.Module):
+    """Gaussian noise whose registered rate attribute is a read-only property."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sigma = 0.1
+
+    @property
+    def sigma(self) -> float:
+        return self._sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x) if self.training else x
+
+
+class Interrupted(BaseException):
+    """Stands for a KeyboardInterrupt arriving while a rate is set."""
+
+
+class InterruptingNoise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self._sigma = 0.1
+
+    @property
+    def sigma(self) -> float:
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        raise Interrupted
+
+
+def test_set_dropout_rate_changes_nothing_when_a_rate_cannot_be_set(registry) -> None:
+    mcdrop.register_stochastic(ReadOnlyNoise, rate_attr="sigma")
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), mcdrop.nn.Dropout(0.2), ReadOnlyNoise())
+    with pytest.raises(
+        UnsupportedModelError, match=r"'sigma' of 3 \(ReadOnlyNoise\) cannot be changed.*read-only property"
+    ) as caught:
+        mcdrop.set_dropout_rate(model, 0.5)
+    assert isinstance(caught.value.__cause__, AttributeError)
+    assert "Nothing was changed" in str(caught.value)
+    assert (model[1].p, model[2].p, model[3].sigma) == (0.1, 0.2, 0.1)  # the earlier ones rolled back
+
+    # any exception, even one that is not an Exception, rolls back and propagates as it is
+    mcdrop.register_stochastic(InterruptingNoise, rate_attr="sigma")
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), InterruptingNoise(), nn.Dropout(0.3))
+    with pytest.raises(Interrupted):
+        mcdrop.set_dropout_rate(model, 0.5)
+    assert (model[1].p, model[3].p) == (0.1, 0.3)
+
+
+def test_a_registered_rate_attribute_missing_on_an_instance_is_named(registry) -> None:
+    class Noise(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.randn_like(x) if self.training else x
+
+    mcdrop.register_stochastic(Noise, rate_attr="sigma")
+    model = nn.Sequential(nn.Linear(2, 2), Noise(), nn.Dropout(0.1))
+    row = mcdrop.describe(model).set_index("path").loc["1"]
+    assert row["sampled"] and row["rate"] != row["rate"]  # NaN
+    assert "registered with rate_attr='sigma', but this Noise has no attribute 'sigma'" in row["note"]
+    with pytest.warns(McdropWarning, match=r"1 \(Noise\): registered with rate_attr='sigma'") as caught:
+        change = mcdrop.set_dropout_rate(model, 0.4)
+    assert "register their class" not in str(caught[0].message)  # it is registered already
+    assert model[2].p == 0.4
+    change.restore()
+    model[1].sigma = "0.3"  # there, but not a number
+    assert "holds '0.3' (str), not a number" in mcdrop.describe(model).set_index("path").loc["1", "note"]
+
+
+def test_set_dropout_rate_refuses_an_empty_where_and_callables_of_the_wrong_signature() -> None:
+    model = Mixed()
+    before = rates(model)
+    for empty in ([], ()):
+        with pytest.raises(InvalidInputError, match=r"names no site.*leave where= out"):
+            mcdrop.set_dropout_rate(model, 0.5, where=empty)
+    assert rates(model) == before
+    for bad in (lambda module: True, lambda path, module, extra: True, len):
+        with pytest.raises(InvalidTypeError, match=r"called as fn\(path, module\) -> bool"):
+            mcdrop.set_dropout_rate(model, 0.5, where=bad)
+        with pytest.raises(InvalidTypeError, match=r"where= is called as fn\(path, module\)"):
+            mcdrop.add_dropout(pretrained(), 0.1, where=bad)
+    assert rates(model) == before
+    # the right signatures, keyword defaults and *args included, are accepted
+    for good in (lambda path, module: path == "drop", lambda *args: args[0] == "drop"):
+        with mcdrop.set_dropout_rate(model, 0.5, where=good) as change:
+            assert [c[0] for c in change.changes] == ["drop"]
+
+
+def test_restoring_an_outer_rate_change_first_restores_the_rates_from_before_it() -> None:
+    model = Mixed()
+    before = rates(model)
+    outer = mcdrop.set_dropout_rate(model, 0.2)
+    inner = mcdrop.set_dropout_rate(model, 0.5, where=["drop", "attn"])
+    assert (model.drop.p, model.own.p, model.attn.dropout) == (0.5, 0.2, 0.5)
+    outer.restore()  # before the inner one: every rate it touched is back to before it
+    assert rates(model) == before
+    inner.restore()  # must not bring back the outer rate (0.2) it replaced
+    assert rates(model) == before
+
+    # the same with context managers, and in order it is as before
+    with mcdrop.set_dropout_rate(model, 0.2) as outer:
+        with mcdrop.set_dropout_rate(model, 0.5, where="drop"):
+            outer.restore()
+            assert rates(model) == before
+        assert rates(model) == before
+    with mcdrop.set_dropout_rate(model, 0.2):
+        with mcdrop.set_dropout_rate(model, 0.5, where="drop"):
+            assert model.drop.p == 0.5
+        assert model.drop.p == 0.2 and model.own.p == 0.2
+    assert rates(model) == before
+
+    # an inner change of other rates than the outer one keeps those when the outer is restored
+    outer = mcdrop.set_dropout_rate(model, 0.3, where="drop")
+    inner = mcdrop.set_dropout_rate(model, 0.6, where="own")
+    outer.restore()
+    assert (model.drop.p, model.own.p) == (0.1, 0.6)
+    inner.restore()
+    assert rates(model) == before
+
+
 def test_drop_path_rates_are_changed_only_when_asked() -> None:
     class DropPath(nn.Module):
         def __init__(self, drop_prob: float) -> None:
@@ -473,6 +648,20 @@ def test_describe_is_a_table_of_every_site() -> None:
     assert not excluded.loc["2", "sampled"] and excluded.loc["2", "note"] == "excluded by the user"
     empty = mcdrop.describe(nn.Linear(2, 2))
     assert empty.empty and list(empty.columns) == ["path", "kind", "module_type", "rate", "sampled", "note"]
+    assert empty["rate"].dtype == "float64" and empty["sampled"].dtype == bool
+
+
+def test_describe_shows_unknown_rates_as_nan_in_a_float_column() -> None:
+    class Gate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.dropout(x, 0.1, self.training)
+
+    only_unknown = mcdrop.describe(nn.Sequential(nn.Linear(2, 2), Gate()))
+    assert only_unknown["rate"].dtype == "float64"
+    assert only_unknown["rate"].isna().tolist() == [True]
+    mixed = mcdrop.describe(nn.Sequential(nn.Linear(2, 2), Gate(), nn.Dropout(0.2)))
+    assert mixed["rate"].dtype == "float64"
+    assert mixed["rate"].isna().tolist() == [True, False] and mixed["rate"].iloc[1] == 0.2
 
 
 def test_describe_of_a_wrapper_or_policy_uses_their_options() -> None:

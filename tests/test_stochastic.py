@@ -11,7 +11,13 @@ from torch import nn
 
 import mcdrop
 from mcdrop._gatecheck import checking
-from mcdrop.errors import ModelStateError, NoDropoutError, NoRandomnessWarning
+from mcdrop.errors import (
+    InvalidInputError,
+    InvalidTypeError,
+    ModelStateError,
+    NoDropoutError,
+    NoRandomnessWarning,
+)
 
 
 # ----------------------------------------------------------------------------- models under test
@@ -492,6 +498,71 @@ def test_include_exclude_and_registration() -> None:
         stochastic._REGISTERED_STOCHASTIC.pop(MyNoise, None)
 
 
+def test_register_stochastic_validates_its_arguments_up_front() -> None:
+    from mcdrop import stochastic
+
+    class Noise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sigma = 0.1
+
+        def forward(self, x):
+            return x + self.sigma * torch.randn_like(x) if self.training else x
+
+    before = dict(stochastic._REGISTERED_STOCHASTIC)
+    for bad in (5, b"sigma", ["sigma"]):
+        with pytest.raises(
+            InvalidTypeError, match=r"rate_attr must be the name \(a str\).*e.g. rate_attr='p'"
+        ):
+            mcdrop.register_stochastic(Noise, rate_attr=bad)
+    for bad in ("", "sig ma", "drop.p", "1p", "class"):
+        with pytest.raises(InvalidInputError, match="not a valid Python identifier"):
+            mcdrop.register_stochastic(Noise, rate_attr=bad)
+    for bad in ("attention_dropout", "Dropout", 5, None, ["dropout"]):
+        with pytest.raises(InvalidInputError, match=r"kind must be 'dropout' .* or 'drop_path'"):
+            mcdrop.register_stochastic(Noise, kind=bad)
+    with pytest.raises(InvalidTypeError, match="nn.Module subclass"):
+        mcdrop.register_stochastic(Noise(), rate_attr="sigma")
+    assert stochastic._REGISTERED_STOCHASTIC == before  # nothing was registered
+    mcdrop.find_stochastic_sites(nn.Sequential(Noise()))  # and describing does not crash
+    try:
+        mcdrop.register_stochastic(Noise, rate_attr="sigma")
+        [site] = mcdrop.find_stochastic_sites(nn.Sequential(Noise()))
+        assert (site.kind, site.rate, site.rate_attr) == ("dropout", 0.1, "sigma")
+    finally:
+        stochastic._REGISTERED_STOCHASTIC.pop(Noise, None)
+
+
+def test_drop_path_must_be_a_bool() -> None:
+    model = mlp()
+    for bad in ("yes", 1, None, "False"):
+        for call in (
+            mcdrop.find_stochastic_sites,
+            mcdrop.StochasticPolicy,
+            mcdrop.MCDropout,
+            mcdrop.describe,
+        ):
+            with pytest.raises(InvalidTypeError, match=r"drop_path must be True or False; got"):
+                call(model, drop_path=bad)
+    assert [s.path for s in mcdrop.find_stochastic_sites(model, drop_path=True)] == ["2"]
+
+
+def test_callables_of_the_wrong_signature_in_include_or_exclude_are_refused() -> None:
+    model = mlp()
+    for option in ("include", "exclude"):
+        for bad in (lambda module: True, lambda: True, lambda path, module, extra: True):
+            with pytest.raises(InvalidTypeError, match=rf"{option}= is called as fn\(path, module\) -> bool"):
+                mcdrop.find_stochastic_sites(model, **{option: bad})
+            with pytest.raises(InvalidTypeError, match=r"fn\(path, module\)"):
+                mcdrop.MCDropout(model, **{option: [bad]})
+    assert [
+        s.path for s in mcdrop.find_stochastic_sites(model, include=lambda path, module: path == "0")
+    ] == [
+        "0",
+        "2",
+    ]
+
+
 def test_nested_contexts_restore_the_outermost_state() -> None:
     model = cnn_bn().eval()
     flags = _flags(model)
@@ -512,6 +583,52 @@ def test_scripted_model_is_sampled() -> None:
     out = mcdrop.MCDropout(scripted, n_samples=5, seed=0).sample(x)
     assert (out.std(0) > 0).any()
     assert not scripted.training and not any(m.training for m in scripted.modules())
+
+
+def test_a_scripted_attribute_named_like_training_is_not_a_gate() -> None:
+    """Only a read of the ``training`` attribute makes a scripted user module a gate."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.training_scale = 2.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.training_scale
+
+    class Gated(Scaled):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = self.training_scale if getattr(self, "training") else 1.0  # noqa: B009 - the form under test
+            return F.dropout(self.fc(x), 0.1, self.fc.training) * scale
+
+    assert mcdrop.find_stochastic_sites(Scaled()) == []
+    assert mcdrop.find_stochastic_sites(torch.jit.script(Scaled().eval())) == []
+    with pytest.raises(NoDropoutError):
+        mcdrop.MCDropout(torch.jit.script(Scaled().eval()))
+    [site] = mcdrop.find_stochastic_sites(torch.jit.script(Gated().eval()))
+    assert (site.path, site.kind, site.sampled) == ("", "functional", True)
+
+
+def test_a_scripted_helper_method_reading_training_makes_a_gate() -> None:
+    """``module.code`` is ``forward`` alone: the flag read in a helper method counts too, as in eager."""
+
+    class Helper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def drop(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(x, 0.5, self.training)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.fc(x))
+
+    eager = [(s.path, s.kind) for s in mcdrop.find_stochastic_sites(Helper())]
+    scripted = torch.jit.script(Helper().eval())
+    assert [(s.path, s.kind) for s in mcdrop.find_stochastic_sites(scripted)] == eager == [("", "functional")]
+    samples = mcdrop.MCDropout(scripted, n_samples=4, seed=0, task="regression").sample(torch.randn(2, 4))
+    assert not torch.equal(samples[0], samples[1])
 
 
 def test_deepcopy_is_not_needed_model_object_identity_kept() -> None:
