@@ -25,8 +25,12 @@ Everything here is private to mcdrop; the public face is :class:`mcdrop.MCDropou
 from __future__ import annotations
 
 import contextlib
+import copy
+import enum
+import functools
 import logging
 import math
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -94,24 +98,95 @@ class Inputs:
     batch_size: int
     dims: dict[tuple[Any, ...], int | None]
 
-    def map(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Apply ``fn(tensor, batch_dim)`` to every batched tensor leaf."""
+    def map(
+        self, fn: Callable[[torch.Tensor, int], torch.Tensor], *, fresh: bool = False
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Apply ``fn(tensor, batch_dim)`` to every batched tensor leaf.
+
+        With ``fresh`` (the inputs of one forward pass), the other leaves that the model could
+        change in place are copies too: tensors that are not batched are cloned, and mutable
+        objects (see :func:`is_plain_value`), such as a Hugging Face ``DynamicCache``, are deep
+        copies, made with one memo per call, so objects shared between leaves stay shared within
+        the pass. ``fn`` should then copy the batched tensors as well.
+        """
+        memo: dict[int, Any] = {}
 
         def visit(obj: Any, path: tuple[Any, ...]) -> Any:
             if isinstance(obj, torch.Tensor):
                 dim = self.dims.get(path)
-                return obj if dim is None else fn(obj, dim)
+                if dim is None:
+                    return obj.clone() if fresh else obj
+                return fn(obj, dim)
             if isinstance(obj, Mapping):
                 return {k: visit(v, (*path, k)) for k, v in obj.items()}
             if isinstance(obj, tuple) and hasattr(obj, "_fields"):
                 return type(obj)(*(visit(v, (*path, i)) for i, v in enumerate(obj)))
             if isinstance(obj, (list, tuple)):
                 return type(obj)(visit(v, (*path, i)) for i, v in enumerate(obj))
+            if fresh and not is_plain_value(obj):
+                return fresh_copy(obj, path, memo)
             return obj
 
         args = tuple(visit(a, (i,)) for i, a in enumerate(self.args))
         kwargs = {k: visit(v, (k,)) for k, v in self.kwargs.items()}
         return args, kwargs
+
+
+#: Leaf types handed to every forward pass as they are: values that cannot change, and code.
+_PLAIN_TYPES = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    range,
+    slice,
+    type(Ellipsis),
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+    enum.Enum,
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.BuiltinMethodType,
+    functools.partial,
+)
+
+
+def is_plain_value(obj: Any) -> bool:
+    """Whether a non-tensor input leaf can be handed to every forward pass as it is.
+
+    True for values no pass can change (``None``, numbers, strings, bytes, ``torch.dtype`` and
+    ``torch.device``, enums, ...) and for code (functions, methods, classes, ``functools.partial``),
+    which is passed by reference. Any other object (a Hugging Face ``DynamicCache``, a numpy array,
+    a user object) may be changed in place by the model, so every pass gets its own deep copy.
+    Tuples, lists and dicts are not leaves: mcdrop walks into them.
+    """
+    return isinstance(obj, _PLAIN_TYPES)
+
+
+def fresh_copy(obj: Any, path: tuple[Any, ...], memo: dict[int, Any] | None = None) -> Any:
+    """A deep copy of the mutable input leaf ``obj`` at ``path``, for one forward pass.
+
+    Raises:
+        InvalidInputError: ``obj`` cannot be deep-copied.
+    """
+    try:
+        return copy.deepcopy(obj, memo)
+    except Exception as err:  # noqa: BLE001 - whatever the object's copy raises, say which input
+        raise InvalidInputError(
+            f"{_path_name(path)} is a {type(obj).__name__}, a mutable object that cannot be deep-copied "
+            f"({type(err).__name__}: {err}). mcdrop gives every forward pass (checks, probe, each MC "
+            "sample) its own copy of such an input, because a model may change it in place (a Hugging "
+            "Face cache grows with every pass); without a copy every pass would share, and change, "
+            "the same object, and yours. Pass an object that copy.deepcopy can copy (e.g. a cache built "
+            "under torch.no_grad(), whose tensors are graph leaves), or pass tensors instead."
+        ) from err
 
 
 def _leaves(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:
@@ -123,6 +198,26 @@ def _leaves(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], 
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from _leaves(v, (*path, i))
+
+
+def _objects(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """The leaves of ``obj`` that are neither tensors nor plain values (see :func:`is_plain_value`)."""
+    if isinstance(obj, torch.Tensor):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _objects(v, (*path, k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _objects(v, (*path, i))
+    elif not is_plain_value(obj):
+        yield path, obj
+
+
+def _object_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any]]:
+    """``(path, object)`` for every leaf of the inputs that is neither a tensor nor a plain value."""
+    found = [(p, o) for i, a in enumerate(args) for p, o in _objects(a, (i,))]
+    return found + [(p, o) for k, v in kwargs.items() for p, o in _objects(v, (k,))]
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -162,7 +257,14 @@ def prepare_inputs(
     ``batch_dim`` is one int for every tensor, or a mapping from keyword/dict-key names or
     positional indices to a dim, with ``None`` marking a tensor that is not batched (shared by all
     rows, like an attention mask of shape ``(T, T)``) and ``"*"`` the default for the rest.
+
+    Other leaves that are mutable objects (a Hugging Face ``DynamicCache``) are kept as they are and
+    deep-copied for every forward pass (:meth:`Inputs.map` with ``fresh``), never handed to
+    the model themselves; one copy is tried here, so an object that cannot be copied is refused
+    before any pass runs (:class:`~mcdrop.errors.InvalidInputError`).
     """
+    for path, obj in _object_leaves(args, kwargs):
+        fresh_copy(obj, path)
     leaves = [(p, t) for i, a in enumerate(args) for p, t in _leaves(a, (i,))]
     leaves += [(p, t) for k, v in kwargs.items() for p, t in _leaves(v, (k,))]
     if not leaves:
@@ -260,6 +362,14 @@ def _check_finite_input(path: tuple[Any, ...], original: torch.Tensor, cast: tor
         )
 
 
+def holds_objects(inputs: Inputs) -> bool:
+    """Whether some input leaf is a mutable non-tensor object, such as a KV cache.
+
+    Such an object is given whole (a fresh copy) to every pass, never sliced or replicated.
+    """
+    return bool(_object_leaves(inputs.args, inputs.kwargs))
+
+
 def input_bytes_per_row(inputs: Inputs) -> int:
     """Bytes one batch row occupies across all batched tensor inputs."""
     total = 0
@@ -283,18 +393,25 @@ def slice_batch(inputs: Inputs, start: int, stop: int) -> Inputs:
 
 
 def replicate(inputs: Inputs, k: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Repeat every batched input ``k`` times along its batch dim, sample-major (``s * b + i``)."""
+    """Repeat every batched input ``k`` times along its batch dim, sample-major (``s * b + i``).
+
+    The result is the input of one forward pass, and a copy of every input the model could change
+    in place: with ``k == 1`` the batched tensors are clones, tensors that are not batched are
+    clones and mutable objects deep copies (see :meth:`Inputs.map`), so a model that changes an
+    input (an in-place op on it, a Hugging Face cache it appends to) changes neither the caller's
+    input nor what the other passes see.
+    """
     if k == 1:
         # A copy all the same: a model that modifies its input in place (e.g. an in-place dropout
         # on the input) must neither change the caller's tensors nor compound across passes.
-        return inputs.map(lambda t, d: t.clone())
+        return inputs.map(lambda t, d: t.clone(), fresh=True)
 
     def rep(t: torch.Tensor, d: int) -> torch.Tensor:
         shape = list(t.shape)
         expanded = t.unsqueeze(d).expand(*shape[:d], k, *shape[d:])
         return expanded.reshape(*shape[:d], k * shape[d], *shape[d + 1 :])
 
-    return inputs.map(rep)
+    return inputs.map(rep, fresh=True)
 
 
 def select_output(out: Any, output: OutputSelector, pair: bool) -> Any:
@@ -454,8 +571,12 @@ def check_row_count(
 
     No more than ``max_batch_size`` and than fit ``memory_budget`` with ``row_bytes`` per row
     (measured on one row; the default budget when ``None``), but at least two rows where the batch
-    and ``max_batch_size`` have them (batch statistics need two).
+    and ``max_batch_size`` have them (batch statistics need two). The whole batch (or
+    ``max_batch_size`` rows) when the inputs hold a non-tensor object (:func:`holds_objects`): it
+    goes whole to every pass, and its batch, e.g. a KV cache's, cannot follow a slice of the rows.
     """
+    if holds_objects(inputs):
+        return min(inputs.batch_size, max_batch_size or inputs.batch_size)
     fit = auto_max_batch_size(inputs, None, _budget(memory_budget), n_samples, row_bytes)
     return min(inputs.batch_size, CHECK_ROWS, max_batch_size or CHECK_ROWS, max(2, fit))
 
@@ -628,6 +749,9 @@ class _Engine:
         self.check_finite = check_finite
         self.autocast_dtype = autocast_dtype
         self.device = device
+        # Inputs holding an object (e.g. a KV cache) go whole to every pass, never sliced: the
+        # automatic pass sizes do not split such a batch (max_batch_size still may).
+        self.whole_batch = holds_objects(inputs)
         self.ctx: FastContext | None = None
         # Peak bytes per row of the row check's first pass (see rows_mix), for sizing the first pass.
         self.measured_row_bytes: float | None = None
@@ -672,13 +796,15 @@ class _Engine:
     def vmap(self, s: int, e: int, k: int) -> Any:
         """``k`` samples of rows ``s:e`` from one ``vmap`` over samples of the unreplicated rows."""
         part = slice_batch(self.inputs, s, e)
+        # One pass of the model (run once for the k samples): copies of every input, as replicate makes.
+        args, kwargs = part.map(lambda t, d: t.clone(), fresh=True)
 
         ctx = self.ctx
 
         def one_sample(_: torch.Tensor) -> Any:
             if ctx is not None:  # the fast masks draw all k samples' masks at once at this level
                 ctx.vmap_level, ctx.vmap_size = torch._C._functorch.maybe_current_level(), k
-            return select_output(self.model(*part.args, **part.kwargs), self.output, self.pair)
+            return select_output(self.model(*args, **kwargs), self.output, self.pair)
 
         try:
             with self._autocast():
@@ -843,7 +969,8 @@ class _Engine:
             _log.debug("mcdrop: strategy %r rejected: %s", candidate, why_not)
             if last:
                 raise UnsupportedModelError(
-                    f"strategy={candidate!r} cannot sample this model correctly: {why_not}. Use "
+                    f"strategy={candidate!r} cannot sample this model correctly: {why_not.rstrip('.')}. "
+                    f"{_objects_hint(self.inputs) if candidate == 'replicate' else ''}Use "
                     "strategy='auto' to fall back to another strategy automatically."
                 )
         return decision  # pragma: no cover - the loop always returns or raises
@@ -1039,9 +1166,11 @@ class _Engine:
         """Rows of the first pass (one sample each) when chunks are sized automatically.
 
         Sized from ``row_bytes`` (what the row check's pass held at its peak, per row) where it was
-        measured. The whole batch when ``mixes_rows`` (see :meth:`rows_mix`), whatever the budget.
+        measured. The whole batch when ``mixes_rows`` (see :meth:`rows_mix`) or when the inputs hold
+        a non-tensor object that every pass gets whole (a KV cache, whose batch cannot be sliced),
+        whatever the budget.
         """
-        if mixes_rows:
+        if mixes_rows or self.whole_batch:
             return self.inputs.batch_size
         rows = auto_max_batch_size(self.inputs, None, _budget(memory_budget), self.n, row_bytes)
         return min(self.inputs.batch_size, rows)
@@ -1112,8 +1241,8 @@ class _Engine:
             else:
                 k_min = self.n
             rows = max(rows, min(rows_memory, r0 * min(k_min, self.n)))
-        if decision.mixes_rows:
-            rows = max(rows, self.inputs.batch_size)  # never split the batch of such a model
+        if decision.mixes_rows or self.whole_batch:
+            rows = max(rows, self.inputs.batch_size)  # never split the batch of such a model (or input)
         return max(1, rows)
 
     def raise_if_bad_rows(self) -> None:
@@ -1183,6 +1312,18 @@ def _other_row(inputs: Inputs) -> Inputs | None:
     args, kwargs = inputs.map(change)
     other = Inputs(args, kwargs, inputs.batch_size, inputs.dims)
     return None if _same_rows(inputs, other) else other
+
+
+def _objects_hint(inputs: Inputs) -> str:
+    """Why replication may fail when non-tensor inputs are mutable objects (else ``""``)."""
+    objects = _object_leaves(inputs.args, inputs.kwargs)
+    if not objects:
+        return ""
+    named = ", ".join(f"{_path_name(p)} ({type(o).__name__})" for p, o in objects[:3])
+    return (
+        f"Only tensor inputs are replicated along their batch dimension; {named} is given whole (a "
+        "fresh copy) to every pass, so its batch (e.g. a cache's) does not grow with the replicas. "
+    )
 
 
 def _batched_leaves(inputs: Inputs) -> list[tuple[torch.Tensor, int]]:

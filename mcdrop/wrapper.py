@@ -42,6 +42,7 @@ from mcdrop.sampling import (
     _signature,
     autocast_context,
     check_row_count,
+    holds_objects,
     model_device_dtype,
     prepare_inputs,
     replicate,
@@ -612,7 +613,8 @@ class MCDropout:
         # No more rows than a sampling pass may hold (max_batch_size) and than fit the memory budget,
         # measured on one row (that pass may fail, e.g. on batch statistics: then estimated).
         row_bytes = None
-        if min(inputs.batch_size, CHECK_ROWS, self.max_batch_size or CHECK_ROWS) > 2:
+        few_rows = min(inputs.batch_size, CHECK_ROWS, self.max_batch_size or CHECK_ROWS) > 2
+        if few_rows and not holds_objects(inputs):  # an object (a KV cache) needs the whole batch
             meter = PeakBytesMode()
             try:
                 with rng_untouched(0, cuda), NoDropout(), meter:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import types
 import warnings
 
@@ -569,3 +570,112 @@ def test_positional_index_in_batch_dim_does_not_match_list_elements():
     )
     s = mc.sample([a, b], mask)
     assert torch.equal(s[..., :3], ((a + b) @ mask).expand(4, 4, 3))
+
+
+class Memory:
+    """A mutable, non-tensor input that the model appends to, as a Hugging Face KV cache does."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+
+class AppendsToMemory(nn.Module):
+    """``cat([x + len(memory.seen), dropout(ones)])``, appending to ``memory`` in every pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(3, 3)  # so that auto also considers vmap
+        self.drop = nn.Dropout(0.5)
+        self.lengths: list[int] = []
+
+    def forward(self, x, memory, same_memory=None):
+        if same_memory is not None:
+            assert same_memory is memory, "objects shared between inputs must stay shared within a pass"
+        self.lengths.append(len(memory.seen))
+        memory.seen.append(x.shape[0])
+        out = x + len(memory.seen) - 1
+        return torch.cat([out, self.drop(torch.ones_like(out) + 0 * self.trunk(x))], -1)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "vmap", "replicate", "loop"])
+@pytest.mark.parametrize("max_batch_size", [None, 2])
+def test_a_mutable_object_input_is_copied_for_every_pass(strategy, max_batch_size):
+    """Regression: a non-tensor input object (here a stand-in for a Hugging Face ``DynamicCache``)
+    was handed to every pass (the checks, the probe, every sample) as it was, so a model that
+    changes it in place changed the caller's object and each pass saw what the previous ones left.
+    """
+    x, memory = distinct_rows(4, 3), Memory()
+    net = AppendsToMemory()
+    mc = mcdrop.MCDropout(
+        net, n_samples=5, seed=0, task="regression", strategy=strategy, max_batch_size=max_batch_size
+    )
+    s = mc.sample(x, memory, same_memory=memory)
+    assert memory.seen == [], "the caller's object was changed"
+    assert net.lengths and set(net.lengths) == {0}, "a pass saw what another pass left in the object"
+    assert torch.equal(s[..., :3], x.expand(5, 4, 3))
+    drawn = s[..., 3:]
+    assert bool((drawn == 0).any()) and bool((drawn == 2).any())
+
+
+def test_plain_values_and_code_are_passed_as_they_are():
+    """Immutable values and code (functions, classes, dtypes, enums) are not copied."""
+    seen = []
+
+    class TakesOptions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x, act, kind, dtype, name, fn):
+            seen.append((act, kind, dtype, name, fn))
+            return self.drop(act(x.to(dtype)))
+
+    def fn(t):
+        return t
+
+    options = (torch.tanh, nn.ReLU, torch.float64, "text", fn)
+    mcdrop.MCDropout(TakesOptions(), n_samples=3, seed=0, task="regression").sample(
+        torch.ones(2, 3), *options
+    )
+    assert seen and all(all(a is b for a, b in zip(call, options, strict=True)) for call in seen)
+
+
+def test_an_input_object_that_cannot_be_copied_is_refused_naming_it():
+    net = AppendsToMemory()
+    mc = mcdrop.MCDropout(net, n_samples=3, seed=0, task="regression")
+    with pytest.raises(
+        InvalidInputError, match=r"keyword 'memory' is a lock.*cannot be deep-copied.*every pass"
+    ):
+        mc.sample(torch.ones(2, 3), memory=threading.Lock())
+    assert net.lengths == [], "no pass may run with an object that would be shared"
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "replicate", "loop"])
+def test_in_place_changes_to_unbatched_and_batched_inputs_do_not_reach_the_caller_or_compound(strategy):
+    """Regression: tensors marked as not batched were handed to every pass as they were (and, with
+    vmap, the batched ones too), so an in-place op on them changed the caller's tensor and compounded."""
+
+    class AddsInPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(*[nn.Linear(3, 3) for _ in range(4)])
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x, bias):
+            x.add_(1.0)
+            bias.add_(1.0)
+            return torch.cat([x + bias, self.drop(torch.ones_like(x) + 0 * self.trunk(x))], -1)
+
+    x, bias = distinct_rows(4, 3), torch.zeros(3)
+    x0 = x.clone()
+    mc = mcdrop.MCDropout(
+        AddsInPlace(),
+        n_samples=5,
+        seed=0,
+        task="regression",
+        strategy=strategy,
+        batch_dim={"bias": None, "*": 0},
+    )
+    s = mc.sample(x, bias=bias)
+    assert torch.equal(x, x0) and torch.equal(bias, torch.zeros(3)), "the caller's inputs were changed"
+    assert torch.equal(s[..., :3], (x + 2).expand(5, 4, 3))

@@ -12,7 +12,9 @@ imported.
 
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -26,7 +28,7 @@ from torch import nn
 import mcdrop
 from mcdrop import stochastic
 from mcdrop._gatecheck import checking
-from mcdrop.errors import NoDropoutError, NoRandomnessWarning, UnsupportedModelError
+from mcdrop.errors import InvalidInputError, NoDropoutError, NoRandomnessWarning, UnsupportedModelError
 
 N = 6  # MC samples per check
 RATE = 0.3
@@ -250,6 +252,139 @@ def test_hf_attention_dropout_reaches_the_attention_kernel(T, arch: str, monkeyp
         first = select(model(**inputs), output)
         assert torch.equal(first, select(model(**inputs), output))  # eval again afterwards
     assert len(seen) >= LAYERS and set(seen) == {0.0}
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword of the key/value cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def gpt2_with_cache(T: ModuleType, impl: str = "eager", batch: int = 3, **rates: float):
+    """GPT-2 (n_positions=16), a DynamicCache of an 8-token prefix, the inputs of the next token
+    (``input_ids`` and the cache), and the reference: the deterministic next-token logits, computed
+    on a copy of the cache. The cache is built under ``no_grad`` (as in generation).
+    """
+    model, _, output = hf_model(T, f"gpt2-{impl}", **rates)
+    g = torch.Generator().manual_seed(1)
+    prefix, token = (
+        torch.randint(0, 64, (batch, 8), generator=g),
+        torch.randint(0, 64, (batch, 1), generator=g),
+    )
+    key = cache_keyword(model)
+    with torch.no_grad():
+        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        reference = output(model(input_ids=token, **{key: copy.deepcopy(cache)}))
+    assert isinstance(cache, T.DynamicCache) and cache.get_seq_length() == 8
+    return model, cache, {"input_ids": token, key: cache}, reference, output
+
+
+def assert_cache_unchanged(cache: Any, before: Any) -> None:
+    assert cache.get_seq_length() == 8, "the user's cache was changed"
+    assert len(cache.layers) == len(before.layers)
+    for now, then in zip(cache.layers, before.layers, strict=True):
+        assert torch.equal(now.keys, then.keys) and torch.equal(now.values, then.values)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("strategy", ["auto", "vmap", "loop"])
+def test_hf_gpt2_kv_cache_every_pass_sees_the_users_cache_unchanged(T, impl: str, strategy: str) -> None:
+    """Regression: every pass (checks, probe, samples) got the same DynamicCache, which GPT-2 appends
+    to in place, so each MC sample saw a longer, wrong context, the user's cache grew from 8 to 20
+    positions, and with n_positions=16 the position embedding raised an IndexError. Now each pass
+    gets its own copy: at a negligible rate the samples equal the deterministic next-token logits.
+    """
+    model, cache, inputs, reference, output = gpt2_with_cache(T, impl, dropout=RATE, attention_dropout=RATE)
+    before = copy.deepcopy(cache)
+    with mcdrop.set_dropout_rate(model, 1e-7), warnings.catch_warnings():  # ~no dropout: samples = reference
+        warnings.simplefilter("ignore", NoRandomnessWarning)
+        mc = mcdrop.MCDropout(model, n_samples=4, seed=0, task="regression", strategy=strategy, output=output)
+        samples = mc.sample(**inputs)
+        assert_cache_unchanged(cache, before)
+        assert torch.allclose(samples, reference.expand_as(samples), atol=1e-5)
+        pred = mc.predict(**inputs)  # the decision remembered for this signature, again
+        assert_cache_unchanged(cache, before)
+        assert torch.allclose(pred.mean, reference, atol=1e-5)
+        # a tiny memory budget would split the batch, which the cache's batch cannot follow
+        tiny = mcdrop.MCDropout(
+            model, n_samples=4, seed=0, task="regression", strategy=strategy, output=output, memory_budget=1
+        )
+        samples = tiny.sample(**inputs)
+        assert_cache_unchanged(cache, before)
+        assert torch.allclose(samples, reference.expand_as(samples), atol=1e-5)
+    mc = mcdrop.MCDropout(model, n_samples=N, seed=0, task="regression", strategy=strategy, output=output)
+    assert_varies(mc.sample(**inputs))
+    assert_cache_unchanged(cache, before)
+
+
+def test_hf_gpt2_kv_cache_batch_is_never_split_by_the_checks_or_the_pass_sizes(T) -> None:
+    """The gate check and the row check run on at most 8 rows, and automatic pass sizes may split a
+    batch: a cache's batch cannot follow, so a batch holding one goes whole to every pass."""
+    model, cache, inputs, reference, output = gpt2_with_cache(T, batch=11, attention_dropout=RATE)
+    before = copy.deepcopy(cache)
+    with mcdrop.set_dropout_rate(model, 1e-7), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoRandomnessWarning)
+        for budget in (None, 1):
+            mc = mcdrop.MCDropout(
+                model, n_samples=3, seed=0, task="regression", output=output, memory_budget=budget
+            )
+            samples = mc.sample(**inputs)
+            assert_cache_unchanged(cache, before)
+            assert torch.allclose(samples, reference.expand_as(samples), atol=1e-5)
+
+
+def test_hf_gpt2_kv_cache_is_not_replicated_and_replicate_says_so(T) -> None:
+    """A cache's batch is not replicated with the input rows: strategy='replicate' is refused with a
+    message naming the cache, the cache untouched; 'auto' falls back to a strategy that works."""
+    model, cache, inputs, _, output = gpt2_with_cache(T, attention_dropout=RATE)
+    before = copy.deepcopy(cache)
+    mc = mcdrop.MCDropout(model, n_samples=4, seed=0, task="regression", strategy="replicate", output=output)
+    key = cache_keyword(model)
+    with pytest.raises(UnsupportedModelError, match=rf"keyword '{key}' \(DynamicCache\) is given whole"):
+        mc.sample(**inputs)
+    assert_cache_unchanged(cache, before)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_hf_gpt2_kv_cache_is_unchanged_after_an_exception_mid_sampling(T) -> None:
+    model, cache, inputs, _, output = gpt2_with_cache(T, attention_dropout=RATE)
+    before = copy.deepcopy(cache)
+    passes = []
+
+    def stop_at_third_sampling_pass(module, args, kwargs):
+        if not checking():
+            passes.append(1)
+            if len(passes) == 3:
+                raise Interrupt
+
+    handle = model.register_forward_pre_hook(stop_at_third_sampling_pass, with_kwargs=True)
+    try:
+        mc = mcdrop.MCDropout(model, n_samples=N, seed=0, task="regression", output=output)
+        with pytest.raises(Interrupt):
+            mc.predict(**inputs)
+    finally:
+        handle.remove()
+    assert len(passes) == 3
+    assert_cache_unchanged(cache, before)
+
+
+def test_hf_gpt2_kv_cache_that_cannot_be_copied_is_refused_before_any_pass(T) -> None:
+    """A cache built with autograd on holds non-leaf tensors, which copy.deepcopy refuses: mcdrop
+    says so, naming the argument, rather than hand the same object to every pass."""
+    model, _, inputs, _, output = gpt2_with_cache(T, attention_dropout=RATE)
+    key = cache_keyword(model)
+    inputs[key] = cache = model(input_ids=torch.randint(0, 64, (3, 8)), use_cache=True).past_key_values
+    passes = []
+    handle = model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        mc = mcdrop.MCDropout(model, n_samples=4, seed=0, task="regression", output=output)
+        with pytest.raises(InvalidInputError, match=rf"keyword '{key}' is a DynamicCache.*deep-copied"):
+            mc.sample(**inputs)
+    finally:
+        handle.remove()
+    assert not passes and cache.get_seq_length() == 8
 
 
 @pytest.mark.parametrize("arch", ["bert-eager", "bert-sdpa"])
