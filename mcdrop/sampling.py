@@ -155,6 +155,7 @@ _PLAIN_TYPES = (
     types.MethodType,
     types.BuiltinMethodType,
     functools.partial,
+    nn.Module,
 )
 
 
@@ -162,8 +163,9 @@ def is_plain_value(obj: Any) -> bool:
     """Whether a non-tensor input leaf can be handed to every forward pass as it is.
 
     True for values no pass can change (``None``, numbers, strings, bytes, ``torch.dtype`` and
-    ``torch.device``, enums, ...) and for code (functions, methods, classes, ``functools.partial``),
-    which is passed by reference. Any other object (a Hugging Face ``DynamicCache``, a numpy array,
+    ``torch.device``, enums, ...) and for code (functions, methods, classes, ``functools.partial``)
+    and modules (``nn.Module``, whose parameters a copy per pass would duplicate), which are passed
+    by reference. Any other object (a Hugging Face ``DynamicCache``, a numpy array,
     a user object) may be changed in place by the model, so every pass gets its own deep copy.
     Tuples, lists and dicts are not leaves: mcdrop walks into them.
     """
