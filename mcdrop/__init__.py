@@ -22,6 +22,7 @@ from mcdrop.errors import (
     NonFiniteError,
     NoRandomnessWarning,
     ReportExistsError,
+    RowCheckWarning,
     UnsupportedModelError,
 )
 from mcdrop.metrics.streaming import (
@@ -82,6 +83,7 @@ __all__ = [
     "McdropError",
     "McdropWarning",
     "GateRandomnessWarning",
+    "RowCheckWarning",
     "ModelStateError",
     "NoDropoutError",
     "NonFiniteError",

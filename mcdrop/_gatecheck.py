@@ -25,7 +25,9 @@ runs once per input signature and wrapper.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
+import statistics
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -140,26 +142,42 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, d
     return kwargs.get(name, default)
 
 
-def _kept(p: Any) -> Any:
-    """The draw of a Bernoulli(p) "keep" mask made certain: 1 where ``p > 0``, else 0."""
-    return torch.as_tensor(p) > 0 if isinstance(p, torch.Tensor) else float(p > 0)
+def _kept(p: Any, u: float) -> Any:
+    """A Bernoulli(p) draw made from the uniform draw ``u``: 1 where ``p > u``, else 0."""
+    return torch.as_tensor(p) > u if isinstance(p, torch.Tensor) else float(p > u)
 
 
-#: For each torch random op, the constant (or tensor) its draws become in :class:`NoRandomness`:
-#: a mask keeps everything it could keep, noise is its mean or centre.
-_CONSTANT_DRAWS: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], Any]] = {
-    torch.rand: lambda a, k: 0.5,
-    torch.rand_like: lambda a, k: 0.5,
-    torch.randn: lambda a, k: 0.0,
-    torch.randn_like: lambda a, k: 0.0,
-    torch.Tensor.uniform_: lambda a, k: (_arg(a, k, 1, "from", 0.0) + _arg(a, k, 2, "to", 1.0)) / 2,
-    torch.Tensor.normal_: lambda a, k: _arg(a, k, 1, "mean", 0.0),
-    torch.normal: lambda a, k: _arg(a, k, 0, "mean", 0.0),
-    torch.Tensor.exponential_: lambda a, k: 1.0 / _arg(a, k, 1, "lambd", 1.0),
-    torch.Tensor.bernoulli_: lambda a, k: _kept(_arg(a, k, 1, "p", 0.5)),
-    torch.bernoulli: lambda a, k: _kept(_arg(a, k, 1, "p", a[0] if a else k["input"])),
-    torch.Tensor.bernoulli: lambda a, k: _kept(_arg(a, k, 1, "p", a[0])),
+def _exponential(u: float, a: tuple[Any, ...], k: dict[str, Any]) -> Any:
+    return -math.log1p(-u) / _arg(a, k, 1, "lambd", 1.0)
+
+
+def _normal(z: float, a: tuple[Any, ...], k: dict[str, Any]) -> Any:
+    return _arg(a, k, 0, "mean", 0.0) + _arg(a, k, 1, "std", 1.0) * z
+
+
+#: For each torch random op, the value its draws take in :class:`NoRandomness`, given the one
+#: uniform quantile ``u`` every draw of a check pass is made from, and its standard normal ``z``.
+_CONSTANT_DRAWS: dict[Any, Callable[[float, float, tuple[Any, ...], dict[str, Any]], Any]] = {
+    torch.rand: lambda u, z, a, k: u,
+    torch.rand_like: lambda u, z, a, k: u,
+    torch.randn: lambda u, z, a, k: z,
+    torch.randn_like: lambda u, z, a, k: z,
+    torch.Tensor.uniform_: lambda u, z, a, k: (
+        _arg(a, k, 1, "from", 0.0) + (_arg(a, k, 2, "to", 1.0) - _arg(a, k, 1, "from", 0.0)) * u
+    ),
+    torch.Tensor.normal_: lambda u, z, a, k: _arg(a, k, 1, "mean", 0.0) + _arg(a, k, 2, "std", 1.0) * z,
+    torch.normal: lambda u, z, a, k: _normal(z, a, k),
+    torch.Tensor.exponential_: lambda u, z, a, k: _exponential(u, a, k),
+    torch.Tensor.bernoulli_: lambda u, z, a, k: _kept(_arg(a, k, 1, "p", 0.5), u),
+    torch.bernoulli: lambda u, z, a, k: _kept(_arg(a, k, 1, "p", a[0] if a else k["input"]), u),
+    torch.Tensor.bernoulli: lambda u, z, a, k: _kept(_arg(a, k, 1, "p", a[0]), u),
 }
+
+#: The uniform quantiles of the passes of a row check (:class:`NoRandomness`): a low one, under
+#: which every mask ``rand < keep`` or ``bernoulli(keep)`` keeps all (keep > 0.02), and a high
+#: one, under which every mask ``rand > rate`` keeps all (rate < 0.98). A model's rows cannot
+#: hide behind a mask that drops everything in both.
+CHECK_QUANTILES = (0.02, 0.98)
 
 
 class NoRandomness(NoDropout):
@@ -168,19 +186,34 @@ class NoRandomness(NoDropout):
     For checks that compare passes over different rows (whether a model mixes its batch rows):
     a per-row draw, such as a drop-path mask (``x.new_empty(...).bernoulli_(keep)`` in timm and
     torchvision) or Gaussian noise (``torch.randn_like``), lands on other rows in a pass over other
-    rows, so the passes would differ for a model that does not mix rows. Here masks keep all they
-    may keep (``bernoulli`` gives 1 where its probability is positive), uniform draws are their
-    centre, normal and exponential draws their mean. Random ops not listed (``randint``,
-    ``randperm``, ``multinomial``, ...) still draw: a check has to compare two seeds to see them.
-    Not for the gate check, where it would turn a random gate into a deterministic one.
+    rows, so the passes would differ for a model that does not mix rows. Here every draw is the
+    same quantile ``u`` of its distribution: uniform draws ``low + (high - low) * u``, normal ones
+    ``mean + std * z`` (``z`` the standard normal quantile of ``u``), exponential ones
+    ``-log(1 - u) / lambd``, Bernoulli(p) ones ``p > u``. The same for every row, so a model that
+    does not mix rows still does not. Random ops not listed (``randint``, ``randperm``,
+    ``multinomial``, ...) still draw: a check has to compare two seeds to see them. Not for the
+    gate check, where it would turn a random gate into a deterministic one.
+
+    Args:
+        u: The quantile, in ``(0, 1)``; ``0.5`` gives centres and means.
     """
+
+    def __init__(self, u: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 < u < 1.0:
+            raise ValueError(f"u must lie in (0, 1), got {u!r}")
+        self.u = u
+        self.z = statistics.NormalDist().inv_cdf(u)
+        #: How many draws were made constant (none: another ``u`` would give the same passes).
+        self.draws = 0
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         constant = _CONSTANT_DRAWS.get(func)
         if constant is None:
             return super().__torch_function__(func, types, args, kwargs)
         kwargs = dict(kwargs or {})
-        value = constant(args, kwargs)
+        value = constant(self.u, self.z, args, kwargs)
+        self.draws += 1
         out = func(*args, **kwargs)
         fill = torch.as_tensor(value, device=out.device).to(out.dtype)
         with torch.no_grad():

@@ -20,8 +20,10 @@ The mode only observes: it never changes a result or the random stream.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,7 @@ __all__ = [
     "RngState",
     "rng_restore",
     "rng_snapshot",
+    "unmetered",
 ]
 
 
@@ -150,6 +153,28 @@ class LiveBytes:
         self.peak_stochastic = max(self.peak_stochastic, self.live_stochastic)
 
 
+_UNMETERED = threading.local()
+
+
+@contextlib.contextmanager
+def unmetered() -> Iterator[None]:
+    """Operations inside are not measured by :class:`PeakBytesMode` nor :class:`ProbeMode`.
+
+    For the copies of a pass's inputs that do not grow with its rows (a tensor given whole to
+    every pass, a deep-copied cache): counted, they would read as memory per row. Their storage
+    then counts as an input's, allocated before the pass.
+    """
+    _UNMETERED.depth = getattr(_UNMETERED, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _UNMETERED.depth -= 1
+
+
+def _metered() -> bool:
+    return not getattr(_UNMETERED, "depth", 0)
+
+
 class PeakBytesMode(TorchDispatchMode):
     """A dispatch mode that only measures :class:`LiveBytes` (``mode.meter.peak`` afterwards)."""
 
@@ -159,6 +184,8 @@ class PeakBytesMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        if not _metered():
+            return out
         self.meter.observe(
             [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)],
             [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)],
@@ -200,6 +227,8 @@ class ProbeMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if not _metered():
+            return func(*args, **kwargs)
         before = _generator_states()
         out = func(*args, **kwargs)
         after = _generator_states()

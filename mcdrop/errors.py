@@ -21,6 +21,7 @@ __all__ = [
     "McdropWarning",
     "NoRandomnessWarning",
     "GateRandomnessWarning",
+    "RowCheckWarning",
 ]
 
 
@@ -94,4 +95,34 @@ class GateRandomnessWarning(McdropWarning):
         ...     _ = mcdrop.MCDropout(net, n_samples=4, seed=0).predict(torch.ones(2, 3))
         >>> [type(w.message).__name__ for w in caught]
         ['GateRandomnessWarning']
+    """
+
+
+class RowCheckWarning(McdropWarning):
+    """Replicas or a split batch were asked for, but mcdrop could not check that rows are independent.
+
+    The check that a row's output does not depend on the other rows of its pass (see
+    ``docs/performance.md``) gives no verdict when the model fails on the check's rows or draws
+    randomness it cannot make constant (``torch.randint``, ``torch.randperm``, numpy). With
+    ``strategy="auto"`` and no ``max_batch_size`` mcdrop then gives every pass the whole batch
+    once, which is always correct; ``strategy="replicate"`` or a ``max_batch_size`` below the batch
+    size is honoured, with this warning.
+
+    Example:
+        >>> import warnings
+        >>> import torch, mcdrop
+        >>> class CoinMask(torch.nn.Module):  # randomness the row check cannot make constant
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin, self.drop = torch.nn.Linear(4, 4), torch.nn.Dropout(0.3)
+        ...     def forward(self, x):
+        ...         h = self.drop(self.lin(x))
+        ...         return h * torch.randint(0, 2, h.shape) if self.training else h
+        >>> net = CoinMask()
+        >>> mc = mcdrop.MCDropout(net, n_samples=4, seed=0, task="regression", include=[CoinMask], max_batch_size=2)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = mc.predict(torch.ones(4, 4))
+        >>> [type(w.message).__name__ for w in caught]
+        ['RowCheckWarning']
     """

@@ -30,30 +30,42 @@ import enum
 import functools
 import logging
 import math
+import random
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from mcdrop._checks import check_choice
 from mcdrop._fastdropout import FastContext, accelerated
 from mcdrop._gatecheck import (
+    CHECK_QUANTILES,
     CHECK_ROWS,
     NoRandomness,
     cuda_devices,
     eager_module,
     rng_untouched,
 )
-from mcdrop._probe import PeakBytesMode, ProbeMode, ProbeReport, RngState, rng_restore, rng_snapshot
+from mcdrop._probe import (
+    PeakBytesMode,
+    ProbeMode,
+    ProbeReport,
+    RngState,
+    rng_restore,
+    rng_snapshot,
+    unmetered,
+)
 from mcdrop.errors import (
     InvalidInputError,
     InvalidTypeError,
     McdropError,
     NonFiniteError,
+    RowCheckWarning,
     UnsupportedModelError,
 )
 
@@ -115,7 +127,10 @@ class Inputs:
             if isinstance(obj, torch.Tensor):
                 dim = self.dims.get(path)
                 if dim is None:
-                    return obj.clone() if fresh else obj
+                    if not fresh:
+                        return obj
+                    with unmetered():  # one copy per pass, whatever its rows: not a row's memory
+                        return obj.clone()
                 return fn(obj, dim)
             if isinstance(obj, Mapping):
                 return {k: visit(v, (*path, k)) for k, v in obj.items()}
@@ -124,7 +139,8 @@ class Inputs:
             if isinstance(obj, (list, tuple)):
                 return type(obj)(visit(v, (*path, i)) for i, v in enumerate(obj))
             if fresh and not is_plain_value(obj):
-                return fresh_copy(obj, path, memo)
+                with unmetered():
+                    return fresh_copy(obj, path, memo)
             return obj
 
         args = tuple(visit(a, (i,)) for i, a in enumerate(self.args))
@@ -156,6 +172,10 @@ _PLAIN_TYPES = (
     types.BuiltinMethodType,
     functools.partial,
     nn.Module,
+    torch.Generator,
+    np.random.Generator,
+    np.random.RandomState,
+    random.Random,
 )
 
 
@@ -164,8 +184,9 @@ def is_plain_value(obj: Any) -> bool:
 
     True for values no pass can change (``None``, numbers, strings, bytes, ``torch.dtype`` and
     ``torch.device``, enums, ...) and for code (functions, methods, classes, ``functools.partial``)
-    and modules (``nn.Module``, whose parameters a copy per pass would duplicate), which are passed
-    by reference. Any other object (a Hugging Face ``DynamicCache``, a numpy array,
+    and modules (``nn.Module``, whose parameters a copy per pass would duplicate), and random
+    generators (``torch.Generator``, numpy's and Python's: a copy per pass would draw the same
+    numbers in every pass), which are passed by reference. Any other object (a Hugging Face ``DynamicCache``, a numpy array,
     a user object) may be changed in place by the model, so every pass gets its own deep copy.
     Tuples, lists and dicts are not leaves: mcdrop walks into them.
     """
@@ -667,15 +688,30 @@ def sample_chunks(
         autocast_dtype=autocast_dtype,
         device=device,
     )
-    with accelerated(model, seed=seed, enabled=fast) as ctx:
-        engine.ctx = ctx
-        if decision is None:
-            decision = yield from engine.decide(strategy, max_batch_size, memory_budget)
-            if cache is not None:
-                cache[key] = decision
-        else:
-            plan = engine.plan(decision, max_batch_size, memory_budget, probed=False)
-            yield from engine.run_plan(decision, plan, first_is_head=True)
+    split = max_batch_size is not None and max_batch_size < inputs.batch_size
+    try:
+        with accelerated(model, seed=seed, enabled=fast) as ctx:
+            engine.ctx = ctx
+            if decision is None:
+                decision = yield from engine.decide(strategy, max_batch_size, memory_budget)
+                if cache is not None:
+                    cache[key] = decision
+            else:
+                plan = engine.plan(decision, max_batch_size, memory_budget, probed=False)
+                yield from engine.run_plan(decision, plan, first_is_head=True)
+    except (RuntimeError, ValueError, IndexError) as err:
+        if not (split and engine.whole_batch) or isinstance(err, McdropError):
+            raise
+        objects = _object_leaves(inputs.args, inputs.kwargs)
+        named = ", ".join(f"{_path_name(p)} ({type(o).__name__})" for p, o in objects[:3])
+        raise InvalidInputError(
+            f"the model failed on a part of the batch ({type(err).__name__}: {err}). With "
+            f"max_batch_size={max_batch_size} the {inputs.batch_size} input rows are split into passes "
+            f"of at most {max_batch_size}, but {named} is not a tensor and is given whole to every pass, "
+            "never split: if it holds a batch (a KV cache does), it no longer matches the rows of a "
+            "pass. Pass max_batch_size >= the batch size (or None), or feed smaller batches with "
+            "their own cache."
+        ) from err
     engine.raise_if_bad_rows()
 
 
@@ -882,7 +918,28 @@ class _Engine:
         Returns the :class:`_Decision`.
         """
         batch = self.inputs.batch_size
-        mixes = self.rows_mix(max_batch_size, memory_budget)
+        verdict = self.rows_mix(max_batch_size, memory_budget)
+        mixes = bool(verdict)
+        if verdict is None:
+            asked = []
+            if strategy == "replicate" and self.n > 1:
+                asked.append("strategy='replicate' (replicas of the batch in one pass)")
+            if max_batch_size is not None and max_batch_size < batch:
+                asked.append(f"max_batch_size={max_batch_size} (a split batch of {batch} rows)")
+            if asked:
+                if not self.whole_batch:  # with a cache the check cannot split it: no news
+                    warnings.warn(
+                        "mcdrop could not check whether the output of a row depends on the other rows of its "
+                        "forward pass (the model fails on the check's rows, or draws randomness other than "
+                        "dropout, drop-path and noise ops, such as randint or randperm: see the debug log). "
+                        f"Sampling as asked, with {' and '.join(asked)}, which is only correct if the rows of "
+                        "this model are independent; leave strategy='auto' and max_batch_size=None for passes "
+                        "that hold the whole batch once.",
+                        RowCheckWarning,
+                        stacklevel=4,
+                    )
+            else:
+                mixes = True  # no verdict: sampled the safe way, the whole batch once per pass
         if mixes:
             if strategy == "replicate" and self.n > 1:
                 raise UnsupportedModelError(
@@ -977,22 +1034,29 @@ class _Engine:
                 )
         return decision  # pragma: no cover - the loop always returns or raises
 
-    def rows_mix(self, max_batch_size: int | None, memory_budget: int | None) -> bool:
+    def rows_mix(self, max_batch_size: int | None, memory_budget: int | None) -> bool | None:
         """Whether the output of a row depends on the other rows of its forward pass.
 
         Such a model (a mean or a normalisation over the batch, attention across rows) cannot have
         replicas of the batch in one pass, which would mix MC samples, nor a batch split into
         chunks, which would change every row's neighbours. The check runs once per decision with
         the modules in the modes they sample in, every dropout operation the identity, the common
-        random ops drawing constants (drop-path masks keep everything, noise is its mean: see
+        random ops drawing one constant quantile of their distribution (see
         :class:`~mcdrop._gatecheck.NoRandomness`) and every RNG left as it was: the output of a few
-        rows together must equal, row by row, the outputs of their two halves run apart. A batch of
-        one row (or of identical rows) is checked against a changed copy of that row (float inputs
-        scaled and shifted; integer ones rolled along their last dimension, or, where that changes
-        nothing, such as ids of shape ``(batch,)``, moved to a neighbouring value). When the model
-        fails on the check's rows, or its output still varies from one seed to another (randomness
-        the check cannot make constant, e.g. ``torch.randperm``), the check gives no verdict and
-        says no (nothing changes).
+        rows together must equal, row by row, the outputs of their two halves run apart. Where
+        the model drew such constants, the check is made at a low and at a high quantile
+        (:data:`~mcdrop._gatecheck.CHECK_QUANTILES`), so that a hand-made mask that drops
+        everything at one of them cannot hide the rows from each other. A batch of one row (or
+        of identical rows) is checked against a changed copy of that row (float inputs scaled and
+        shifted; integer ones rolled along their last dimension, or, where that changes nothing,
+        such as ids of shape ``(batch,)``, moved to a neighbouring value).
+
+        Returns:
+            ``True`` when the rows mix, ``False`` when they do not, and ``None`` when the check
+            gives no verdict: the model fails on the check's rows, gives non-finite outputs, or
+            its output still varies from one seed to another (randomness the check cannot make
+            constant, e.g. ``torch.randperm``). The engine treats ``None`` as ``True`` unless the
+            call asks for replicas or a split batch (:meth:`decide`).
 
         Its passes stay within the limits of the call: a first pass of one row measures what a row
         holds at the peak, then at most :data:`~mcdrop._gatecheck.CHECK_ROWS` rows, no more than
@@ -1012,21 +1076,29 @@ class _Engine:
         tolerance = max([1e-4] + [4 * e for e in eps])  # bfloat16: 3%, float16: 0.4%
         cuda = cuda_devices(self.device)
         enabled = self.ctx.enabled if self.ctx is not None else None
+        draws = 0
 
-        def run(part: Inputs, meter: PeakBytesMode | None = None, seed: int = 0) -> Any:
-            with rng_untouched(seed, cuda), NoRandomness(), self._autocast():
+        def run(part: Inputs, u: float, meter: PeakBytesMode | None = None, seed: int = 0) -> Any:
+            nonlocal draws
+            constants = NoRandomness(u)
+            with rng_untouched(seed, cuda), constants, self._autocast():
                 with meter if meter is not None else contextlib.nullcontext():
                     args, kwargs = replicate(part, 1)
                     out = select_output(model(*args, **kwargs), self.output, self.pair)
+            draws += constants.draws
             return _rows_first(out, self.output_batch_dim)
+
+        def no_verdict(why: str) -> None:
+            _log.debug("mcdrop: row-independence check gives no verdict: %s.", why)
 
         try:
             if self.ctx is not None:
                 self.ctx.enabled = False  # the engine's faster dropout would ignore eval mode
+            low = CHECK_QUANTILES[0]
             first = slice_batch(self.inputs, 0, 1)
             meter = PeakBytesMode()
             try:
-                first_out = run(first, meter)
+                first_out = run(first, low, meter)
                 self.measured_row_bytes = float(meter.meter.peak) * CHECK_MARGIN
             except Exception:  # noqa: BLE001 - e.g. batch statistics need two rows: check on more rows
                 first_out = None
@@ -1035,40 +1107,53 @@ class _Engine:
             if rows.batch_size < 2 or _all_rows_alike(rows):
                 other = _other_row(first)
                 if other is None:
-                    return False
+                    return False  # no other row at hand: every row is the same
                 rows = _concat_rows(first, other)
             split = rows.batch_size // 2
-            meter = PeakBytesMode()
-            whole = run(rows, meter)
-            # The most a row held in either pass (a row's activations may depend on its data).
-            self.measured_row_bytes = max(
-                self.measured_row_bytes or 0.0, float(meter.meter.peak) * CHECK_MARGIN / rows.batch_size
-            )
-            if not ((first_out is None or _finite_or_minus_inf(first_out)) and _finite_or_minus_inf(whole)):
-                return False  # NaN or +inf outputs: sampling refuses them, with rows named
-            head = first_out if split == 1 and first_out is not None else run(slice_batch(rows, 0, split))
-            if not (
-                _row_gap(whole, head, 0, tolerance)
-                or _row_gap(whole, run(slice_batch(rows, split, rows.batch_size)), split, tolerance)
-            ):
-                return False
-            if _row_gap(whole, run(rows, seed=1), 0, tolerance):
-                # Randomness the check could not make constant (randperm, numpy, ...): no verdict.
-                _log.debug(
-                    "mcdrop: row-independence check not possible: the check passes still draw randomness "
-                    "other than dropout, drop-path and noise ops."
-                )
-                return False
-            mixes = True
-        except Exception as err:  # noqa: BLE001 - the model fails on the check rows: no verdict
-            _log.debug("mcdrop: row-independence check not possible (%s: %s).", type(err).__name__, err)
+            finite = False
+            for u in CHECK_QUANTILES:
+                if u != low and not draws:
+                    break  # no draw was made constant: another quantile gives the same passes
+                meter = PeakBytesMode()
+                whole = run(rows, u, meter if u == low else None)
+                if u == low:
+                    # The most a row held in either pass (a row's activations may depend on its data).
+                    self.measured_row_bytes = max(
+                        self.measured_row_bytes or 0.0,
+                        float(meter.meter.peak) * CHECK_MARGIN / rows.batch_size,
+                    )
+                if not _finite_or_minus_inf(whole):
+                    continue  # NaN or +inf outputs at this quantile: nothing to compare
+                if u == low and split == 1 and first_out is not None:
+                    head = first_out
+                else:
+                    head = run(slice_batch(rows, 0, split), u)
+                if not _finite_or_minus_inf(head):
+                    continue
+                finite = True
+                if not (
+                    _row_gap(whole, head, 0, tolerance)
+                    or _row_gap(whole, run(slice_batch(rows, split, rows.batch_size), u), split, tolerance)
+                ):
+                    continue
+                if _row_gap(whole, run(rows, u, seed=1), 0, tolerance):
+                    no_verdict(
+                        "the check passes still draw randomness other than dropout, drop-path and noise ops "
+                        "(e.g. randint, randperm, multinomial, numpy)"
+                    )
+                    return None
+                _log.debug("mcdrop: a row's output depends on the other rows of its pass.")
+                return True
+            if not finite:
+                no_verdict("the model's outputs on the check rows are not finite")
+                return None
             return False
+        except Exception as err:  # noqa: BLE001 - the model fails on the check rows: no verdict
+            no_verdict(f"the model fails on the check rows ({type(err).__name__}: {err})")
+            return None
         finally:
             if self.ctx is not None and enabled is not None:
                 self.ctx.enabled = enabled
-        if mixes:
-            _log.debug("mcdrop: a row's output depends on the other rows of its pass.")
-        return mixes
 
     def _attempt_trial(
         self, strategy: str, s: int, e: int, k: int, report: ProbeReport | None, k0: int

@@ -1261,7 +1261,7 @@ def _join_notes(note: str | None, extra: str) -> str:
 ADDED_DROPOUT_NAME = "mcdrop_dropout"
 
 
-def _dropout_before_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+def _added_dropout_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
     """Forward pre-hook of :func:`add_dropout`: dropout on the module's first positional input.
 
     TorchScript compiles it with the module (its annotations are what ``torch.jit.script`` needs for
@@ -1271,6 +1271,20 @@ def _dropout_before_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[
         if not args or not isinstance(args[0], torch.Tensor):
             _refuse_hook_input(module, args)
     return (module.mcdrop_dropout(args[0]),) + args[1:]
+
+
+def _dropout_before_hook(module: nn.Module, args: tuple[Any, ...], *kwargs: dict[str, Any]) -> Any:
+    """The pre-hook that earlier versions of :func:`add_dropout` registered (``with_kwargs=True``).
+
+    Kept so that models saved with it (``torch.save``, pickle) still load and run: called with the
+    keyword arguments it returns ``(args, kwargs)``, as such a hook must; without them, the new args.
+    """
+    new_args = _added_dropout_hook(module, args)
+    return (new_args, kwargs[0]) if kwargs else new_args
+
+
+#: The pre-hooks by which a layer is known to have dropout from :func:`add_dropout` before it.
+_ADDED_DROPOUT_HOOKS = (_added_dropout_hook, _dropout_before_hook)
 
 
 def _refuse_hook_input(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -1425,7 +1439,7 @@ def add_dropout(
                 f"layer({rate}) returned a {type(dropout).__name__}, not an nn.Module; pass a dropout "
                 "class such as nn.Dropout."
             )
-        hooked = any(h is _dropout_before_hook for h in module._forward_pre_hooks.values())
+        hooked = any(h in _ADDED_DROPOUT_HOOKS for h in module._forward_pre_hooks.values())
         if module._modules.get(ADDED_DROPOUT_NAME) is not None and not hooked:
             raise InvalidInputError(
                 f"{path or '<model>'} ({type(module).__name__}) already has a child named "
@@ -1438,7 +1452,7 @@ def add_dropout(
         dropout.train(module.training)
         module.add_module(ADDED_DROPOUT_NAME, dropout)
         if not hooked:
-            module.register_forward_pre_hook(_dropout_before_hook)
+            module.register_forward_pre_hook(_added_dropout_hook)
     return target
 
 

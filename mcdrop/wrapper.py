@@ -623,7 +623,10 @@ class MCDropout:
             except Exception:  # noqa: BLE001 - the check itself runs (and reports) on more rows
                 row_bytes = None
         budget = None if self._auto_budget else self.memory_budget
-        count = check_row_count(inputs, self.max_batch_size, budget, self.n_samples, row_bytes)
+        if holds_objects(inputs):  # a KV cache's batch cannot be sliced: the whole batch, as sampled
+            count = inputs.batch_size
+        else:
+            count = check_row_count(inputs, self.max_batch_size, budget, self.n_samples, row_bytes)
         rows = slice_batch(inputs, 0, count)
         notes, deterministic, outside_torch = check_gates(self.model, gates, lambda: run_rows(rows), cuda)
 
@@ -777,11 +780,25 @@ def _describe_option(value: Any) -> str:
     A callable is described by what it computes: its qualified name, and for Python functions
     (lambdas included) a digest of their code, constants, names and closure values; a
     ``functools.partial`` by its function and bound arguments. Two lambdas that select other
-    outputs therefore differ, and the same lambda in a new process matches.
+    outputs therefore differ, and the same lambda in a new process matches. Anything that cannot
+    be described so (a closure that refers to itself is described once, an object whose ``repr``
+    fails) falls back to its type's qualified name.
     """
+    try:
+        return _describe(value, set())
+    except Exception:  # noqa: BLE001 - an odd option: by its type, never a failed checkpoint
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _describe(value: Any, seen: set[int]) -> str:
+    """:func:`_describe_option`, with the ids of the containers and functions being described."""
+    if id(value) in seen:  # a closure or container that refers to itself
+        return f"<recursive {type(value).__qualname__}>"
     if isinstance(value, functools.partial):
-        return f"partial({_describe_option(value.func)}, {_describe_option(value.args)}, " + (
-            f"{_describe_option(value.keywords)})"
+        inner = seen | {id(value)}
+        return (
+            f"partial({_describe(value.func, inner)}, {_describe(value.args, inner)}, "
+            f"{_describe(value.keywords, inner)})"
         )
     if callable(value) and not isinstance(value, type):
         name = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
@@ -789,32 +806,68 @@ def _describe_option(value: Any) -> str:
         if code is None:  # a builtin, or an object with __call__: its repr where that is stable
             text = repr(value)
             return name if " at 0x" in text or isinstance(value, nn.Module) else f"{name}:{text}"
-        cells = tuple(_describe_option(c.cell_contents) for c in (getattr(value, "__closure__", None) or ()))
+        inner = seen | {id(value)}
+        cells = []
+        for cell in getattr(value, "__closure__", None) or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell: a name assigned after the function was made
+                cells.append("<empty>")
+                continue
+            cells.append(_describe(contents, inner))
+        defaults = getattr(value, "__defaults__", None)
         body = repr(
-            (code.co_code, _code_constants(code), code.co_names, cells, getattr(value, "__defaults__", None))
+            (
+                code.co_code,
+                _code_constants(code),
+                code.co_names,
+                tuple(cells),
+                _describe(defaults, inner) if defaults is not None else None,
+            )
         )
         return f"{name}#{hashlib.sha256(body.encode()).hexdigest()[:16]}"
     if isinstance(value, Mapping):
-        return repr(sorted((repr(k), _describe_option(v)) for k, v in value.items()))
+        inner = seen | {id(value)}
+        return repr(sorted((repr(k), _describe(v, inner)) for k, v in value.items()))
     if isinstance(value, (tuple, list)):
-        return repr([_describe_option(v) for v in value])
+        inner = seen | {id(value)}
+        return repr([_describe(v, inner) for v in value])
+    if isinstance(value, (set, frozenset)):  # unordered, and ordered by hash: sorted descriptions
+        inner = seen | {id(value)}
+        return f"{type(value).__name__}({sorted(_describe(v, inner) for v in value)})"
     if isinstance(value, torch.Tensor):
-        digest = ""
-        if value.numel() <= 2**20 and value.device.type != "meta":
-            digest = hashlib.sha256(
-                value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-            ).hexdigest()
-        return f"tensor{tuple(value.shape)}:{value.dtype}:{digest[:16]}"
+        return _describe_tensor(value)
     text = repr(value)
     if " at 0x" in text or isinstance(value, nn.Module):  # an address or a whole model: by its type
         return f"<{type(value).__module__}.{type(value).__qualname__}>"
     return text
 
 
+def _describe_tensor(value: torch.Tensor) -> str:
+    """Shape, dtype and a digest of the values (dense tensors of at most 2**20 elements)."""
+    digest = ""
+    if value.numel() <= 2**20 and value.device.type != "meta" and value.layout == torch.strided:
+        flat = value.detach().cpu().reshape(-1).clone()  # 0-d and non-contiguous tensors too
+        digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    elif value.is_sparse and value.device.type != "meta":
+        dense = value.detach().cpu().coalesce()
+        digest = _describe_tensor(dense.indices()) + _describe_tensor(dense.values())
+        digest = hashlib.sha256(digest.encode()).hexdigest()
+    return f"tensor{tuple(value.shape)}:{value.dtype}:{digest[:16]}"
+
+
 def _code_constants(code: Any) -> tuple[Any, ...]:
-    """The constants of a code object, nested code objects (inner lambdas) by their own contents."""
+    """The constants of a code object, nested code objects (inner lambdas) by their own contents.
+
+    Frozensets (``x in {1, 2}`` compiles to one) by their sorted items: their order follows string
+    hashes, which change from one process to the next.
+    """
     return tuple(
-        (c.co_code, _code_constants(c), c.co_names) if hasattr(c, "co_code") else repr(c)
+        (c.co_code, _code_constants(c), c.co_names)
+        if hasattr(c, "co_code")
+        else repr(sorted(map(repr, c)))
+        if isinstance(c, frozenset)
+        else repr(c)
         for c in code.co_consts
     )
 

@@ -191,6 +191,28 @@ def test_added_dropout_trains_copies_and_pickles() -> None:
         assert torch.equal(loaded(X), model(X))
 
 
+def test_a_model_saved_with_the_earlier_keyword_hook_still_loads_and_samples() -> None:
+    """Earlier versions registered ``stochastic._dropout_before_hook`` with ``with_kwargs=True``; a
+    model pickled then refers to that function by name and torch calls it with the keyword
+    arguments. It must still run, be recognised by add_dropout, and be sampled."""
+    from mcdrop.stochastic import ADDED_DROPOUT_NAME, _dropout_before_hook
+
+    old = pretrained()
+    layer = old[5]
+    layer.add_module(ADDED_DROPOUT_NAME, nn.Dropout(0.5))
+    layer.register_forward_pre_hook(_dropout_before_hook, with_kwargs=True)
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(X), pretrained()(X))  # eval: dropout off, the original numbers
+    samples = mcdrop.MCDropout(loaded, n_samples=4, seed=0).sample(X)
+    assert not torch.equal(samples[0], samples[1])
+    again = mcdrop.add_dropout(loaded, 0.2)  # the same layer: its rate changes, no second hook
+    assert len(again[5]._forward_pre_hooks) == 1 and again[5].mcdrop_dropout.p == 0.2
+
+
 def test_add_dropout_to_a_hugging_face_model_without_dropout() -> None:
     try:
         transformers = importlib.import_module("transformers")
@@ -299,7 +321,7 @@ def test_added_dropout_before_a_layer_with_several_inputs_cannot_be_scripted() -
     model = mcdrop.add_dropout(nn.Bilinear(3, 3, 2), 0.2, before=nn.Bilinear)
     with torch.no_grad():
         assert model(torch.ones(2, 3), torch.ones(2, 3)).shape == (2, 2)  # eager: first input only
-    with pytest.raises(RuntimeError, match="_dropout_before_hook"):
+    with pytest.raises(RuntimeError, match="_added_dropout_hook"):
         torch.jit.script(model)
 
 

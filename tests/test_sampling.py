@@ -679,3 +679,66 @@ def test_in_place_changes_to_unbatched_and_batched_inputs_do_not_reach_the_calle
     s = mc.sample(x, bias=bias)
     assert torch.equal(x, x0) and torch.equal(bias, torch.zeros(3)), "the caller's inputs were changed"
     assert torch.equal(s[..., :3], (x + 2).expand(5, 4, 3))
+
+
+class NoiseFromAGenerator(nn.Module):
+    """Dropout on nothing (zero weights), plus normal noise drawn from a generator passed as input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop = nn.Linear(3, 3), nn.Dropout(0.5)
+        nn.init.zeros_(self.lin.weight)
+        nn.init.zeros_(self.lin.bias)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.drop(self.lin(x)) + torch.randn(x.shape, generator=generator)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "auto"])
+def test_a_generator_given_as_input_is_passed_by_reference_not_copied_per_pass(strategy):
+    """Regression: a torch.Generator input was deep-copied for every pass, so every pass drew the
+    same noise from the same copied state (identical samples) and the caller's generator never moved."""
+    generator = torch.Generator().manual_seed(123)
+    before = generator.get_state()
+    mc = mcdrop.MCDropout(NoiseFromAGenerator(), n_samples=6, seed=0, task="regression", strategy=strategy)
+    samples = mc.sample(torch.ones(2, 3), generator=generator)
+    flat = samples.reshape(6, -1)
+    assert all(not torch.equal(flat[i], flat[j]) for i in range(6) for j in range(i + 1, 6))
+    assert not torch.equal(generator.get_state(), before), "the caller's generator was not used"
+
+
+class UsesAnAdjacency(nn.Module):
+    """A graph layer: rows (nodes) mixed through an adjacency given whole to every pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.drop = nn.Linear(4, 4), nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.lin(x)) + adj[: x.shape[0], : x.shape[0]].sum() * 0.0
+
+
+def test_an_unbatched_input_is_not_counted_as_memory_per_row():
+    """Regression: the per-pass copy of a large unbatched tensor was metered as a row's memory, so a
+    small batch was cut into many tiny passes."""
+    net = UsesAnAdjacency().eval()
+    adj = torch.zeros(1024, 1024)  # 4 MiB, given whole to every pass
+    x = torch.randn(16, 4)
+    passes: list[int] = []
+    handle = net.register_forward_pre_hook(lambda m, a: None if checking() else passes.append(a[0].shape[0]))
+    try:
+        mc = mcdrop.MCDropout(
+            net,
+            n_samples=40,
+            seed=0,
+            task="regression",
+            strategy="replicate",
+            memory_budget=32 * 2**20,
+            batch_dim={"adj": None, "*": 0},
+        )
+        mc.sample(x, adj=adj)
+    finally:
+        handle.remove()
+    assert sum(passes) == 40 * 16
+    assert len(passes) <= 3, passes  # the head pass, then the other samples in one or two passes

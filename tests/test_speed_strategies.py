@@ -874,18 +874,104 @@ class Shuffles(nn.Module):
         return h
 
 
-def test_randomness_the_check_cannot_fix_gives_no_verdict(caplog):
-    net = Shuffles().eval()
+class CoinMaskedMean(Shuffles):
+    """:class:`Shuffles`, then each row minus the batch mean: it mixes rows, and its randomness is
+    of a kind the row check cannot make constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = super().forward(x)
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("model", [Shuffles, CoinMaskedMean])
+def test_no_verdict_samples_the_whole_batch_once_per_pass(model, caplog):
+    """Randomness the check cannot make constant: no verdict, so never replicas nor a split batch by
+    default — right for the model that mixes rows, and merely slower for the one that does not."""
+    net = model().eval()
     x = torch.randn(10, 6)
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        rows = _rows_seen(
-            net,
-            lambda: mcdrop.MCDropout(net, n_samples=4, seed=0, max_batch_size=5, include=[Shuffles]).sample(
-                x
-            ),
-        )
-    assert max(rows) <= 5
+        rows = _rows_seen(net, lambda: mcdrop.MCDropout(net, n_samples=4, seed=0, include=[model]).sample(x))
+    assert set(rows) == {10}  # the whole batch once per pass (vmap over samples or the loop)
     assert any("still draw randomness" in r.getMessage() for r in caplog.records)
+    budget_rows = _rows_seen(
+        net, lambda: mcdrop.MCDropout(net, n_samples=4, seed=0, include=[model], memory_budget=1).sample(x)
+    )
+    assert set(budget_rows) == {10}  # a tiny budget does not split it either
+
+
+def test_no_verdict_mixing_model_gets_the_variance_of_whole_batch_passes():
+    """The samples of the mixing model agree in distribution with plain passes over the whole batch
+    (replicas would have mixed the MC samples: every row's variance about halved)."""
+    net = CoinMaskedMean().eval()
+    x = torch.randn(4, 6)
+    samples = mcdrop.MCDropout(net, n_samples=400, seed=0, include=[CoinMaskedMean]).sample(x)
+    net.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        plain = torch.stack([net(x) for _ in range(400)])
+    net.eval()
+    ratio = samples.var(0) / plain.var(0)
+    assert ratio.mean().item() == pytest.approx(1.0, abs=0.15)
+
+
+@pytest.mark.parametrize("ask", ["replicate", "split"])
+def test_no_verdict_with_replicas_or_a_split_asked_for_warns_and_does_as_asked(ask):
+    net = Shuffles().eval()
+    x = torch.randn(10, 6)
+    options = {"strategy": "replicate"} if ask == "replicate" else {"max_batch_size": 5}
+    with pytest.warns(mcdrop.RowCheckWarning, match="could not check whether the output of a row"):
+        rows = _rows_seen(
+            net, lambda: mcdrop.MCDropout(net, n_samples=4, seed=0, include=[Shuffles], **options).sample(x)
+        )
+    assert (max(rows) > 10) if ask == "replicate" else (max(rows) <= 5)
+
+
+class HandMadeMaskThenMean(nn.Module):
+    """A hand-made dropout mask ``rand > rate`` (or ``rand < keep``), then each row minus the batch
+    mean. With every uniform draw at its centre 0.5, the mask at rate 0.5 would drop everything and
+    the output would be zero whatever the rows: the check must still see the mixing."""
+
+    def __init__(self, keep_convention: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 6)
+        self.keep_convention = keep_convention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.training:
+            u = torch.rand_like(h)
+            mask = (u < 0.5) if self.keep_convention else (u > 0.5)
+            h = h * mask / 0.5
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("keep_convention", [False, True], ids=["rand>rate", "rand<keep"])
+def test_a_hand_made_mask_that_drops_all_at_one_quantile_cannot_hide_mixing(keep_convention):
+    net = HandMadeMaskThenMean(keep_convention).eval()
+    mc = mcdrop.MCDropout(net, n_samples=4, seed=0, include=[HandMadeMaskThenMean], strategy="replicate")
+    with pytest.raises(UnsupportedModelError, match="depends on the other rows"):
+        mc.sample(torch.randn(6, 6))
+    rows = _rows_seen(
+        net,
+        lambda: mcdrop.MCDropout(net, n_samples=4, seed=0, include=[HandMadeMaskThenMean]).sample(
+            torch.randn(6, 6)
+        ),
+    )
+    assert set(rows) == {6}
+
+
+def test_a_model_without_other_randomness_is_checked_at_one_quantile_only():
+    """Plain dropout: no draw is made constant, so the second quantile's passes are not run."""
+    net = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.3), nn.Linear(6, 2)).eval()
+    checks: list[int] = []
+    handle = net.register_forward_pre_hook(lambda m, a: checks.append(a[0].shape[0]) if checking() else None)
+    try:
+        mcdrop.MCDropout(net, n_samples=4, seed=0).sample(torch.randn(8, 6))
+    finally:
+        handle.remove()
+    assert checks[:4] == [1, 8, 4, 4]  # one row (memory), all rows, the two halves
+    assert checks.count(8) == 1
 
 
 class CentersOverIds(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 
 import numpy as np
@@ -28,6 +29,7 @@ from mcdrop.metrics.streaming import (
     StreamingMetrics,
     StreamingRegressionMetrics,
 )
+from mcdrop.wrapper import _describe_option
 
 REL = 1e-12
 
@@ -481,6 +483,74 @@ def test_checkpoint_fingerprint_tells_callables_apart_by_their_code_and_equal_ba
         mcdrop.MCDropout(
             classifier(), n_samples=3, seed=0, output=functools.partial(torch.flip, dims=(0,))
         ).predict_loader(loader, **run2)
+
+
+def _selector_with_an_empty_cell():
+    def select(out):
+        return out[picked]
+
+    text = _describe_option(select)  # ``picked`` is not assigned yet: its cell is empty
+    picked = 0
+    return text, _describe_option(select)
+
+
+def _selector_that_calls_itself():
+    def select(out, depth=0):
+        return out if depth else select(out, 1)
+
+    return select
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        torch.tensor(3.0),  # 0-d
+        torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+        torch.eye(3).to_sparse(),  # sparse
+        torch.zeros(2, device="meta"),
+        _selector_that_calls_itself(),  # a closure that refers to itself
+        [1, [2, {"a": functools.partial(torch.flip, dims=(0,))}]],
+    ],
+    ids=["0-d", "transposed", "sparse", "meta", "recursive-closure", "nested"],
+)
+def test_every_option_has_a_stable_description(option):
+    """Regression: describing a 0-d, non-contiguous or sparse tensor, or a closure that refers to
+    itself, raised (a RecursionError, a torch error) and failed the checkpointed run."""
+    assert _describe_option(option) == _describe_option(option)
+
+
+def test_option_descriptions_tell_values_apart_and_survive_an_empty_cell():
+    assert _describe_option(torch.tensor(3.0)) != _describe_option(torch.tensor(4.0))
+    a, b = torch.arange(12.0).reshape(3, 4), torch.arange(12.0).reshape(4, 3)
+    assert _describe_option(a.t()) != _describe_option(a)
+    assert _describe_option(torch.eye(3).to_sparse()) != _describe_option((2 * torch.eye(3)).to_sparse())
+    assert _describe_option(b) != _describe_option(a)
+    before, after = _selector_with_an_empty_cell()
+    assert before != after  # the cell's value, once there, is part of the description
+
+
+def test_option_descriptions_of_set_constants_do_not_depend_on_the_hash_seed(tmp_path):
+    """A lambda testing ``x in {"a", "b", "c"}`` holds a frozenset, whose order follows string
+    hashes (PYTHONHASHSEED): the description, and so a checkpoint, must not."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "describe.py"
+    script.write_text(
+        "from mcdrop.wrapper import _describe_option\n"
+        "print(_describe_option(lambda key: key in {'logits', 'hidden', 'attentions', 'loss', 'probs'}))\n"
+    )
+    texts = {
+        subprocess.run(
+            [sys.executable, str(script)],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(4)
+    }
+    assert len(texts) == 1, texts
 
 
 # --------------------------------------------------------------------------- a data set 20x the budget

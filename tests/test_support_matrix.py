@@ -344,6 +344,20 @@ def test_hf_gpt2_kv_cache_is_not_replicated_and_replicate_says_so(T) -> None:
     assert_cache_unchanged(cache, before)
 
 
+def test_hf_gpt2_kv_cache_with_a_split_batch_is_refused_naming_the_cache(T) -> None:
+    """A batch split by max_batch_size no longer matches the cache's batch: an InvalidInputError
+    naming the cache and the fix, not the model's own shape error."""
+    model, cache, inputs, _, output = gpt2_with_cache(T, attention_dropout=RATE, batch=4)
+    before = copy.deepcopy(cache)
+    mc = mcdrop.MCDropout(model, n_samples=4, seed=0, task="regression", max_batch_size=2, output=output)
+    key = cache_keyword(model)
+    with pytest.raises(
+        InvalidInputError, match=rf"max_batch_size=2 .*keyword '{key}' \(DynamicCache\) is not a tensor"
+    ):
+        mc.sample(**inputs)
+    assert_cache_unchanged(cache, before)
+
+
 class Interrupt(Exception):
     pass
 
