@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcdrop._checks import check_choice, check_int
+from mcdrop._checks import check_bool, check_choice, check_int
 from mcdrop._gatecheck import CHECK_ROWS, NoDropout, check_gates, cuda_devices, eager_module, rng_untouched
 from mcdrop._probe import PeakBytesMode
 from mcdrop._rnglock import rng_access
@@ -195,7 +195,7 @@ class MCDropout:
             else check_int(memory_budget, "memory_budget", minimum=1)
         )
         self.seed = None if seed is None else check_int(seed, "seed", minimum=0, maximum=2**64 - 1)
-        self.keep_samples = bool(keep_samples)
+        self.keep_samples = check_bool(keep_samples, "keep_samples")
         self.policy = StochasticPolicy(model, drop_path=drop_path, include=include, exclude=exclude)
         self._rng_state: dict[str, torch.Tensor] | None = None
         self.strategy = check_choice(strategy, STRATEGIES, "strategy")

@@ -107,6 +107,8 @@ def fields_equal(a, b) -> bool:
             "output must be None, a key/attribute name, a tuple index or a callable",
         ),
         ({"batch_dim": "0"}, InvalidTypeError, "batch_dim must be an integer"),
+        ({"keep_samples": "no"}, InvalidTypeError, "keep_samples must be True or False; got 'no'"),
+        ({"keep_samples": None}, InvalidTypeError, "keep_samples must be True or False"),
     ],
 )
 def test_bad_arguments_are_rejected_up_front(kwargs, error, match):
