@@ -14,7 +14,7 @@ from torch import nn
 
 import mcdrop
 from mcdrop._statistics import ClassificationStats
-from mcdrop.sampling import _flag_bad_rows, _raise_if_bad_rows, plan_work, prepare_inputs, sample_chunks
+from mcdrop.sampling import _flag_bad_rows, _raise_if_bad_rows, prepare_inputs, sample_chunks
 
 
 def needs_cuda(test):
@@ -78,22 +78,48 @@ def test_each_device_draws_from_its_own_generator() -> None:
         assert torch.equal(torch.cuda.get_rng_state(index), state)
 
 
-@needs_cuda
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_autocast(dtype: torch.dtype) -> None:
-    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+@pytest.mark.parametrize("how", ["dtype-option", "users-autocast"])
+@pytest.mark.parametrize("strategy", ["auto", "replicate"])
+def test_autocast(device: str, dtype: torch.dtype, how: str, strategy: str) -> None:
+    """The model runs in reduced precision, the statistics in float32, on the CPU and on CUDA.
+
+    Under vmap (chosen here by "auto", the trunk being hoisted) torch applies autocast to the trunk
+    but not to every op of the vmapped part (a linear layer with a bias comes out in float32), so
+    the reduced precision is asserted on the trunk's first layer.
+    """
+    if device == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
-    model = classifier()
-    x = torch.randn(16, 8, device="cuda")
-    with torch.autocast("cuda", dtype=dtype):
-        mc = mcdrop.MCDropout(model, n_samples=10, seed=0, keep_samples=True)
+    model = classifier(device)
+    first_layer: list[torch.dtype] = []
+    model[0].register_forward_hook(lambda m, a, out: first_layer.append(out.dtype))
+    x = torch.randn(16, 8, device=device)
+    options = {"dtype": dtype} if how == "dtype-option" else {}
+    mc = mcdrop.MCDropout(model, n_samples=10, seed=0, keep_samples=True, strategy=strategy, **options)
+    with torch.autocast(device, dtype=dtype, enabled=how == "users-autocast"):
         pred = mc.predict(x)
         raw = mc.sample(x)
-    assert raw.dtype == dtype  # the model ran in reduced precision
+    assert first_layer and set(first_layer) == {dtype}  # the model ran in reduced precision
     assert pred.probs.dtype == torch.float32  # statistics accumulate in float32
-    assert torch.isfinite(pred.probs).all()
-    assert torch.allclose(pred.probs.sum(-1), torch.ones(16, device="cuda"), atol=1e-4)
+    assert torch.isfinite(pred.probs).all() and torch.isfinite(raw).all()
+    assert torch.allclose(pred.probs.sum(-1), torch.ones(16, device=device), atol=1e-4)
     assert bool((pred.mutual_information > 0).all())
+    assert not torch.equal(raw[0], raw[1])
+    if how == "dtype-option":
+        assert raw.dtype == torch.float32  # samples come back in float32
 
 
 @needs_cuda
@@ -108,17 +134,19 @@ def test_half_precision_model_gets_half_inputs() -> None:
 def test_no_host_device_synchronisation_inside_the_sampling_loop() -> None:
     """The engine and the streaming statistics never wait for the GPU between chunks.
 
-    The finite check of the outputs runs on the device and is read once, after the last chunk.
+    The decision (row check, gate check, probe, trial of a strategy) compares outputs on the host,
+    once per input signature; it is made in a first call and remembered. A second call then runs
+    only the planned chunks: no synchronisation there. The finite check of the outputs runs on the
+    device and is read once, after the last chunk.
     """
     model = classifier()
     x = torch.randn(32, 8, device="cuda")
     n_samples, rows = 16, 64
     inputs = prepare_inputs((x,), {}, batch_dim=0, device=x.device, dtype=torch.float32)
-    n_chunks = len(list(plan_work(0, inputs.batch_size, n_samples, rows)))
-    assert n_chunks > 4
-    stats = ClassificationStats("logits", 1)
-    with mcdrop.enable_dropout(model), torch.no_grad():
-        chunks = sample_chunks(
+    decisions: dict = {}
+
+    def chunks():
+        return sample_chunks(
             model,
             inputs,
             n_samples=n_samples,
@@ -127,17 +155,29 @@ def test_no_host_device_synchronisation_inside_the_sampling_loop() -> None:
             output=None,
             output_batch_dim=0,
             pair=False,
+            cache=decisions,
         )
+
+    stats = ClassificationStats("logits", 1)
+    with mcdrop.enable_dropout(model), torch.no_grad():
+        for _ in chunks():  # the decision, remembered in `decisions`
+            pass
+        assert decisions
+        planned = chunks()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
+        sample_rows, n_chunks = 0, 0
         try:
-            for _ in range(n_chunks):
-                start, stop, chunk = next(chunks)
+            while sample_rows < n_samples * inputs.batch_size:
+                start, stop, chunk = next(planned)
                 stats.update(start, stop, chunk, inputs.batch_size)
+                sample_rows += chunk.shape[0] * (stop - start)
+                n_chunks += 1
         finally:
             torch.cuda.set_sync_debug_mode("default")
         with pytest.raises(StopIteration):
-            next(chunks)  # the single finite check, after the loop
+            next(planned)  # the single finite check, after the loop
+    assert n_chunks > 4
     assert torch.isfinite(stats.probs.mean).all()
     assert bool((stats.probs.variance > 0).any())
 
