@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import Any
@@ -69,3 +70,17 @@ def check_bool(value: Any, name: str) -> bool:
             f"e.g. {name}=True."
         )
     return value
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside mcdrop.
+
+    Call it from the function that calls :func:`warnings.warn`; whatever path led there inside
+    mcdrop (``predict``, ``predict_loader``, ``sample``, ...), the warning names the user's line.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "mcdrop":
+        frame = frame.f_back
+        level += 1
+    return level

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 #: Most input rows the check runs on.
 CHECK_ROWS = 8
@@ -142,35 +143,43 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, d
     return kwargs.get(name, default)
 
 
-def _kept(p: Any, u: float) -> Any:
-    """A Bernoulli(p) draw made from the uniform draw ``u``: 1 where ``p > u``, else 0."""
-    return torch.as_tensor(p) > u if isinstance(p, torch.Tensor) else float(p > u)
+def _named_args(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of an aten call by their schema names, defaults filled in."""
+    named: dict[str, Any] = {}
+    for i, a in enumerate(func._schema.arguments):
+        if i < len(args):
+            named[a.name] = args[i]
+        elif a.name in kwargs:
+            named[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            named[a.name] = a.default_value
+    return named
 
 
-def _exponential(u: float, a: tuple[Any, ...], k: dict[str, Any]) -> Any:
-    return -math.log1p(-u) / _arg(a, k, 1, "lambd", 1.0)
+def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, device=like.device)
 
 
-def _normal(z: float, a: tuple[Any, ...], k: dict[str, Any]) -> Any:
-    return _arg(a, k, 0, "mean", 0.0) + _arg(a, k, 1, "std", 1.0) * z
-
-
-#: For each torch random op, the value its draws take in :class:`NoRandomness`, given the one
-#: uniform quantile ``u`` every draw of a check pass is made from, and its standard normal ``z``.
-_CONSTANT_DRAWS: dict[Any, Callable[[float, float, tuple[Any, ...], dict[str, Any]], Any]] = {
-    torch.rand: lambda u, z, a, k: u,
-    torch.rand_like: lambda u, z, a, k: u,
-    torch.randn: lambda u, z, a, k: z,
-    torch.randn_like: lambda u, z, a, k: z,
-    torch.Tensor.uniform_: lambda u, z, a, k: (
-        _arg(a, k, 1, "from", 0.0) + (_arg(a, k, 2, "to", 1.0) - _arg(a, k, 1, "from", 0.0)) * u
+#: For each aten random op, the value its draws take in :class:`NoRandomness`, from the one uniform
+#: quantile ``u`` every draw of a check pass is made from, its standard normal quantile ``z`` and
+#: the op's arguments by name.
+_CONSTANT_DRAWS: dict[Any, Callable[[float, float, dict[str, Any]], Any]] = {
+    torch.ops.aten.rand: lambda u, z, a: u,
+    torch.ops.aten.rand_like: lambda u, z, a: u,
+    torch.ops.aten.randn: lambda u, z, a: z,
+    torch.ops.aten.randn_like: lambda u, z, a: z,
+    torch.ops.aten.uniform_: lambda u, z, a: a["from"] + (a["to"] - a["from"]) * u,
+    torch.ops.aten.normal_: lambda u, z, a: a["mean"] + a["std"] * z,
+    torch.ops.aten.normal: lambda u, z, a: a["mean"] + a["std"] * z,
+    torch.ops.aten.log_normal_: lambda u, z, a: math.exp(a["mean"] + a["std"] * z),
+    torch.ops.aten.cauchy_: lambda u, z, a: a["median"] + a["sigma"] * math.tan(math.pi * (u - 0.5)),
+    torch.ops.aten.exponential_: lambda u, z, a: -math.log1p(-u) / a["lambd"],
+    torch.ops.aten.geometric_: lambda u, z, a: (
+        max(1.0, math.ceil(math.log1p(-u) / math.log1p(-a["p"]))) if 0.0 < a["p"] < 1.0 else 1.0
     ),
-    torch.Tensor.normal_: lambda u, z, a, k: _arg(a, k, 1, "mean", 0.0) + _arg(a, k, 2, "std", 1.0) * z,
-    torch.normal: lambda u, z, a, k: _normal(z, a, k),
-    torch.Tensor.exponential_: lambda u, z, a, k: _exponential(u, a, k),
-    torch.Tensor.bernoulli_: lambda u, z, a, k: _kept(_arg(a, k, 1, "p", 0.5), u),
-    torch.bernoulli: lambda u, z, a, k: _kept(_arg(a, k, 1, "p", a[0] if a else k["input"]), u),
-    torch.Tensor.bernoulli: lambda u, z, a, k: _kept(_arg(a, k, 1, "p", a[0]), u),
+    # Bernoulli(p) from the uniform draw u: 1 where p > u. Without p, the input holds the p's.
+    torch.ops.aten.bernoulli_: lambda u, z, a: a["p"] > u,
+    torch.ops.aten.bernoulli: lambda u, z, a: a.get("p", a["self"]) > u,
 }
 
 #: The uniform quantiles of the passes of a row check (:class:`NoRandomness`): a low one, under
@@ -180,22 +189,59 @@ _CONSTANT_DRAWS: dict[Any, Callable[[float, float, tuple[Any, ...], dict[str, An
 CHECK_QUANTILES = (0.02, 0.98)
 
 
+class _ConstantDraws(TorchDispatchMode):
+    """The aten half of :class:`NoRandomness`: sees every op, in eager, scripted and library code."""
+
+    def __init__(self, owner: NoRandomness) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        packet = func.overloadpacket
+        if packet is torch.ops.aten.native_dropout:  # dropout inside compiled or C++ code: identity
+            named = _named_args(func, args, kwargs)
+            if named.get("train") is not False:
+                self.owner.draws += 1
+                x = named["input"]
+                return x.clone(), torch.ones_like(x, dtype=torch.bool)
+        constant = _CONSTANT_DRAWS.get(packet)
+        if constant is None:
+            names = [a.name for a in func._schema.arguments]
+            if "dropout_p" in names:  # fused attention kernels: no attention dropout
+                i = names.index("dropout_p")
+                if i < len(args):
+                    args = (*args[:i], 0.0, *args[i + 1 :])
+                else:
+                    kwargs["dropout_p"] = 0.0
+            return func(*args, **kwargs)
+        value = constant(self.owner.u, self.owner.z, _named_args(func, args, kwargs))
+        self.owner.draws += 1
+        out = func(*args, **kwargs)
+        fill = _as_tensor(value, out).to(out.dtype)
+        return out.copy_(fill.expand_as(out))
+
+
 class NoRandomness(NoDropout):
-    """Every torch dropout operation the identity, and the common random ops drawing a constant.
+    """Every torch dropout operation the identity, and torch's random draws one constant quantile.
 
     For checks that compare passes over different rows (whether a model mixes its batch rows):
     a per-row draw, such as a drop-path mask (``x.new_empty(...).bernoulli_(keep)`` in timm and
     torchvision) or Gaussian noise (``torch.randn_like``), lands on other rows in a pass over other
     rows, so the passes would differ for a model that does not mix rows. Here every draw is the
     same quantile ``u`` of its distribution: uniform draws ``low + (high - low) * u``, normal ones
-    ``mean + std * z`` (``z`` the standard normal quantile of ``u``), exponential ones
-    ``-log(1 - u) / lambd``, Bernoulli(p) ones ``p > u``. The same for every row, so a model that
-    does not mix rows still does not. Random ops not listed (``randint``, ``randperm``,
-    ``multinomial``, ...) still draw: a check has to compare two seeds to see them. Not for the
-    gate check, where it would turn a random gate into a deterministic one.
+    ``mean + std * z`` (``z`` the standard normal quantile of ``u``; log-normal ones its exp),
+    exponential ones ``-log(1 - u) / lambd``, Cauchy and geometric ones their ``u`` quantile,
+    Bernoulli(p) ones ``p > u``. The same for every row, so a model that does not mix rows still
+    does not. This is done on torch's aten ops (a dispatch mode), so it also reaches draws inside
+    TorchScript code, inside ``torch.nn.functional`` helpers (``F.gumbel_softmax``) and inside
+    fused kernels (their ``dropout_p`` is set to 0; ``native_dropout`` is the identity). Random
+    ops not listed (``randint``, ``randperm``, ``multinomial``, ...) still draw: a check has to
+    compare two seeds to see them. Not for the gate check, where it would turn a random gate into
+    a deterministic one.
 
     Args:
-        u: The quantile, in ``(0, 1)``; ``0.5`` gives centres and means.
+        u: The quantile, in ``(0, 1)``; ``0.5`` gives centres and medians.
     """
 
     def __init__(self, u: float = 0.5) -> None:
@@ -206,18 +252,22 @@ class NoRandomness(NoDropout):
         self.z = statistics.NormalDist().inv_cdf(u)
         #: How many draws were made constant (none: another ``u`` would give the same passes).
         self.draws = 0
+        self._aten = _ConstantDraws(self)
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        constant = _CONSTANT_DRAWS.get(func)
-        if constant is None:
-            return super().__torch_function__(func, types, args, kwargs)
-        kwargs = dict(kwargs or {})
-        value = constant(self.u, self.z, args, kwargs)
-        self.draws += 1
-        out = func(*args, **kwargs)
-        fill = torch.as_tensor(value, device=out.device).to(out.dtype)
-        with torch.no_grad():
-            return out.copy_(fill.expand_as(out))
+    def __enter__(self) -> NoRandomness:
+        super().__enter__()
+        try:
+            self._aten.__enter__()
+        except BaseException:
+            super().__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._aten.__exit__(*exc)
+        finally:
+            super().__exit__(*exc)
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mcdrop._checks import check_choice
+from mcdrop._checks import check_choice, user_stacklevel
 from mcdrop._fastdropout import FastContext, accelerated
 from mcdrop._gatecheck import (
     CHECK_QUANTILES,
@@ -237,10 +237,107 @@ def _objects(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...],
         yield path, obj
 
 
+_GENERATOR_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+
+
+def _generators(obj: Any) -> Iterator[Any]:
+    if isinstance(obj, _GENERATOR_TYPES):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _generators(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _generators(v)
+
+
+@contextlib.contextmanager
+def input_generators_untouched(inputs: Inputs) -> Iterator[None]:
+    """Put the random generators given as inputs (torch's, numpy's, Python's) back as they were.
+
+    For the check passes, which are not samples: only the sampling passes advance a generator the
+    caller passed to the model (by reference, see :func:`is_plain_value`).
+    """
+    found = [g for a in (*inputs.args, *inputs.kwargs.values()) for g in _generators(a)]
+    states = []
+    for g in found:
+        if isinstance(g, torch.Generator):
+            states.append(g.get_state())
+        elif isinstance(g, np.random.Generator):
+            states.append(g.bit_generator.state)
+        elif isinstance(g, np.random.RandomState):
+            states.append(g.get_state())
+        else:
+            states.append(g.getstate())
+    try:
+        yield
+    finally:
+        for g, state in zip(found, states, strict=True):
+            if isinstance(g, torch.Generator):
+                g.set_state(state)
+            elif isinstance(g, np.random.Generator):
+                g.bit_generator.state = state
+            elif isinstance(g, np.random.RandomState):
+                g.set_state(state)
+            else:
+                g.setstate(state)
+
+
 def _object_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any]]:
     """``(path, object)`` for every leaf of the inputs that is neither a tensor nor a plain value."""
     found = [(p, o) for i, a in enumerate(args) for p, o in _objects(a, (i,))]
     return found + [(p, o) for k, v in kwargs.items() for p, o in _objects(v, (k,))]
+
+
+def _holds_batch(obj: Any, batch: int, depth: int = 0, seen: set[int] | None = None) -> bool:
+    """Whether ``obj`` (a cache, walked a few attributes deep) holds a tensor of ``batch`` rows."""
+    seen = set() if seen is None else seen
+    if depth > 5 or id(obj) in seen or len(seen) > 10_000:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.dim() > 0 and obj.shape[0] == batch
+    if isinstance(obj, Mapping):
+        children: Any = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        children = obj
+    elif hasattr(obj, "__dict__") and not is_plain_value(obj):
+        children = vars(obj).values()
+    else:
+        return False
+    return any(_holds_batch(c, batch, depth + 1, seen) for c in children)
+
+
+def object_split_error(
+    err: BaseException, inputs: Inputs, max_batch_size: int | None
+) -> InvalidInputError | None:
+    """The error to raise instead of ``err`` when a split batch no longer matches an input object.
+
+    With ``max_batch_size`` below the batch size the tensor inputs are split, but an object (a KV
+    cache) is given whole to every pass; if it holds tensors of the batch's rows, a failure of the
+    model on a part is that mismatch. ``None`` otherwise (and for mcdrop's own errors and
+    out-of-memory errors, which pass as they are).
+    """
+    batch = inputs.batch_size
+    if (
+        max_batch_size is None
+        or max_batch_size >= batch
+        or isinstance(err, (McdropError, torch.OutOfMemoryError))
+        or not isinstance(err, (RuntimeError, ValueError, IndexError))
+    ):
+        return None
+    objects = [(p, o) for p, o in _object_leaves(inputs.args, inputs.kwargs) if _holds_batch(o, batch)]
+    if not objects:
+        return None
+    named = ", ".join(f"{_path_name(p)} ({type(o).__name__})" for p, o in objects[:3])
+    return InvalidInputError(
+        f"the model failed on a part of the batch ({type(err).__name__}: {err}). With "
+        f"max_batch_size={max_batch_size} the {batch} input rows are split into passes of at most "
+        f"{max_batch_size}, but {named} is not a tensor and is given whole to every pass, never split, "
+        f"and it holds tensors of {batch} rows (a KV cache does), which no longer match the rows of a "
+        "pass. Pass max_batch_size >= the batch size (or None), or feed smaller batches with their "
+        "own cache."
+    )
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -688,7 +785,6 @@ def sample_chunks(
         autocast_dtype=autocast_dtype,
         device=device,
     )
-    split = max_batch_size is not None and max_batch_size < inputs.batch_size
     try:
         with accelerated(model, seed=seed, enabled=fast) as ctx:
             engine.ctx = ctx
@@ -699,19 +795,11 @@ def sample_chunks(
             else:
                 plan = engine.plan(decision, max_batch_size, memory_budget, probed=False)
                 yield from engine.run_plan(decision, plan, first_is_head=True)
-    except (RuntimeError, ValueError, IndexError) as err:
-        if not (split and engine.whole_batch) or isinstance(err, McdropError):
-            raise
-        objects = _object_leaves(inputs.args, inputs.kwargs)
-        named = ", ".join(f"{_path_name(p)} ({type(o).__name__})" for p, o in objects[:3])
-        raise InvalidInputError(
-            f"the model failed on a part of the batch ({type(err).__name__}: {err}). With "
-            f"max_batch_size={max_batch_size} the {inputs.batch_size} input rows are split into passes "
-            f"of at most {max_batch_size}, but {named} is not a tensor and is given whole to every pass, "
-            "never split: if it holds a batch (a KV cache does), it no longer matches the rows of a "
-            "pass. Pass max_batch_size >= the batch size (or None), or feed smaller batches with "
-            "their own cache."
-        ) from err
+    except Exception as err:
+        split_error = object_split_error(err, inputs, max_batch_size)
+        if split_error is not None:
+            raise split_error from err
+        raise
     engine.raise_if_bad_rows()
 
 
@@ -936,7 +1024,7 @@ class _Engine:
                         "this model are independent; leave strategy='auto' and max_batch_size=None for passes "
                         "that hold the whole batch once.",
                         RowCheckWarning,
-                        stacklevel=4,
+                        stacklevel=user_stacklevel(),
                     )
             else:
                 mixes = True  # no verdict: sampled the safe way, the whole batch once per pass
@@ -1053,9 +1141,9 @@ class _Engine:
 
         Returns:
             ``True`` when the rows mix, ``False`` when they do not, and ``None`` when the check
-            gives no verdict: the model fails on the check's rows, gives non-finite outputs, or
-            its output still varies from one seed to another (randomness the check cannot make
-            constant, e.g. ``torch.randperm``). The engine treats ``None`` as ``True`` unless the
+            gives no verdict: the model fails on the check's rows, or its output still varies
+            from one seed to another (randomness the check cannot make constant, e.g.
+            ``torch.randperm``). The engine treats ``None`` as ``True`` unless the
             call asks for replicas or a split batch (:meth:`decide`).
 
         Its passes stay within the limits of the call: a first pass of one row measures what a row
@@ -1081,7 +1169,7 @@ class _Engine:
         def run(part: Inputs, u: float, meter: PeakBytesMode | None = None, seed: int = 0) -> Any:
             nonlocal draws
             constants = NoRandomness(u)
-            with rng_untouched(seed, cuda), constants, self._autocast():
+            with input_generators_untouched(part), rng_untouched(seed, cuda), constants, self._autocast():
                 with meter if meter is not None else contextlib.nullcontext():
                     args, kwargs = replicate(part, 1)
                     out = select_output(model(*args, **kwargs), self.output, self.pair)
@@ -1110,7 +1198,6 @@ class _Engine:
                     return False  # no other row at hand: every row is the same
                 rows = _concat_rows(first, other)
             split = rows.batch_size // 2
-            finite = False
             for u in CHECK_QUANTILES:
                 if u != low and not draws:
                     break  # no draw was made constant: another quantile gives the same passes
@@ -1122,15 +1209,12 @@ class _Engine:
                         self.measured_row_bytes or 0.0,
                         float(meter.meter.peak) * CHECK_MARGIN / rows.batch_size,
                     )
-                if not _finite_or_minus_inf(whole):
-                    continue  # NaN or +inf outputs at this quantile: nothing to compare
                 if u == low and split == 1 and first_out is not None:
                     head = first_out
                 else:
                     head = run(slice_batch(rows, 0, split), u)
-                if not _finite_or_minus_inf(head):
-                    continue
-                finite = True
+                # NaN and infinities compare equal where both passes have them (a masked mean of
+                # an all-masked row is NaN whatever its neighbours), and differ where they moved.
                 if not (
                     _row_gap(whole, head, 0, tolerance)
                     or _row_gap(whole, run(slice_batch(rows, split, rows.batch_size), u), split, tolerance)
@@ -1138,15 +1222,12 @@ class _Engine:
                     continue
                 if _row_gap(whole, run(rows, u, seed=1), 0, tolerance):
                     no_verdict(
-                        "the check passes still draw randomness other than dropout, drop-path and noise ops "
-                        "(e.g. randint, randperm, multinomial, numpy)"
+                        "the check passes still draw randomness that torch's dropout and draw ops do not "
+                        "explain (e.g. randint, randperm, multinomial, numpy or Python's random)"
                     )
                     return None
                 _log.debug("mcdrop: a row's output depends on the other rows of its pass.")
                 return True
-            if not finite:
-                no_verdict("the model's outputs on the check rows are not finite")
-                return None
             return False
         except Exception as err:  # noqa: BLE001 - the model fails on the check rows: no verdict
             no_verdict(f"the model fails on the check rows ({type(err).__name__}: {err})")
@@ -1366,13 +1447,6 @@ def _row_gap(whole: Any, part: Any, start: int, tolerance: float) -> bool:
     gap = (rows - part).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
     same_inf = rows.isinf() & (rows == part)
     return bool((torch.where(same_inf, 0.0, gap) > tolerance * scale).any())
-
-
-def _finite_or_minus_inf(out: Any) -> bool:
-    """Whether an output (or pair) holds no NaN and no +inf."""
-    if isinstance(out, tuple):
-        return all(_finite_or_minus_inf(o) for o in out)
-    return not bool((out.isnan() | (out == float("inf"))).any())
 
 
 def _other_row(inputs: Inputs) -> Inputs | None:

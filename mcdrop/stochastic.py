@@ -1274,10 +1274,13 @@ def _added_dropout_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[t
 
 
 def _dropout_before_hook(module: nn.Module, args: tuple[Any, ...], *kwargs: dict[str, Any]) -> Any:
-    """The pre-hook that earlier versions of :func:`add_dropout` registered (``with_kwargs=True``).
+    """The pre-hook that earlier versions of :func:`add_dropout` registered, by this name.
 
     Kept so that models saved with it (``torch.save``, pickle) still load and run: called with the
-    keyword arguments it returns ``(args, kwargs)``, as such a hook must; without them, the new args.
+    keyword arguments (``with_kwargs=True``, the first versions) it returns ``(args, kwargs)``, as
+    such a hook must; without them, the new args. TorchScript cannot compile it (the later
+    versions registered a two-argument hook by this name): calling :func:`add_dropout` on such a
+    model replaces it with :func:`_added_dropout_hook`, which it can.
     """
     new_args = _added_dropout_hook(module, args)
     return (new_args, kwargs[0]) if kwargs else new_args
@@ -1451,9 +1454,22 @@ def add_dropout(
         _move_like(dropout, module)
         dropout.train(module.training)
         module.add_module(ADDED_DROPOUT_NAME, dropout)
+        hooked = hooked and not _drop_earlier_hooks(module)
         if not hooked:
             module.register_forward_pre_hook(_added_dropout_hook)
     return target
+
+
+def _drop_earlier_hooks(module: nn.Module) -> bool:
+    """Remove the pre-hook of an earlier version of :func:`add_dropout`; whether there was one.
+
+    Whether or not it took the keyword arguments, ``torch.jit.script`` compiles neither.
+    """
+    earlier = [key for key, hook in module._forward_pre_hooks.items() if hook is _dropout_before_hook]
+    for key in earlier:
+        del module._forward_pre_hooks[key]
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
+    return bool(earlier)
 
 
 def _is_added_dropout_path(path: str) -> bool:

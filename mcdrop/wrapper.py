@@ -43,7 +43,9 @@ from mcdrop.sampling import (
     autocast_context,
     check_row_count,
     holds_objects,
+    input_generators_untouched,
     model_device_dtype,
+    object_split_error,
     prepare_inputs,
     replicate,
     sample_chunks,
@@ -607,7 +609,7 @@ class MCDropout:
 
         def run_rows(rows: Inputs) -> Any:
             args, kwargs = replicate(rows, 1)
-            with autocast_context(device, self.dtype):
+            with input_generators_untouched(rows), autocast_context(device, self.dtype):
                 return select_output(eager(*args, **kwargs), self.output, self.aleatoric is not None)
 
         # No more rows than a sampling pass may hold (max_batch_size) and than fit the memory budget,
@@ -623,12 +625,18 @@ class MCDropout:
             except Exception:  # noqa: BLE001 - the check itself runs (and reports) on more rows
                 row_bytes = None
         budget = None if self._auto_budget else self.memory_budget
-        if holds_objects(inputs):  # a KV cache's batch cannot be sliced: the whole batch, as sampled
-            count = inputs.batch_size
+        if holds_objects(inputs):  # a KV cache's batch cannot be sliced: the batch of a sampling pass
+            count = min(inputs.batch_size, self.max_batch_size or inputs.batch_size)
         else:
             count = check_row_count(inputs, self.max_batch_size, budget, self.n_samples, row_bytes)
         rows = slice_batch(inputs, 0, count)
-        notes, deterministic, outside_torch = check_gates(self.model, gates, lambda: run_rows(rows), cuda)
+        try:
+            notes, deterministic, outside_torch = check_gates(self.model, gates, lambda: run_rows(rows), cuda)
+        except Exception as err:
+            split_error = object_split_error(err, inputs, self.max_batch_size)
+            if split_error is not None:
+                raise split_error from err
+            raise
 
         def exclude_hint(paths: list[str]) -> str:
             names = [p for p in paths if p in gates]
@@ -791,7 +799,17 @@ def _describe_option(value: Any) -> str:
 
 
 def _describe(value: Any, seen: set[int]) -> str:
-    """:func:`_describe_option`, with the ids of the containers and functions being described."""
+    """:func:`_describe_option`, with the ids of the containers and functions being described.
+
+    A part that cannot be described falls back to its type's name alone, the rest still counts.
+    """
+    try:
+        return _describe_part(value, seen)
+    except Exception:  # noqa: BLE001 - e.g. a repr that raises
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _describe_part(value: Any, seen: set[int]) -> str:
     if id(value) in seen:  # a closure or container that refers to itself
         return f"<recursive {type(value).__qualname__}>"
     if isinstance(value, functools.partial):
@@ -822,13 +840,15 @@ def _describe(value: Any, seen: set[int]) -> str:
                 _code_constants(code),
                 code.co_names,
                 tuple(cells),
-                _describe(defaults, inner) if defaults is not None else None,
+                # As written (as earlier versions did, so their checkpoints resume), unless
+                # the text would hold an address.
+                defaults if " at 0x" not in repr(defaults) else _describe(defaults, inner),
             )
         )
         return f"{name}#{hashlib.sha256(body.encode()).hexdigest()[:16]}"
     if isinstance(value, Mapping):
         inner = seen | {id(value)}
-        return repr(sorted((repr(k), _describe(v, inner)) for k, v in value.items()))
+        return repr(sorted((_describe(k, inner), _describe(v, inner)) for k, v in value.items()))
     if isinstance(value, (tuple, list)):
         inner = seen | {id(value)}
         return repr([_describe(v, inner) for v in value])
@@ -843,12 +863,17 @@ def _describe(value: Any, seen: set[int]) -> str:
     return text
 
 
+_COMPRESSED_LAYOUTS = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
 def _describe_tensor(value: torch.Tensor) -> str:
     """Shape, dtype and a digest of the values (dense tensors of at most 2**20 elements)."""
     digest = ""
     if value.numel() <= 2**20 and value.device.type != "meta" and value.layout == torch.strided:
         flat = value.detach().cpu().reshape(-1).clone()  # 0-d and non-contiguous tensors too
         digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    elif value.layout in _COMPRESSED_LAYOUTS and value.numel() <= 2**20 and value.device.type != "meta":
+        return _describe_tensor(value.detach().cpu().to_dense())
     elif value.is_sparse and value.device.type != "meta":
         dense = value.detach().cpu().coalesce()
         digest = _describe_tensor(dense.indices()) + _describe_tensor(dense.values())

@@ -191,16 +191,18 @@ def test_added_dropout_trains_copies_and_pickles() -> None:
         assert torch.equal(loaded(X), model(X))
 
 
-def test_a_model_saved_with_the_earlier_keyword_hook_still_loads_and_samples() -> None:
-    """Earlier versions registered ``stochastic._dropout_before_hook`` with ``with_kwargs=True``; a
-    model pickled then refers to that function by name and torch calls it with the keyword
-    arguments. It must still run, be recognised by add_dropout, and be sampled."""
+@pytest.mark.parametrize("with_kwargs", [True, False], ids=["keyword-hook", "two-argument-hook"])
+def test_a_model_saved_with_an_earlier_hook_still_loads_samples_and_can_be_scripted(with_kwargs) -> None:
+    """Earlier versions registered ``stochastic._dropout_before_hook``, first with
+    ``with_kwargs=True``, then as a two-argument hook; a model pickled then refers to that function
+    by name. It must still run and be sampled, and add_dropout on it gives a model TorchScript can
+    compile."""
     from mcdrop.stochastic import ADDED_DROPOUT_NAME, _dropout_before_hook
 
     old = pretrained()
     layer = old[5]
     layer.add_module(ADDED_DROPOUT_NAME, nn.Dropout(0.5))
-    layer.register_forward_pre_hook(_dropout_before_hook, with_kwargs=True)
+    layer.register_forward_pre_hook(_dropout_before_hook, with_kwargs=with_kwargs)
     buffer = io.BytesIO()
     torch.save(old, buffer)
     buffer.seek(0)
@@ -209,8 +211,13 @@ def test_a_model_saved_with_the_earlier_keyword_hook_still_loads_and_samples() -
         assert torch.equal(loaded(X), pretrained()(X))  # eval: dropout off, the original numbers
     samples = mcdrop.MCDropout(loaded, n_samples=4, seed=0).sample(X)
     assert not torch.equal(samples[0], samples[1])
-    again = mcdrop.add_dropout(loaded, 0.2)  # the same layer: its rate changes, no second hook
+    again = mcdrop.add_dropout(loaded, 0.2)  # the same layer: its rate changes, the hook is renewed
     assert len(again[5]._forward_pre_hooks) == 1 and again[5].mcdrop_dropout.p == 0.2
+    assert not again[5]._forward_pre_hooks_with_kwargs
+    assert len(loaded[5]._forward_pre_hooks) == 1 and loaded[5].mcdrop_dropout.p == 0.5  # a copy was changed
+    scripted = torch.jit.script(again)
+    with torch.no_grad():
+        assert torch.equal(scripted(X), again(X))
 
 
 def test_add_dropout_to_a_hugging_face_model_without_dropout() -> None:

@@ -742,3 +742,78 @@ def test_an_unbatched_input_is_not_counted_as_memory_per_row():
         handle.remove()
     assert sum(passes) == 40 * 16
     assert len(passes) <= 3, passes  # the head pass, then the other samples in one or two passes
+
+
+def test_the_checks_leave_a_generator_input_where_sampling_alone_would():
+    """The row and gate checks run the model too; they put a generator passed as input back, so the
+    first call (which decides) draws from it as much as a later call (which reuses the decision)."""
+    net = NoiseFromAGenerator()
+    generator = torch.Generator()
+    mc = mcdrop.MCDropout(net, n_samples=5, seed=0, task="regression", strategy="loop")
+    states = []
+    for _ in range(2):
+        generator.manual_seed(7)
+        mc.sample(torch.ones(3, 3), generator=generator)
+        states.append(generator.get_state())
+    assert torch.equal(states[0], states[1])
+
+
+class WeighsByAnArray(nn.Module):
+    """Takes a numpy array of weights that holds no batch; fails on a part of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop = nn.Linear(3, 3), nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor, weights) -> torch.Tensor:
+        if x.shape[0] % 4:
+            raise RuntimeError("this model takes multiples of 4 rows")
+        return self.drop(self.lin(x)) * torch.as_tensor(weights, dtype=x.dtype)
+
+
+def test_an_input_object_without_a_batch_is_not_blamed_for_the_models_error():
+    import numpy as np
+
+    net = WeighsByAnArray()
+    mc = mcdrop.MCDropout(net, n_samples=4, seed=0, task="regression", max_batch_size=6)
+    with pytest.raises(RuntimeError, match="multiples of 4") as info:
+        mc.sample(torch.ones(8, 3), weights=np.ones(3, dtype=np.float32))
+    assert not isinstance(info.value, InvalidInputError)
+
+
+def test_an_out_of_memory_error_passes_as_it_is():
+    class RunsOutOfMemory(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.drop = nn.Linear(3, 3), nn.Dropout(0.3)
+
+        def forward(self, x, cache):
+            if x.shape[0] < cache.keys.shape[0]:
+                raise torch.OutOfMemoryError("out of memory")
+            return self.drop(self.lin(x))
+
+    mc = mcdrop.MCDropout(RunsOutOfMemory(), n_samples=4, seed=0, task="regression", max_batch_size=2)
+    with pytest.raises(torch.OutOfMemoryError):
+        mc.sample(torch.ones(4, 3), cache=types.SimpleNamespace(keys=torch.zeros(4, 2)))
+
+
+class Shuffling(nn.Module):
+    """Dropout, then a per-element ``randint`` mask: randomness the row check cannot make constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop = nn.Linear(4, 4), nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.lin(x))
+        return h * torch.randint(0, 2, h.shape, dtype=h.dtype) if self.training else h
+
+
+def test_row_check_warning_points_at_the_users_line():
+    net = Shuffling()
+    mc = mcdrop.MCDropout(net, n_samples=4, seed=0, include=[Shuffling], task="regression", max_batch_size=2)
+    for call in (mc.predict, mc.sample):
+        mc._engine_cache.clear()
+        with pytest.warns(mcdrop.RowCheckWarning) as caught:
+            call(torch.randn(4, 4))
+        assert caught[0].filename == __file__, (call.__name__, caught[0].filename)

@@ -21,6 +21,7 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -1000,3 +1001,100 @@ def test_a_model_mixing_rows_of_one_dimensional_ids_is_detected(ids):
     assert set(rows) == {len(ids)}  # never replicated
     with pytest.raises(UnsupportedModelError, match="depends on the other rows"):
         mcdrop.MCDropout(net, n_samples=4, strategy="replicate", task="regression").sample(x)
+
+
+# ---------------------------------------------------------------- the row check reaches every draw
+def _scripted_mlp(center: bool = False) -> nn.Module:
+    class Scripted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.drop, self.out = nn.Linear(6, 16), nn.Dropout(0.3), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.out(self.drop(torch.relu(self.lin(x))))
+            return h
+
+    class ScriptedCentered(Scripted):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.out(self.drop(torch.relu(self.lin(x))))
+            return h - h.mean(0, keepdim=True)
+
+    torch.manual_seed(0)
+    return torch.jit.script(ScriptedCentered() if center else Scripted()).eval()
+
+
+def test_a_scripted_model_gets_a_verdict_and_is_split_and_replicated_as_asked():
+    """Regression: compiled dropout escaped the check's constants, so every TorchScript model gave
+    no verdict: whole-batch passes whatever the budget, and a RowCheckWarning (here an error)."""
+    net = _scripted_mlp()
+    x = torch.randn(16, 6)
+    split = mcdrop.MCDropout(net, n_samples=6, seed=0, max_batch_size=8, task="regression").sample(x)
+    replicated = mcdrop.MCDropout(net, n_samples=6, seed=0, strategy="replicate", task="regression").sample(x)
+    assert split.shape == replicated.shape == (6, 16, 3)
+    assert not torch.equal(split[0], split[1])
+
+
+def test_a_scripted_model_that_mixes_rows_is_still_found():
+    net = _scripted_mlp(center=True)
+    with pytest.raises(UnsupportedModelError, match="depends on the other rows"):
+        mcdrop.MCDropout(net, n_samples=4, strategy="replicate", task="regression").sample(torch.randn(6, 6))
+
+
+class GumbelHead(nn.Module):
+    def __init__(self, hard: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.drop, self.hard = nn.Linear(6, 5), nn.Dropout(0.2), hard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.drop(self.lin(x))
+        return F.gumbel_softmax(logits, tau=0.5, hard=self.hard) if self.training else logits.softmax(-1)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_gumbel_softmax_draws_are_made_constant_by_the_check(hard):
+    """Regression: the draws inside F.gumbel_softmax escaped the check's constants (it runs its body
+    with function modes off): no verdict, and a row-independent model sampled 5x slower."""
+    net = GumbelHead(hard).eval()
+    x = torch.randn(12, 6)
+    rows = _rows_seen(
+        net,
+        lambda: mcdrop.MCDropout(
+            net, n_samples=6, seed=0, include=[GumbelHead], output_type="probs", max_batch_size=6
+        ).sample(x),
+    )
+    assert max(rows) <= 6
+    rows = _rows_seen(
+        net,
+        lambda: mcdrop.MCDropout(
+            net, n_samples=6, seed=0, include=[GumbelHead], output_type="probs", strategy="replicate"
+        ).sample(x),
+    )
+    assert max(rows) > 12
+
+
+class MaskedMeanPool(nn.Module):
+    """Token embeddings, dropout, and a hand-written masked mean: an all-masked row gives 0/0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.drop, self.out = nn.Embedding(20, 8), nn.Dropout(0.3), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.embed(ids)) * mask[..., None]
+        return self.out(h.sum(1) / mask.sum(1, keepdim=True))
+
+
+def test_one_row_whose_check_companion_gives_nan_still_gets_a_verdict():
+    """Regression: for one row the check builds a second one (here a mask of zeros: NaN pooled);
+    non-finite check outputs gave no verdict and whole-batch passes of one row (10x slower)."""
+    net = MaskedMeanPool().eval()
+    ids, mask = torch.randint(0, 20, (1, 7)), torch.ones(1, 7)
+    rows = _rows_seen(
+        net,
+        lambda: mcdrop.MCDropout(net, n_samples=30, seed=0, strategy="replicate", task="regression").sample(
+            ids, mask
+        ),
+    )
+    assert max(rows) > 1  # replicas of the one row, without a RowCheckWarning

@@ -527,6 +527,17 @@ def test_option_descriptions_tell_values_apart_and_survive_an_empty_cell():
     assert _describe_option(b) != _describe_option(a)
     before, after = _selector_with_an_empty_cell()
     assert before != after  # the cell's value, once there, is part of the description
+    csr = torch.eye(3).to_sparse_csr()
+    assert _describe_option(csr) != _describe_option((2 * torch.eye(3)).to_sparse_csr())
+
+    class NoRepr:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    odd = NoRepr()
+    one = functools.partial(torch.flip, dims=(0,), tag=odd)
+    other = functools.partial(torch.flip, dims=(1,), tag=odd)
+    assert _describe_option(one) != _describe_option(other)  # an odd part does not hide the rest
 
 
 def test_option_descriptions_of_set_constants_do_not_depend_on_the_hash_seed(tmp_path):
@@ -539,6 +550,7 @@ def test_option_descriptions_of_set_constants_do_not_depend_on_the_hash_seed(tmp
     script.write_text(
         "from mcdrop.wrapper import _describe_option\n"
         "print(_describe_option(lambda key: key in {'logits', 'hidden', 'attentions', 'loss', 'probs'}))\n"
+        "print(_describe_option({frozenset({'logits', 'hidden', 'loss', 'probs'}): 1}))\n"
     )
     texts = {
         subprocess.run(
