@@ -1213,8 +1213,7 @@ class _Engine:
                     head = first_out
                 else:
                     head = run(slice_batch(rows, 0, split), u)
-                # NaN and infinities compare equal where both passes have them (a masked mean of
-                # an all-masked row is NaN whatever its neighbours), and differ where they moved.
+                # Compared where both are finite (see _row_gap).
                 if not (
                     _row_gap(whole, head, 0, tolerance)
                     or _row_gap(whole, run(slice_batch(rows, split, rows.batch_size), u), split, tolerance)
@@ -1434,19 +1433,26 @@ def _rows_first(out: Any, out_dim: int) -> Any:
 
 
 def _row_gap(whole: Any, part: Any, start: int, tolerance: float) -> bool:
-    """Whether rows ``start:`` of ``whole`` differ from ``part`` by more than ``tolerance`` (relative)."""
+    """Whether rows ``start:`` of ``whole`` differ from ``part`` by more than ``tolerance`` (relative).
+
+    Not where either is NaN or +inf, which say nothing of the rows' neighbours (the masked mean of
+    an all-masked row is NaN whatever they are) and which sampling refuses anyway. A -inf (a masked
+    logit, which sampling accepts) is a value like any other: equal only to a -inf.
+    """
     if isinstance(whole, tuple):
         return any(_row_gap(w, q, start, tolerance) for w, q in zip(whole, part, strict=True))
     rows = whole[start : start + part.shape[0]]
     if rows.shape != part.shape:
         return True
-    both_nan = rows.isnan() & part.isnan()
-    rows, part = torch.where(both_nan, 0.0, rows), torch.where(both_nan, 0.0, part)
-    finite = rows.abs().nan_to_num(posinf=0.0, neginf=0.0)
-    scale = max(1.0, float(finite.max())) if finite.numel() else 1.0
-    gap = (rows - part).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
-    same_inf = rows.isinf() & (rows == part)
-    return bool((torch.where(same_inf, 0.0, gap) > tolerance * scale).any())
+    inf = float("inf")
+    compared = ~(rows.isnan() | part.isnan() | (rows == inf) | (part == inf))
+    minus_inf = (rows == -inf) | (part == -inf)
+    if bool((compared & minus_inf & (rows != part)).any()):
+        return True  # a -inf on one side only
+    finite = compared & ~minus_inf
+    rows, part = torch.where(finite, rows, 0.0), torch.where(finite, part, 0.0)
+    scale = max(1.0, float(rows.abs().max())) if rows.numel() else 1.0
+    return bool(((rows - part).abs() > tolerance * scale).any())
 
 
 def _other_row(inputs: Inputs) -> Inputs | None:

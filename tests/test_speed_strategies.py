@@ -1098,3 +1098,28 @@ def test_one_row_whose_check_companion_gives_nan_still_gets_a_verdict():
         ),
     )
     assert max(rows) > 1  # replicas of the one row, without a RowCheckWarning
+
+
+class MarksFirstPlace(nn.Module):
+    """Sets the first output of every pass (a place in the pass, not a row) to ``value``."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.drop, self.value = nn.Linear(4, 3), nn.Dropout(0.3), value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.drop(self.lin(x)).clone()
+        out[0, 0] = self.value
+        return out
+
+
+def test_a_minus_inf_that_stays_at_a_place_of_the_pass_is_mixing_and_a_nan_is_refused():
+    """-inf is a value samples may hold (a masked logit): one that stays at the first place of the
+    pass instead of following its row is the pass mixing rows. NaN is refused by sampling, naming
+    rows, and says nothing of the rows' neighbours."""
+    x = torch.randn(3, 4)
+    with pytest.raises(UnsupportedModelError, match="depends on the other rows"):
+        mcdrop.MCDropout(MarksFirstPlace(float("-inf")), n_samples=2, max_batch_size=2).predict(x)
+    with pytest.raises(mcdrop.NonFiniteError):
+        mcdrop.MCDropout(MarksFirstPlace(float("nan")), n_samples=2, max_batch_size=2).predict(x)
