@@ -189,6 +189,20 @@ _CONSTANT_DRAWS: dict[Any, Callable[[float, float, dict[str, Any]], Any]] = {
 CHECK_QUANTILES = (0.02, 0.98)
 
 
+_DROPOUT_P_INDEX: dict[Any, int | None] = {}
+
+
+def _dropout_p_index(func: Any) -> int | None:
+    """Position of an aten op's ``dropout_p`` argument (``None``: it has none); cached per op."""
+    try:
+        return _DROPOUT_P_INDEX[func]
+    except KeyError:
+        names = [a.name for a in func._schema.arguments]
+        index = names.index("dropout_p") if "dropout_p" in names else None
+        _DROPOUT_P_INDEX[func] = index
+        return index
+
+
 class _ConstantDraws(TorchDispatchMode):
     """The aten half of :class:`NoRandomness`: sees every op, in eager, scripted and library code."""
 
@@ -199,6 +213,9 @@ class _ConstantDraws(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
         packet = func.overloadpacket
+        if args and isinstance(args[0], nn.Parameter):
+            # A parameter drawn in place: initialisation (a lazy module's first pass), not noise.
+            return func(*args, **kwargs)
         if packet is torch.ops.aten.native_dropout:  # dropout inside compiled or C++ code: identity
             named = _named_args(func, args, kwargs)
             if named.get("train") is not False:
@@ -207,9 +224,8 @@ class _ConstantDraws(TorchDispatchMode):
                 return x.clone(), torch.ones_like(x, dtype=torch.bool)
         constant = _CONSTANT_DRAWS.get(packet)
         if constant is None:
-            names = [a.name for a in func._schema.arguments]
-            if "dropout_p" in names:  # fused attention kernels: no attention dropout
-                i = names.index("dropout_p")
+            i = _dropout_p_index(func)
+            if i is not None:  # fused attention kernels: no attention dropout
                 if i < len(args):
                     args = (*args[:i], 0.0, *args[i + 1 :])
                 else:

@@ -252,11 +252,13 @@ def _generators(obj: Any) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def input_generators_untouched(inputs: Inputs) -> Iterator[None]:
+def input_generators_untouched(inputs: Inputs, seed: int | None = None) -> Iterator[None]:
     """Put the random generators given as inputs (torch's, numpy's, Python's) back as they were.
 
     For the check passes, which are not samples: only the sampling passes advance a generator the
-    caller passed to the model (by reference, see :func:`is_plain_value`).
+    caller passed to the model (by reference, see :func:`is_plain_value`). With ``seed``, they
+    draw from that seed meanwhile, as :func:`~mcdrop._gatecheck.rng_untouched` makes the global
+    generators do: passes from one seed draw alike, passes from two seeds differ.
     """
     found = [g for a in (*inputs.args, *inputs.kwargs.values()) for g in _generators(a)]
     states = []
@@ -270,6 +272,14 @@ def input_generators_untouched(inputs: Inputs) -> Iterator[None]:
         else:
             states.append(g.getstate())
     try:
+        if seed is not None:
+            for g in found:
+                if isinstance(g, torch.Generator):
+                    g.manual_seed(seed)
+                elif isinstance(g, np.random.Generator):
+                    g.bit_generator.state = type(g.bit_generator)(seed).state
+                else:
+                    g.seed(seed)
         yield
     finally:
         for g, state in zip(found, states, strict=True):
@@ -1169,7 +1179,12 @@ class _Engine:
         def run(part: Inputs, u: float, meter: PeakBytesMode | None = None, seed: int = 0) -> Any:
             nonlocal draws
             constants = NoRandomness(u)
-            with input_generators_untouched(part), rng_untouched(seed, cuda), constants, self._autocast():
+            with (
+                input_generators_untouched(part, seed),
+                rng_untouched(seed, cuda),
+                constants,
+                self._autocast(),
+            ):
                 with meter if meter is not None else contextlib.nullcontext():
                     args, kwargs = replicate(part, 1)
                     out = select_output(model(*args, **kwargs), self.output, self.pair)

@@ -609,7 +609,7 @@ class MCDropout:
 
         def run_rows(rows: Inputs) -> Any:
             args, kwargs = replicate(rows, 1)
-            with input_generators_untouched(rows), autocast_context(device, self.dtype):
+            with autocast_context(device, self.dtype):
                 return select_output(eager(*args, **kwargs), self.output, self.aleatoric is not None)
 
         # No more rows than a sampling pass may hold (max_batch_size) and than fit the memory budget,
@@ -619,7 +619,7 @@ class MCDropout:
         if few_rows and not holds_objects(inputs):  # an object (a KV cache) needs the whole batch
             meter = PeakBytesMode()
             try:
-                with rng_untouched(0, cuda), NoDropout(), meter:
+                with input_generators_untouched(inputs), rng_untouched(0, cuda), NoDropout(), meter:
                     run_rows(slice_batch(inputs, 0, 1))
                 row_bytes = float(meter.meter.peak) * CHECK_MARGIN
             except Exception:  # noqa: BLE001 - the check itself runs (and reports) on more rows
@@ -631,7 +631,12 @@ class MCDropout:
             count = check_row_count(inputs, self.max_batch_size, budget, self.n_samples, row_bytes)
         rows = slice_batch(inputs, 0, count)
         try:
-            notes, deterministic, outside_torch = check_gates(self.model, gates, lambda: run_rows(rows), cuda)
+            # Generators given as inputs advance from pass to pass (as across seeds), and are put
+            # back afterwards: the check's passes are not samples.
+            with input_generators_untouched(inputs):
+                notes, deterministic, outside_torch = check_gates(
+                    self.model, gates, lambda: run_rows(rows), cuda
+                )
         except Exception as err:
             split_error = object_split_error(err, inputs, self.max_batch_size)
             if split_error is not None:
@@ -842,7 +847,7 @@ def _describe_part(value: Any, seen: set[int]) -> str:
                 tuple(cells),
                 # As written (as earlier versions did, so their checkpoints resume), unless
                 # the text would hold an address.
-                defaults if " at 0x" not in repr(defaults) else _describe(defaults, inner),
+                defaults if _plain_defaults(defaults) else _describe(defaults, inner),
             )
         )
         return f"{name}#{hashlib.sha256(body.encode()).hexdigest()[:16]}"
@@ -861,6 +866,13 @@ def _describe_part(value: Any, seen: set[int]) -> str:
     if " at 0x" in text or isinstance(value, nn.Module):  # an address or a whole model: by its type
         return f"<{type(value).__module__}.{type(value).__qualname__}>"
     return text
+
+
+def _plain_defaults(defaults: Any) -> bool:
+    """Whether default values read the same in full in their ``repr`` (numbers, strings, ...)."""
+    if isinstance(defaults, tuple):
+        return all(_plain_defaults(d) for d in defaults)
+    return defaults is None or isinstance(defaults, (bool, int, float, complex, str, bytes))
 
 
 _COMPRESSED_LAYOUTS = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)

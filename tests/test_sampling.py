@@ -817,3 +817,60 @@ def test_row_check_warning_points_at_the_users_line():
         with pytest.warns(mcdrop.RowCheckWarning) as caught:
             call(torch.randn(4, 4))
         assert caught[0].filename == __file__, (call.__name__, caught[0].filename)
+
+
+class MasksWithAGenerator(nn.Module):
+    """A train-only hand-made mask drawn from a generator passed as input: a random gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        h = torch.relu(self.l1(x))
+        if self.training:
+            h = h * (torch.rand(h.shape, generator=generator) > 0.3) / 0.7
+        return self.l2(h)
+
+
+def test_a_gate_drawing_from_a_generator_input_is_random_to_the_gate_check():
+    """Regression: the gate check put the generator back after every pass, so its passes from two
+    seeds drew the same mask and the gate read as deterministic (ModelStateError)."""
+    net = MasksWithAGenerator().eval()
+    generator = torch.Generator().manual_seed(3)
+    mc = mcdrop.MCDropout(net, n_samples=8, seed=0, task="regression")  # found as a functional gate
+    samples = mc.sample(torch.randn(16, 6), generator=generator)
+    assert not torch.equal(samples[0], samples[1])
+
+
+class JittersWithAGenerator(nn.Module):
+    """Row-independent: dropout, plus an integer per row drawn from a generator passed as input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.drop, self.l2 = nn.Linear(6, 8), nn.Dropout(0.3), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.l2(self.drop(self.l1(x)) + torch.randint(0, 3, (x.shape[0], 1), generator=generator))
+
+
+def test_randomness_from_a_generator_input_gives_no_verdict_rather_than_mixing():
+    """Regression: with the generator put back after every check pass, the passes from two seeds
+    drew alike, so per-row draws read as rows mixing and replicate was refused."""
+    net = JittersWithAGenerator().eval()
+    generator = torch.Generator().manual_seed(3)
+    mc = mcdrop.MCDropout(net, n_samples=4, seed=0, task="regression", strategy="replicate")
+    with pytest.warns(mcdrop.RowCheckWarning):
+        samples = mc.sample(torch.randn(16, 6), generator=generator)
+    assert samples.shape == (4, 16, 2)
+
+
+def test_a_lazy_module_initialised_in_the_first_pass_keeps_random_weights():
+    """Regression: the row check made every draw a constant, nn.init's included, so a LazyLinear
+    first run by the check got a weight of one repeated value, for good."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2)).eval()
+    mcdrop.MCDropout(net, n_samples=4, seed=0, task="regression").predict(torch.randn(8, 6))
+    assert net[0].weight.unique().numel() == net[0].weight.numel()

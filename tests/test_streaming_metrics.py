@@ -538,6 +538,10 @@ def test_option_descriptions_tell_values_apart_and_survive_an_empty_cell():
     one = functools.partial(torch.flip, dims=(0,), tag=odd)
     other = functools.partial(torch.flip, dims=(1,), tag=odd)
     assert _describe_option(one) != _describe_option(other)  # an odd part does not hide the rest
+    base = torch.zeros(5000)
+    changed = base.clone()
+    changed[2500] = 1.0
+    assert _describe_option(lambda out, w=base: out * w) != _describe_option(lambda out, w=changed: out * w)
 
 
 def test_option_descriptions_of_set_constants_do_not_depend_on_the_hash_seed(tmp_path):
