@@ -193,12 +193,18 @@ _DROPOUT_P_INDEX: dict[Any, int | None] = {}
 
 
 def _dropout_p_index(func: Any) -> int | None:
-    """Position of an aten op's ``dropout_p`` argument (``None``: it has none); cached per op."""
+    """Position of an aten op's dropout rate (``None`` for none), cached per op.
+
+    ``dropout_p`` of fused attention kernels, ``dropout`` of fused recurrent ones (``_cudnn_rnn``,
+    ``miopen_rnn``).
+    """
     try:
         return _DROPOUT_P_INDEX[func]
     except KeyError:
         names = [a.name for a in func._schema.arguments]
         index = names.index("dropout_p") if "dropout_p" in names else None
+        if index is None and "rnn" in func.name() and "dropout" in names:
+            index = names.index("dropout")
         _DROPOUT_P_INDEX[func] = index
         return index
 
@@ -225,11 +231,11 @@ class _ConstantDraws(TorchDispatchMode):
         constant = _CONSTANT_DRAWS.get(packet)
         if constant is None:
             i = _dropout_p_index(func)
-            if i is not None:  # fused attention kernels: no attention dropout
+            if i is not None:  # fused attention and recurrent kernels: no dropout
                 if i < len(args):
                     args = (*args[:i], 0.0, *args[i + 1 :])
                 else:
-                    kwargs["dropout_p"] = 0.0
+                    kwargs[func._schema.arguments[i].name] = 0.0
             return func(*args, **kwargs)
         value = constant(self.owner.u, self.owner.z, _named_args(func, args, kwargs))
         self.owner.draws += 1

@@ -239,3 +239,20 @@ def test_device_side_finite_check_flags_rows_and_raises_once() -> None:
     pair: list[torch.Tensor] = []
     _flag_bad_rows((ok, ok), 0, 2, 2, pair)
     _raise_if_bad_rows(pair)
+
+
+def test_the_row_check_zeroes_the_rate_of_fused_gpu_kernels() -> None:
+    """cuDNN's recurrent kernel and the fused attention kernels take their dropout rate as an
+    argument; the row check's constants set it to 0 (read from the op schemas, here on the CPU)."""
+    from mcdrop._gatecheck import _dropout_p_index
+
+    aten = torch.ops.aten
+    for op, name in [
+        (aten._cudnn_rnn.default, "dropout"),
+        (aten.miopen_rnn.default, "dropout"),
+        (aten._scaled_dot_product_flash_attention.default, "dropout_p"),
+        (aten._scaled_dot_product_efficient_attention.default, "dropout_p"),
+    ]:
+        index = _dropout_p_index(op)
+        assert index is not None and op._schema.arguments[index].name == name, op
+    assert _dropout_p_index(aten.add.Tensor) is None
