@@ -219,7 +219,7 @@ class _ConstantDraws(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
         packet = func.overloadpacket
-        if args and isinstance(args[0], nn.Parameter):
+        if args and isinstance(args[0], nn.Parameter) and func._schema.name.endswith("_"):
             # A parameter drawn in place: initialisation (a lazy module's first pass), not noise.
             return func(*args, **kwargs)
         if packet is torch.ops.aten.native_dropout:  # dropout inside compiled or C++ code: identity
