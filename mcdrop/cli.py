@@ -470,13 +470,20 @@ def _build_report(args: argparse.Namespace, pred: Any, ood: Any, mc: Any) -> Any
 
     if isinstance(pred, mcdrop.RegressionPrediction):
         mean = pred.mean
-        d = 1 if mean.dim() == 1 else mean.shape[1]  # (n, d); a mean of more dims: mcdrop.report says
-        if mean.dim() <= 2 and args.output is None and d > 1:
+        if mean.dim() > 2:
+            raise CliError(
+                f"the model gives an output of shape {tuple(mean.shape[1:])} per input (mean of shape "
+                f"{tuple(mean.shape)}), and a report covers one number per input, or a few with --output J: "
+                "give --model a factory (package.module:factory) whose model returns (n,) or (n, d), e.g. "
+                "its outputs flattened or reduced"
+            )
+        d = 1 if mean.dim() == 1 else mean.shape[1]
+        if args.output is None and d > 1:
             raise CliError(
                 f"the model gives {d} outputs per input (mean of shape {tuple(mean.shape)}) and a report covers "
                 f"one: choose it with --output J (0 <= J < {d}), one report per output"
             )
-        if mean.dim() <= 2 and args.output is not None and args.output >= d:
+        if args.output is not None and args.output >= d:
             raise CliError(f"--output {args.output} is out of range: the model gives {d} output(s) per input")
     elif args.output is not None:
         raise CliError(

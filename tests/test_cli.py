@@ -370,6 +370,18 @@ def test_output_option_reports_the_chosen_output(tmp_path: Path, two_output_regr
     assert "(output 1)" in (tmp_path / "rep" / "report.html").read_text()
 
 
+def test_a_regressor_with_a_map_per_input_is_refused_with_a_cli_fix(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.2), nn.Unflatten(1, (2, 3))).eval()
+    model = tmp_path / "map.pt"
+    torch.jit.save(torch.jit.script(net), str(model))
+    data = tmp_path / "map.npz"
+    x = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
+    np.savez(data, x=x, y=np.zeros((20, 2, 3), np.float32))
+    err = _fails(_report_args(tmp_path, model, data, "--task", "regression"), capsys)
+    assert "shape (2, 3) per input" in err and "package.module:factory" in err and "Traceback" not in err, err
+
+
 def test_output_option_is_refused_for_a_classifier(
     tmp_path: Path, scripted_model: Path, npz_data: Path, capsys
 ) -> None:
