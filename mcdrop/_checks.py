@@ -62,11 +62,17 @@ def check_rate(p: Any, name: str = "p") -> float:
     return check_real(p, name, low=0.0, high=1.0)
 
 
+def _type_name(value: Any) -> str:
+    """``int``, or ``numpy.bool`` for a type from outside the builtins (whose name may mislead)."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def check_bool(value: Any, name: str) -> bool:
     """Return ``value`` if it is ``True`` or ``False``, else raise (``"yes"``, ``1``, ``None`` are refused)."""
     if not isinstance(value, bool):
         raise InvalidTypeError(
-            f"{name} must be True or False; got {value!r} of type {type(value).__name__}. Pass a bool, "
+            f"{name} must be True or False; got {value!r} of type {_type_name(value)}. Pass a bool, "
             f"e.g. {name}=True."
         )
     return value

@@ -803,6 +803,7 @@ def sample_chunks(
                 if cache is not None:
                     cache[key] = decision
             else:
+                engine.apply_verdict(decision.rows_verdict, strategy, max_batch_size)
                 plan = engine.plan(decision, max_batch_size, memory_budget, probed=False)
                 yield from engine.run_plan(decision, plan, first_is_head=True)
     except Exception as err:
@@ -836,6 +837,8 @@ class _Decision:
     mixes_rows: bool = False
     head_samples: int = 1
     first_row_bytes: float | None = None
+    #: What the row check said (see :meth:`_Engine.rows_mix`): rows mix, do not, or no verdict.
+    rows_verdict: bool | None = False
 
 
 def _signature(inputs: Inputs, *rest: Any) -> tuple[Any, ...]:
@@ -1017,42 +1020,7 @@ class _Engine:
         """
         batch = self.inputs.batch_size
         verdict = self.rows_mix(max_batch_size, memory_budget)
-        mixes = bool(verdict)
-        if verdict is None:
-            asked = []
-            if strategy == "replicate" and self.n > 1:
-                asked.append("strategy='replicate' (replicas of the batch in one pass)")
-            if max_batch_size is not None and max_batch_size < batch:
-                asked.append(f"max_batch_size={max_batch_size} (a split batch of {batch} rows)")
-            if asked:
-                if not self.whole_batch:  # with a cache the check cannot split it: no news
-                    warnings.warn(
-                        "mcdrop could not check whether the output of a row depends on the other rows of its "
-                        "forward pass (the model fails on the check's rows, or draws randomness other than "
-                        "dropout, drop-path and noise ops, such as randint or randperm: see the debug log). "
-                        f"Sampling as asked, with {' and '.join(asked)}, which is only correct if the rows of "
-                        "this model are independent; leave strategy='auto' and max_batch_size=None for passes "
-                        "that hold the whole batch once.",
-                        RowCheckWarning,
-                        stacklevel=user_stacklevel(),
-                    )
-            else:
-                mixes = True  # no verdict: sampled the safe way, the whole batch once per pass
-        if mixes:
-            if strategy == "replicate" and self.n > 1:
-                raise UnsupportedModelError(
-                    "strategy='replicate' cannot sample this model correctly: the output of a row depends "
-                    "on the other rows of its forward pass (e.g. a mean over the batch), so replicas of the "
-                    "batch in one pass would mix the MC samples. Use strategy='auto', 'vmap' or 'loop', which "
-                    "give every pass the whole batch once."
-                )
-            if max_batch_size is not None and max_batch_size < batch:
-                raise UnsupportedModelError(
-                    f"max_batch_size={max_batch_size} would split this batch of {batch} rows, but the output "
-                    "of a row depends on the other rows of its forward pass (e.g. a mean over the batch), so a "
-                    "split batch gives other numbers than the whole one. Pass max_batch_size >= the batch "
-                    "size (or None), or feed smaller batches yourself."
-                )
+        mixes = self.apply_verdict(verdict, strategy, max_batch_size)
         if max_batch_size is not None:
             s0, e0, k0 = next(plan_work(0, batch, self.n, max_batch_size))
         else:
@@ -1068,10 +1036,13 @@ class _Engine:
         if mixes:
             candidates = [c for c in candidates if c != "replicate"] or ["loop"]
             reason += (
-                "; a row's output depends on the other rows of its pass: every pass holds the whole "
-                "batch once, never replicas"
-            )
-        decision = _Decision(candidates[0], report, out_row, reason, mixes, k0, self.measured_row_bytes)
+                "; a row's output depends on the other rows of its pass"
+                if verdict
+                else "; the row check gave no verdict"
+            ) + ": every pass holds the whole batch once, never replicas"
+        decision = _Decision(
+            candidates[0], report, out_row, reason, mixes, k0, self.measured_row_bytes, verdict
+        )
         head_yielded = False
         for position, candidate in enumerate(candidates):
             decision.strategy = candidate
@@ -1131,6 +1102,58 @@ class _Engine:
                     "strategy='auto' to fall back to another strategy automatically."
                 )
         return decision  # pragma: no cover - the loop always returns or raises
+
+    def apply_verdict(self, verdict: bool | None, strategy: str, max_batch_size: int | None) -> bool:
+        """Refuse, or warn about, what the call asks for, given the row check's verdict.
+
+        Returns whether passes must hold the whole batch once, never replicas (see
+        :meth:`rows_mix` for the verdict).
+
+        Run when a decision is made and again whenever a remembered one is used: whether
+        ``max_batch_size`` splits the batch depends on the batch size, which the remembered
+        decision does not.
+
+        Raises:
+            UnsupportedModelError: The rows mix, and replicas or a split batch were asked for.
+        """
+        batch = self.inputs.batch_size
+        replicas = strategy == "replicate" and self.n > 1
+        split = max_batch_size is not None and max_batch_size < batch
+        if verdict is True:
+            if replicas:
+                raise UnsupportedModelError(
+                    "strategy='replicate' cannot sample this model correctly: the output of a row depends "
+                    "on the other rows of its forward pass (e.g. a mean over the batch), so replicas of the "
+                    "batch in one pass would mix the MC samples. Use strategy='auto', 'vmap' or 'loop', which "
+                    "give every pass the whole batch once."
+                )
+            if split:
+                raise UnsupportedModelError(
+                    f"max_batch_size={max_batch_size} would split this batch of {batch} rows, but the output "
+                    "of a row depends on the other rows of its forward pass (e.g. a mean over the batch), so a "
+                    "split batch gives other numbers than the whole one. Pass max_batch_size >= the batch "
+                    "size (or None), or feed smaller batches yourself."
+                )
+            return True
+        if verdict is None:
+            asked = []
+            if replicas:
+                asked.append("strategy='replicate' (replicas of the batch in one pass)")
+            if split:
+                asked.append(f"max_batch_size={max_batch_size} (a split batch of {batch} rows)")
+            if asked and not self.whole_batch:  # with a cache the check cannot split it: no news
+                warnings.warn(
+                    "mcdrop could not check whether the output of a row depends on the other rows of its "
+                    "forward pass (the model fails on the check's rows, or draws randomness other than "
+                    "dropout, drop-path and noise ops, such as randint or randperm: see the debug log). "
+                    f"Sampling as asked, with {' and '.join(asked)}, which is only correct if the rows of "
+                    "this model are independent; leave strategy='auto' and max_batch_size=None for passes "
+                    "that hold the whole batch once.",
+                    RowCheckWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            return not replicas  # else sampled the safe way: the whole batch once per pass
+        return False
 
     def rows_mix(self, max_batch_size: int | None, memory_budget: int | None) -> bool | None:
         """Whether the output of a row depends on the other rows of its forward pass.

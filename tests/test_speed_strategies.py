@@ -1123,3 +1123,19 @@ def test_a_minus_inf_that_stays_at_a_place_of_the_pass_is_mixing_and_a_nan_is_re
         mcdrop.MCDropout(MarksFirstPlace(float("-inf")), n_samples=2, max_batch_size=2).predict(x)
     with pytest.raises(mcdrop.NonFiniteError):
         mcdrop.MCDropout(MarksFirstPlace(float("nan")), n_samples=2, max_batch_size=2).predict(x)
+
+
+def test_a_remembered_decision_still_refuses_or_warns_about_a_split_of_a_larger_batch():
+    """Regression: a decision made for a batch that max_batch_size did not split was reused for a
+    larger batch it does split: a model mixing rows was split silently, and one the check could not
+    judge without a RowCheckWarning."""
+    mixing = CentersOverIds().eval()
+    mc = mcdrop.MCDropout(mixing, n_samples=4, seed=0, task="regression", max_batch_size=8)
+    mc.predict(torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(UnsupportedModelError, match="would split this batch of 16 rows"):
+        mc.predict(torch.arange(16) % 10)
+    unjudged = Shuffles().eval()
+    mc = mcdrop.MCDropout(unjudged, n_samples=4, seed=0, include=[Shuffles], max_batch_size=8)
+    mc.predict(torch.randn(4, 6))
+    with pytest.warns(mcdrop.RowCheckWarning, match="max_batch_size=8"):
+        mc.predict(torch.randn(16, 6))
