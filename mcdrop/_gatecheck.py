@@ -136,13 +136,6 @@ class NoDropout(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
-    """Argument ``name`` of a call, given at position ``index`` or by keyword, else ``default``."""
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
 def _named_args(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The arguments of an aten call by their schema names, defaults filled in."""
     named: dict[str, Any] = {}
@@ -154,10 +147,6 @@ def _named_args(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
         elif a.has_default_value():
             named[a.name] = a.default_value
     return named
-
-
-def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, device=like.device)
 
 
 #: For each aten random op, the value its draws take in :class:`NoRandomness`, from the one uniform
@@ -240,7 +229,7 @@ class _ConstantDraws(TorchDispatchMode):
         value = constant(self.owner.u, self.owner.z, _named_args(func, args, kwargs))
         self.owner.draws += 1
         out = func(*args, **kwargs)
-        fill = _as_tensor(value, out).to(out.dtype)
+        fill = torch.as_tensor(value, device=out.device).to(out.dtype)
         return out.copy_(fill.expand_as(out))
 
 

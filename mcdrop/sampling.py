@@ -148,6 +148,31 @@ class Inputs:
         return args, kwargs
 
 
+#: How to read, set and seed a random generator's state.
+_GeneratorHandlers = tuple[Callable[[Any], Any], Callable[[Any, Any], None], Callable[[Any, int], None]]
+
+#: The random generators a model may take as inputs, passed to every forward pass by reference
+#: (see :func:`is_plain_value`), and their handlers (:func:`input_generators_untouched`).
+_GENERATOR_STATE: dict[type, _GeneratorHandlers] = {
+    torch.Generator: (
+        lambda g: g.get_state(),
+        lambda g, s: g.set_state(s),
+        lambda g, seed: g.manual_seed(seed),
+    ),
+    np.random.Generator: (
+        lambda g: g.bit_generator.state,
+        lambda g, s: setattr(g.bit_generator, "state", s),
+        lambda g, seed: setattr(g.bit_generator, "state", type(g.bit_generator)(seed).state),
+    ),
+    np.random.RandomState: (
+        lambda g: g.get_state(),
+        lambda g, s: g.set_state(s),
+        lambda g, seed: g.seed(seed),
+    ),
+    random.Random: (lambda g: g.getstate(), lambda g, s: g.setstate(s), lambda g, seed: g.seed(seed)),
+}
+_GENERATOR_TYPES = tuple(_GENERATOR_STATE)
+
 #: Leaf types handed to every forward pass as they are: values that cannot change, and code.
 _PLAIN_TYPES = (
     type(None),
@@ -172,10 +197,7 @@ _PLAIN_TYPES = (
     types.BuiltinMethodType,
     functools.partial,
     nn.Module,
-    torch.Generator,
-    np.random.Generator,
-    np.random.RandomState,
-    random.Random,
+    *_GENERATOR_TYPES,
 )
 
 
@@ -223,32 +245,32 @@ def _leaves(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], 
             yield from _leaves(v, (*path, i))
 
 
-def _objects(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """The leaves of ``obj`` that are neither tensors nor plain values (see :func:`is_plain_value`)."""
+def _objects(
+    obj: Any, path: tuple[Any, ...], wanted: Callable[[Any], bool] | None = None
+) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """The leaves of ``obj`` that are neither tensors nor plain values (see :func:`is_plain_value`).
+
+    With ``wanted``: the non-tensor leaves it accepts.
+    """
     if isinstance(obj, torch.Tensor):
         return
     if isinstance(obj, Mapping):
         for k, v in obj.items():
-            yield from _objects(v, (*path, k))
+            yield from _objects(v, (*path, k), wanted)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _objects(v, (*path, i))
-    elif not is_plain_value(obj):
+            yield from _objects(v, (*path, i), wanted)
+    elif wanted(obj) if wanted is not None else not is_plain_value(obj):
         yield path, obj
 
 
-_GENERATOR_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+def _is_generator(obj: Any) -> bool:
+    return isinstance(obj, _GENERATOR_TYPES)
 
 
-def _generators(obj: Any) -> Iterator[Any]:
-    if isinstance(obj, _GENERATOR_TYPES):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _generators(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _generators(v)
+def _generator_state(g: Any) -> _GeneratorHandlers:
+    """How to read, set and seed the state of the random generator ``g``."""
+    return next(handlers for kind, handlers in _GENERATOR_STATE.items() if isinstance(g, kind))
 
 
 @contextlib.contextmanager
@@ -260,43 +282,28 @@ def input_generators_untouched(inputs: Inputs, seed: int | None = None) -> Itera
     draw from that seed meanwhile, as :func:`~mcdrop._gatecheck.rng_untouched` makes the global
     generators do: passes from one seed draw alike, passes from two seeds differ.
     """
-    found = [g for a in (*inputs.args, *inputs.kwargs.values()) for g in _generators(a)]
-    states = []
-    for g in found:
-        if isinstance(g, torch.Generator):
-            states.append(g.get_state())
-        elif isinstance(g, np.random.Generator):
-            states.append(g.bit_generator.state)
-        elif isinstance(g, np.random.RandomState):
-            states.append(g.get_state())
-        else:
-            states.append(g.getstate())
+    found = [g for _, g in _object_leaves(inputs.args, inputs.kwargs, _is_generator)]
+    handlers = [_generator_state(g) for g in found]
+    states = [get(g) for g, (get, _, _) in zip(found, handlers, strict=True)]
     try:
         if seed is not None:
-            for g in found:
-                if isinstance(g, torch.Generator):
-                    g.manual_seed(seed)
-                elif isinstance(g, np.random.Generator):
-                    g.bit_generator.state = type(g.bit_generator)(seed).state
-                else:
-                    g.seed(seed)
+            for g, (_, _, reseed) in zip(found, handlers, strict=True):
+                reseed(g, seed)
         yield
     finally:
-        for g, state in zip(found, states, strict=True):
-            if isinstance(g, torch.Generator):
-                g.set_state(state)
-            elif isinstance(g, np.random.Generator):
-                g.bit_generator.state = state
-            elif isinstance(g, np.random.RandomState):
-                g.set_state(state)
-            else:
-                g.setstate(state)
+        for g, (_, put, _), state in zip(found, handlers, states, strict=True):
+            put(g, state)
 
 
-def _object_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any]]:
-    """``(path, object)`` for every leaf of the inputs that is neither a tensor nor a plain value."""
-    found = [(p, o) for i, a in enumerate(args) for p, o in _objects(a, (i,))]
-    return found + [(p, o) for k, v in kwargs.items() for p, o in _objects(v, (k,))]
+def _object_leaves(
+    args: tuple[Any, ...], kwargs: dict[str, Any], wanted: Callable[[Any], bool] | None = None
+) -> list[tuple[tuple[Any, ...], Any]]:
+    """``(path, object)`` for every leaf of the inputs that is neither a tensor nor a plain value.
+
+    With ``wanted``: every non-tensor leaf it accepts.
+    """
+    found = [(p, o) for i, a in enumerate(args) for p, o in _objects(a, (i,), wanted)]
+    return found + [(p, o) for k, v in kwargs.items() for p, o in _objects(v, (k,), wanted)]
 
 
 def _holds_batch(obj: Any, batch: int, depth: int = 0, seen: set[int] | None = None) -> bool:
@@ -318,36 +325,37 @@ def _holds_batch(obj: Any, batch: int, depth: int = 0, seen: set[int] | None = N
     return any(_holds_batch(c, batch, depth + 1, seen) for c in children)
 
 
-def object_split_error(
-    err: BaseException, inputs: Inputs, max_batch_size: int | None
-) -> InvalidInputError | None:
-    """The error to raise instead of ``err`` when a split batch no longer matches an input object.
+@contextlib.contextmanager
+def split_errors_named(inputs: Inputs, max_batch_size: int | None) -> Iterator[None]:
+    """Re-raise a model's failure on a split batch as the input object it no longer matches.
 
     With ``max_batch_size`` below the batch size the tensor inputs are split, but an object (a KV
     cache) is given whole to every pass; if it holds tensors of the batch's rows, a failure of the
-    model on a part is that mismatch. ``None`` otherwise (and for mcdrop's own errors and
-    out-of-memory errors, which pass as they are).
+    model on a part is that mismatch: an :class:`~mcdrop.errors.InvalidInputError` names it.
+    Anything else (mcdrop's own errors, out-of-memory errors, other objects) passes as it is.
     """
-    batch = inputs.batch_size
-    if (
-        max_batch_size is None
-        or max_batch_size >= batch
-        or isinstance(err, (McdropError, torch.OutOfMemoryError))
-        or not isinstance(err, (RuntimeError, ValueError, IndexError))
-    ):
-        return None
-    objects = [(p, o) for p, o in _object_leaves(inputs.args, inputs.kwargs) if _holds_batch(o, batch)]
-    if not objects:
-        return None
-    named = ", ".join(f"{_path_name(p)} ({type(o).__name__})" for p, o in objects[:3])
-    return InvalidInputError(
-        f"the model failed on a part of the batch ({type(err).__name__}: {err}). With "
-        f"max_batch_size={max_batch_size} the {batch} input rows are split into passes of at most "
-        f"{max_batch_size}, but {named} is not a tensor and is given whole to every pass, never split, "
-        f"and it holds tensors of {batch} rows (a KV cache does), which no longer match the rows of a "
-        "pass. Pass max_batch_size >= the batch size (or None), or feed smaller batches with their "
-        "own cache."
-    )
+    try:
+        yield
+    except (RuntimeError, ValueError, IndexError) as err:
+        batch = inputs.batch_size
+        if (
+            max_batch_size is None
+            or max_batch_size >= batch
+            or isinstance(err, (McdropError, torch.OutOfMemoryError))
+        ):
+            raise
+        objects = [(p, o) for p, o in _object_leaves(inputs.args, inputs.kwargs) if _holds_batch(o, batch)]
+        if not objects:
+            raise
+        named = ", ".join(f"{_path_name(p)} ({type(o).__name__})" for p, o in objects[:3])
+        raise InvalidInputError(
+            f"the model failed on a part of the batch ({type(err).__name__}: {err}). With "
+            f"max_batch_size={max_batch_size} the {batch} input rows are split into passes of at most "
+            f"{max_batch_size}, but {named} is not a tensor and is given whole to every pass, never "
+            f"split, and it holds tensors of {batch} rows (a KV cache does), which no longer match the "
+            "rows of a pass. Pass max_batch_size >= the batch size (or None), or feed smaller batches "
+            "with their own cache."
+        ) from err
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -795,22 +803,16 @@ def sample_chunks(
         autocast_dtype=autocast_dtype,
         device=device,
     )
-    try:
-        with accelerated(model, seed=seed, enabled=fast) as ctx:
-            engine.ctx = ctx
-            if decision is None:
-                decision = yield from engine.decide(strategy, max_batch_size, memory_budget)
-                if cache is not None:
-                    cache[key] = decision
-            else:
-                engine.apply_verdict(decision.rows_verdict, strategy, max_batch_size)
-                plan = engine.plan(decision, max_batch_size, memory_budget, probed=False)
-                yield from engine.run_plan(decision, plan, first_is_head=True)
-    except Exception as err:
-        split_error = object_split_error(err, inputs, max_batch_size)
-        if split_error is not None:
-            raise split_error from err
-        raise
+    with split_errors_named(inputs, max_batch_size), accelerated(model, seed=seed, enabled=fast) as ctx:
+        engine.ctx = ctx
+        if decision is None:
+            decision = yield from engine.decide(strategy, max_batch_size, memory_budget)
+            if cache is not None:
+                cache[key] = decision
+        else:
+            engine.apply_verdict(decision.rows_verdict, strategy, max_batch_size)
+            plan = engine.plan(decision, max_batch_size, memory_budget, probed=False)
+            yield from engine.run_plan(decision, plan, first_is_head=True)
     engine.raise_if_bad_rows()
 
 

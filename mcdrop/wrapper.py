@@ -45,12 +45,12 @@ from mcdrop.sampling import (
     holds_objects,
     input_generators_untouched,
     model_device_dtype,
-    object_split_error,
     prepare_inputs,
     replicate,
     sample_chunks,
     select_output,
     slice_batch,
+    split_errors_named,
 )
 from mcdrop.stochastic import INCLUDED_NOTE, StochasticPolicy, StochasticSite, is_rate_holder
 from mcdrop.stochastic import describe as describe_sites
@@ -630,18 +630,10 @@ class MCDropout:
         else:
             count = check_row_count(inputs, self.max_batch_size, budget, self.n_samples, row_bytes)
         rows = slice_batch(inputs, 0, count)
-        try:
-            # Generators given as inputs advance from pass to pass (as across seeds), and are put
-            # back afterwards: the check's passes are not samples.
-            with input_generators_untouched(inputs):
-                notes, deterministic, outside_torch = check_gates(
-                    self.model, gates, lambda: run_rows(rows), cuda
-                )
-        except Exception as err:
-            split_error = object_split_error(err, inputs, self.max_batch_size)
-            if split_error is not None:
-                raise split_error from err
-            raise
+        # Generators given as inputs advance from pass to pass (as across seeds), and are put
+        # back afterwards: the check's passes are not samples.
+        with split_errors_named(inputs, self.max_batch_size), input_generators_untouched(inputs):
+            notes, deterministic, outside_torch = check_gates(self.model, gates, lambda: run_rows(rows), cuda)
 
         def exclude_hint(paths: list[str]) -> str:
             names = [p for p in paths if p in gates]
@@ -797,10 +789,7 @@ def _describe_option(value: Any) -> str:
     be described so (a closure that refers to itself is described once, an object whose ``repr``
     fails) falls back to its type's qualified name.
     """
-    try:
-        return _describe(value, set())
-    except Exception:  # noqa: BLE001 - an odd option: by its type, never a failed checkpoint
-        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    return _describe(value, set())
 
 
 def _describe(value: Any, seen: set[int]) -> str:
@@ -810,7 +799,7 @@ def _describe(value: Any, seen: set[int]) -> str:
     """
     try:
         return _describe_part(value, seen)
-    except Exception:  # noqa: BLE001 - e.g. a repr that raises
+    except Exception:  # noqa: BLE001 - e.g. a repr that raises: by its type, never a failed checkpoint
         return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 

@@ -22,6 +22,7 @@ import warnings
 
 import pytest
 import torch
+from test_speed_strategies import Shuffles
 from torch import nn
 
 import mcdrop
@@ -797,25 +798,13 @@ def test_an_out_of_memory_error_passes_as_it_is():
         mc.sample(torch.ones(4, 3), cache=types.SimpleNamespace(keys=torch.zeros(4, 2)))
 
 
-class Shuffling(nn.Module):
-    """Dropout, then a per-element ``randint`` mask: randomness the row check cannot make constant."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin, self.drop = nn.Linear(4, 4), nn.Dropout(0.3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(self.lin(x))
-        return h * torch.randint(0, 2, h.shape, dtype=h.dtype) if self.training else h
-
-
 def test_row_check_warning_points_at_the_users_line():
-    net = Shuffling()
-    mc = mcdrop.MCDropout(net, n_samples=4, seed=0, include=[Shuffling], task="regression", max_batch_size=2)
+    net = Shuffles()
+    mc = mcdrop.MCDropout(net, n_samples=4, seed=0, include=[Shuffles], task="regression", max_batch_size=2)
     for call in (mc.predict, mc.sample):
         mc._engine_cache.clear()
         with pytest.warns(mcdrop.RowCheckWarning) as caught:
-            call(torch.randn(4, 4))
+            call(torch.randn(4, 6))
         assert caught[0].filename == __file__, (call.__name__, caught[0].filename)
 
 
