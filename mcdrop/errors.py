@@ -1,8 +1,10 @@
 """The exceptions and warnings mcdrop raises.
 
-Every error mcdrop raises derives from :class:`McdropError`, so a caller can catch all of them with
-one ``except`` clause. Errors about bad arguments also derive from :class:`ValueError` (or
-:class:`TypeError`), so code written against plain Python conventions keeps working.
+Every error the library raises derives from :class:`McdropError`, so a caller can catch all of them
+with one ``except`` clause. Errors about bad arguments also derive from :class:`ValueError` (or
+:class:`TypeError`), so code written against plain Python conventions keeps working. The one
+exception is :class:`CliError`, the ``mcdrop`` command's own: it never leaves :func:`mcdrop.cli.main`,
+which turns it into a message and exit code 2.
 
 Each message says what was wrong, what was expected, and what to do about it.
 """
@@ -18,6 +20,8 @@ __all__ = [
     "ModelStateError",
     "UnsupportedModelError",
     "ReportExistsError",
+    "NotFittedError",
+    "CliError",
     "McdropWarning",
     "NoRandomnessWarning",
     "GateRandomnessWarning",
@@ -67,6 +71,21 @@ class UnsupportedModelError(McdropError):
 
 class ReportExistsError(McdropError, FileExistsError):
     """A report folder already exists with content, and overwriting it was not allowed (or not safe)."""
+
+
+class NotFittedError(McdropError, ValueError, AttributeError):
+    """A recalibrator was used before :meth:`fit` was called.
+
+    Also re-exported as ``mcdrop.recalibration.NotFittedError``.
+    """
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2.
+
+    Raised and caught inside the ``mcdrop`` command (also re-exported as ``mcdrop.cli.CliError``).
+    Unlike the library's errors it does not derive from :class:`McdropError`.
+    """
 
 
 class McdropWarning(UserWarning):

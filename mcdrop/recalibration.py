@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mcdrop._checks import check_real
-from mcdrop.errors import InvalidInputError, McdropError, McdropWarning
+from mcdrop.errors import InvalidInputError, McdropWarning, NotFittedError
 from mcdrop.metrics._inputs import (
     F64,
     ArrayLike,
@@ -46,10 +46,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["IsotonicRecalibration", "NotFittedError", "TemperatureScaling", "VarianceScaling"]
 
 _CHUNK_ELEMENTS = 1 << 22  # logits are processed in row chunks of at most this many elements
-
-
-class NotFittedError(McdropError, ValueError, AttributeError):
-    """A recalibrator was used before :meth:`fit` was called."""
 
 
 def _not_fitted(obj: object) -> NotFittedError:

@@ -1,4 +1,9 @@
-"""HTML and Markdown rendering of an uncertainty report (private; no template engine, no tabulate)."""
+"""HTML and Markdown rendering of an uncertainty report (private; no template engine, no tabulate).
+
+This module renders anything shaped like a report (:class:`ReportView`, which
+:class:`~mcdrop.report.UncertaintyReport` satisfies) and does not import ``_report``: the report
+module depends on the renderer, never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,54 @@ import base64
 import html
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from mcdrop.report._tables import COUNT_METRICS
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mcdrop.report._report import UncertaintyReport
+
+class ReportView(Protocol):
+    """What the renderer reads from a report (``UncertaintyReport`` provides all of it)."""
+
+    title: str
+    task: str
+    version: str
+    created: datetime
+    n_bins: int
+    level: float
+    sort_by: str
+    notes: list[str]
+    summary: pd.DataFrame
+    reliability: pd.DataFrame
+    per_input: pd.DataFrame
+    sites: pd.DataFrame | None
+
+    @property
+    def n_inputs(self) -> int:
+        """Number of evaluated inputs."""
+
+    @property
+    def n_samples(self) -> int:
+        """MC passes per input."""
+
+    @property
+    def n_ood(self) -> int | None:
+        """Number of OOD inputs, or ``None``."""
+
+    @property
+    def figure_names(self) -> tuple[str, ...]:
+        """Figure names in display order."""
+
+    @property
+    def figure_captions(self) -> dict[str, str]:
+        """One caption per figure name."""
+
+    def _figsize(self, name: str) -> tuple[float, float]:
+        """Width and height (inches) of figure ``name``."""
+
 
 #: rows of the per-input table shown in the HTML and Markdown (the CSV has all of them)
 TOP_ROWS = 20
@@ -169,7 +213,7 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def _summary_display(report: UncertaintyReport) -> pd.DataFrame:
+def _summary_display(report: ReportView) -> pd.DataFrame:
     summary = report.summary
     return pd.DataFrame(
         {
@@ -181,7 +225,7 @@ def _summary_display(report: UncertaintyReport) -> pd.DataFrame:
     )
 
 
-def _reliability_display(report: UncertaintyReport) -> tuple[pd.DataFrame, str]:
+def _reliability_display(report: ReportView) -> tuple[pd.DataFrame, str]:
     rel = report.reliability
     if report.task == "classification" or len(rel) <= 12:
         return rel, ""
@@ -191,7 +235,7 @@ def _reliability_display(report: UncertaintyReport) -> tuple[pd.DataFrame, str]:
     ], f"Every ~{len(rel) // 10}th of the {len(rel)} levels; all of them are in reliability.csv."
 
 
-def _meta(report: UncertaintyReport) -> list[tuple[str, str]]:
+def _meta(report: ReportView) -> list[tuple[str, str]]:
     items = [
         ("generated", report.created.strftime("%Y-%m-%d %H:%M %Z").strip()),
         ("mcdrop", report.version),
@@ -208,7 +252,7 @@ def _meta(report: UncertaintyReport) -> list[tuple[str, str]]:
     return items
 
 
-def to_markdown(report: UncertaintyReport) -> str:
+def to_markdown(report: ReportView) -> str:
     """The report as Markdown text (tables and definitions; figures are listed by file name)."""
     out = [f"# {report.title}", ""]
     out += [f"- **{key}**: {value}" for key, value in _meta(report)]
@@ -285,7 +329,7 @@ def _figure_html(name: str, png: bytes, caption: str, wide: bool = False) -> str
     )
 
 
-def body_html(report: UncertaintyReport, images: dict[str, bytes]) -> str:
+def body_html(report: ReportView, images: dict[str, bytes]) -> str:
     """The report as an HTML fragment inside ``<div class="mcdrop-report">`` with its own ``<style>``."""
     parts = [f"<style>{_CSS}</style>", '<div class="mcdrop-report">', f"<h1>{_esc(report.title)}</h1>"]
     meta = "".join(f"<span><b>{_esc(k)}:</b> {_esc(v)}</span>" for k, v in _meta(report))
@@ -334,7 +378,7 @@ def body_html(report: UncertaintyReport, images: dict[str, bytes]) -> str:
     return "\n".join(parts)
 
 
-def document_html(report: UncertaintyReport, images: dict[str, bytes]) -> str:
+def document_html(report: ReportView, images: dict[str, bytes]) -> str:
     """A complete, self-contained HTML document (no external resources)."""
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
