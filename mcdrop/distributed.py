@@ -400,7 +400,7 @@ def _metrics_header(metrics: StreamingMetrics | None, rows: int | None) -> dict[
         "rows": rows,
         "kind": metrics.task,
         "config": metrics.config(),
-        "metadata": metrics._metadata(),
+        "metadata": metrics.metadata(),
         "n_samples": metrics.n_samples,
     }
 
@@ -429,7 +429,7 @@ def _reduce(
             )
     result = StreamingMetrics.from_config(first["kind"], first["config"])
     for h in present:
-        result._merge_metadata(h["metadata"])
+        result.merge_metadata(h["metadata"])
         if result.n_samples is None:
             result.n_samples = h["n_samples"]
     if world == 1:
@@ -437,25 +437,26 @@ def _reduce(
         result.merge(metrics)
         return result, True, total_rows
     local = metrics if metrics is not None else result
-    tensors = local._tensors()
     device = _comm_device()
-    ints = torch.cat([t.reshape(-1) for t in tensors.values() if t.dtype == torch.int64]).to(device)
-    floats = torch.cat([t.reshape(-1) for t in tensors.values() if t.dtype != torch.int64]).to(
-        device=device, dtype=torch.float64
-    )
-    for flat in (ints, floats):
+    ops = {"sum": dist.ReduceOp.SUM}
+    # one flat buffer per (reduce operation, dtype) of the declared statistics, in declaration order
+    groups: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
+    for state in local.states().values():
+        groups.setdefault((state.reduce, state.tensor.dtype), []).append(state.tensor.reshape(-1))
+    flats = {key: torch.cat(parts).to(device) for key, parts in groups.items()}
+    for (reduce, _), flat in flats.items():
         if dst is None:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            dist.all_reduce(flat, op=ops[reduce])
         else:
-            dist.reduce(flat, dst=dst, op=dist.ReduceOp.SUM)
+            dist.reduce(flat, dst=dst, op=ops[reduce])
     if dst is not None and rank != dst:
         return None, True, total_rows
-    offsets = {torch.int64: 0, torch.float64: 0}
-    for target in result._tensors().values():
-        flat = ints if target.dtype == torch.int64 else floats
-        start = offsets[target.dtype]
-        target.copy_(flat[start : start + target.numel()].reshape(target.shape).cpu())
-        offsets[target.dtype] = start + target.numel()
+    offsets = dict.fromkeys(flats, 0)
+    for state in result.states().values():
+        key = (state.reduce, state.tensor.dtype)
+        start, target = offsets[key], state.tensor
+        target.copy_(flats[key][start : start + target.numel()].reshape(target.shape).cpu())
+        offsets[key] = start + target.numel()
     return result, True, total_rows
 
 

@@ -277,6 +277,98 @@ def test_memory_of_the_accumulators_does_not_depend_on_n():
     assert StreamingRegressionMetrics().nbytes < 2_000
 
 
+def test_a_state_dict_of_the_version_1_format_still_loads_and_is_still_written():
+    # written by the accumulators before the statistics were declared with _add_state
+    old = {
+        "kind": "classification",
+        "version": 1,
+        "config": {"n_bins": 3, "n_score_bins": 2},
+        "metadata": {"n_classes": 2, "has_mutual_information": False},
+        "n_samples": 8,
+        "tensors": {
+            "count": torch.tensor([0, 1, 2]),
+            "hits": torch.tensor([0, 0, 1]),
+            "conf_sum": torch.tensor([0.0, 0.6, 1.6], dtype=torch.float64),
+            "sums": torch.tensor([1.72, 2.2256, 1.609, 0.0], dtype=torch.float64),
+            "entropy_hist": torch.tensor([[0, 0, 1], [0, 0, 2]]),
+            "mi_hist": torch.zeros(2, 3, dtype=torch.int64),
+        },
+    }
+    acc = StreamingMetrics.from_state_dict(old)
+    assert isinstance(acc, StreamingClassificationMetrics)
+    assert acc.n == 3 and acc.n_classes == 2 and acc.n_samples == 8
+    assert acc.summary()["accuracy"] == 1 / 3 and close(acc.summary()["ECE"], 0.4)
+    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]], dtype=torch.float64)
+    fresh = StreamingClassificationMetrics(n_bins=3, n_score_bins=2)
+    fresh.update(probs, torch.tensor([0, 0, 1]))
+    fresh.n_samples = 8
+    state = fresh.state_dict()
+    assert list(state) == list(old) and list(state["tensors"]) == list(old["tensors"])
+    assert state["metadata"] == old["metadata"] and state["config"] == old["config"]
+    for name, value in old["tensors"].items():
+        assert state["tensors"][name].dtype == value.dtype and state["tensors"][name].shape == value.shape
+    reg = StreamingRegressionMetrics(levels=[0.9], n_curve_levels=3).state_dict()
+    assert list(reg["tensors"]) == ["counts", "sums", "inside", "curve_inside"] and reg["metadata"] == {}
+    old_reg = {
+        "kind": "regression",
+        "version": 1,
+        "config": {"levels": [0.9], "n_curve_levels": 3},
+        "metadata": {},
+        "n_samples": None,
+        "tensors": {
+            "counts": torch.tensor([2, 2, 0]),
+            "sums": torch.tensor([4.25, 2.5, 3.9629, 1.7842, 2.0, 2.0], dtype=torch.float64),
+            "inside": torch.tensor([1]),
+            "curve_inside": torch.tensor([0, 1, 2]),
+        },
+    }
+    restored = StreamingMetrics.from_state_dict(old_reg)
+    assert restored.summary()["MAE"] == 1.25 and restored.summary()["PICP (90%)"] == 0.5
+
+
+def test_declared_states_and_metadata_are_what_merge_and_distributed_use():
+    acc = stream(*classification_data(30, 3), [7])
+    states = acc.states()
+    assert list(states) == ["count", "hits", "conf_sum", "sums", "entropy_hist", "mi_hist"]
+    assert all(s.reduce == "sum" for s in states.values())
+    assert states["count"].tensor is acc.count  # the live statistics, not copies
+    assert acc.nbytes == sum(s.tensor.numel() * s.tensor.element_size() for s in states.values())
+    assert acc.metadata() == {"n_classes": 3, "has_mutual_information": False}
+    # metadata: None gives way, unknown keys are ignored, a conflict is refused and changes nothing
+    empty = StreamingClassificationMetrics()
+    assert empty.merge_metadata({"n_classes": None, "other": 1}).metadata() == {
+        "n_classes": None,
+        "has_mutual_information": None,
+    }
+    assert empty.merge_metadata(acc.metadata()).metadata() == acc.metadata()
+    with pytest.raises(InvalidInputError, match="differ in n_classes"):
+        empty.merge_metadata({"n_classes": 4})
+    assert empty.n_classes == 3
+    # the score-bin edges follow n_classes when a merge or a load sets it
+    four = stream(*classification_data(30, 4, seed=1), [30])
+    reused = StreamingClassificationMetrics()
+    reused.update(*classification_data(5, 3))
+    reused.load_state_dict(four.state_dict())
+    probs, labels = classification_data(20, 4, seed=2)
+    reused.update(probs, labels)
+    four.update(probs, labels)
+    assert torch.equal(reused.entropy_hist, four.entropy_hist)
+    reg = StreamingRegressionMetrics()
+    assert reg.metadata() == {} and list(reg.states()) == ["counts", "sums", "inside", "curve_inside"]
+
+
+def test_declaring_a_statistic_twice_or_of_another_dtype_is_refused():
+    acc = StreamingRegressionMetrics()
+    with pytest.raises(InvalidInputError, match="declared twice"):
+        acc._add_state("sums", torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(InvalidInputError, match="int64"):
+        acc._add_state("extra", torch.zeros(2, dtype=torch.float32))
+    with pytest.raises(InvalidInputError, match="reduce"):
+        acc._add_state("extra", torch.zeros(2, dtype=torch.int64), reduce="max")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="declared twice"):
+        acc._add_metadata("counts")
+
+
 # --------------------------------------------------------------------------- predict_loader(keep="metrics")
 def classifier(k: int = 4, d: int = 6) -> nn.Module:
     torch.manual_seed(0)

@@ -43,7 +43,8 @@ import torch
 
 from mcdrop._checks import check_choice, check_int
 from mcdrop.errors import InvalidInputError
-from mcdrop.metrics._inputs import F64, ArrayLike, Classification, parse_classification, to_f64
+from mcdrop.metrics._binning import binned_sums, calibration_error, table_columns
+from mcdrop.metrics._inputs import ArrayLike, Classification, parse_classification
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -62,68 +63,6 @@ Target = Literal["top_label", "positive_class"]
 _NORMS = ("l1", "l2", "max")
 _BINNINGS = ("uniform", "quantile")
 _TARGETS = ("top_label", "positive_class")
-
-
-# ----------------------------------------------------------------------------------------------
-# binning core
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Bins:
-    lower: torch.Tensor  # (M,) float64: bin edges, for display
-    upper: torch.Tensor
-    count: torch.Tensor  # (M,) float64
-    conf_sum: torch.Tensor  # (M,) float64
-    hit_sum: torch.Tensor  # (M,) float64
-
-
-def _inner_edges(conf: torch.Tensor, n_bins: int, binning: str) -> torch.Tensor:
-    """The ``M - 1`` inner bin edges, in ``conf``'s dtype and device (non-decreasing)."""
-    if binning == "uniform":
-        # k / M correctly rounded in float64, then to the input's dtype: "exactly k/M" means the
-        # representable number nearest to k/M in the precision the confidences are held in.
-        edges = torch.arange(1, n_bins, dtype=F64) / n_bins
-        return edges.to(device=conf.device, dtype=conf.dtype)
-    n = conf.shape[0]
-    ranks = [(m * n + n_bins - 1) // n_bins for m in range(1, n_bins)]  # ceil(m n / M), 1-based
-    sorted_conf = torch.sort(conf).values
-    index = torch.as_tensor([r - 1 for r in ranks], dtype=torch.long, device=conf.device)
-    return sorted_conf[index]
-
-
-def _binned(conf: torch.Tensor, hit: torch.Tensor, n_bins: int, binning: str) -> _Bins:
-    """Bin the (n,) confidences ``conf`` (input dtype) and outcomes ``hit`` (bool) and sum per bin."""
-    conf = conf.contiguous()
-    inner = _inner_edges(conf, n_bins, binning)
-    index = torch.bucketize(conf, inner, right=False)  # number of inner edges strictly below c
-    conf64 = to_f64(conf)
-    index = index.to(conf64.device)
-    count = torch.zeros(n_bins, dtype=F64, device=conf64.device)
-    count.index_add_(0, index, torch.ones_like(conf64))
-    conf_sum = torch.zeros_like(count).index_add_(0, index, conf64)
-    hit_sum = torch.zeros_like(count).index_add_(0, index, to_f64(hit))
-    inner64 = to_f64(inner)
-    zero, one = inner64.new_zeros(1), inner64.new_ones(1)
-    return _Bins(
-        lower=torch.cat([zero, inner64]),
-        upper=torch.cat([inner64, one]),
-        count=count,
-        conf_sum=conf_sum,
-        hit_sum=hit_sum,
-    )
-
-
-def _reduce(bins: _Bins, norm: str) -> float:
-    """Calibration error of the given norm from per-bin sums; empty bins contribute nothing."""
-    nonempty = bins.count > 0
-    n = bins.count.sum()
-    # |acc_m - conf_m| * |B_m| / n == |sum(hit) - sum(conf)| / n: one division, no 0/0.
-    diff = (bins.hit_sum - bins.conf_sum)[nonempty]
-    count = bins.count[nonempty]
-    if norm == "l1":
-        return float(diff.abs().sum() / n)
-    if norm == "l2":
-        return float(torch.sqrt((diff * diff / count).sum() / n))
-    return float((diff.abs() / count).max())
 
 
 def _select(data: Classification, target: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +145,7 @@ def expected_calibration_error(
     n_bins = _check_options(n_bins, norm, binning, target)
     data = parse_classification(probs, labels)
     conf, hit = _select(data, target)
-    return _reduce(_binned(conf, hit, n_bins, binning), norm)
+    return calibration_error(binned_sums(conf, hit, n_bins, binning), norm)
 
 
 def classwise_calibration_error(
@@ -263,7 +202,7 @@ def classwise_calibration_error(
     errors = np.empty(data.n_classes, dtype=np.float64)
     for k in range(data.n_classes):
         conf = data.column(k).clamp(0.0, 1.0)
-        errors[k] = _reduce(_binned(conf, data.labels == k, n_bins, binning), norm)
+        errors[k] = calibration_error(binned_sums(conf, data.labels == k, n_bins, binning), norm)
     if reduction == "none":
         return errors
     return float(errors.mean())
@@ -385,16 +324,4 @@ def reliability_table(
     n_bins = _check_options(n_bins, None, binning, target)
     data = parse_classification(probs, labels)
     conf, hit = _select(data, target)
-    bins = _binned(conf, hit, n_bins, binning)
-    count = bins.count.cpu().numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.where(count > 0, bins.conf_sum.cpu().numpy() / count, np.nan)
-        accuracy = np.where(count > 0, bins.hit_sum.cpu().numpy() / count, np.nan)
-    return ReliabilityTable(
-        lower=bins.lower.cpu().numpy(),
-        upper=bins.upper.cpu().numpy(),
-        count=count.astype(np.int64),
-        confidence=confidence,
-        accuracy=accuracy,
-        gap=confidence - accuracy,
-    )
+    return ReliabilityTable(**table_columns(binned_sums(conf, hit, n_bins, binning)))

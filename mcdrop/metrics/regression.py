@@ -30,6 +30,8 @@ import torch
 
 from mcdrop._checks import check_choice, check_int, check_real
 from mcdrop.errors import InvalidInputError
+from mcdrop.metrics._binning import count_between, curve_area
+from mcdrop.metrics._gaussian import LOG_2PI, central_quantiles, crps_terms, ndtri, nll_terms
 from mcdrop.metrics._inputs import (
     F64,
     ArrayLike,
@@ -66,13 +68,7 @@ __all__ = [
 
 Kind = Literal["interval", "quantile"]
 _KINDS = ("interval", "quantile")
-_LOG_2PI = math.log(2 * math.pi)
 _SCORE_LEVELS = np.linspace(0.01, 0.99, 99)  # uncertainty-toolbox's check/interval score levels
-
-
-def _ndtri(p: torch.Tensor | float) -> torch.Tensor:
-    """Standard normal quantile function, float64."""
-    return torch.special.ndtri(torch.as_tensor(p, dtype=F64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +170,7 @@ def mc_log_likelihood(samples: ArrayLike, targets: ArrayLike, tau: float) -> flo
     y64 = y.to(device=device, dtype=F64)
     n_samples = s.shape[0]
     log_kernel = torch.logsumexp(-0.5 * tau * (y64.unsqueeze(0) - s64) ** 2, dim=0)
-    ll = log_kernel - math.log(n_samples) - 0.5 * _LOG_2PI + 0.5 * math.log(tau)
+    ll = log_kernel - math.log(n_samples) - 0.5 * LOG_2PI + 0.5 * math.log(tau)
     return float(ll.mean())
 
 
@@ -289,8 +285,7 @@ def gaussian_nll(mean: ArrayLike, std: ArrayLike, targets: ArrayLike) -> float:
     """
     mu, sigma, y = parse_regression(mean, std, targets)
     assert sigma is not None and y is not None
-    z = (y - mu) / sigma
-    return float((torch.log(sigma) + 0.5 * _LOG_2PI + 0.5 * z * z).mean())
+    return float(nll_terms(mu, sigma, y).mean())
 
 
 def crps_gaussian(mean: ArrayLike, std: ArrayLike, targets: ArrayLike) -> float:
@@ -324,12 +319,7 @@ def crps_gaussian(mean: ArrayLike, std: ArrayLike, targets: ArrayLike) -> float:
     """
     mu, sigma, y = parse_regression(mean, std, targets)
     assert sigma is not None and y is not None
-    z = (y - mu) / sigma
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    cdf = torch.special.ndtr(z)
-    # sigma * z is written (y - mu): with a tiny sigma, z overflows to inf and sigma * inf would be
-    # inf, while the CRPS tends to |y - mu|
-    return float(((y - mu) * (2 * cdf - 1) + sigma * (2 * pdf - 1 / math.sqrt(math.pi))).mean())
+    return float(crps_terms(mu, sigma, y).mean())
 
 
 def check_score(
@@ -370,7 +360,7 @@ def check_score(
     assert sigma is not None and y is not None
     qs = levels_vector(levels, "levels", default=_SCORE_LEVELS, device=mu.device)
     total = torch.zeros((), dtype=F64, device=mu.device)
-    for q, z in zip(qs, _ndtri(qs.cpu()).to(mu.device), strict=True):
+    for q, z in zip(qs, ndtri(qs).to(mu.device), strict=True):
         u = y - (mu + sigma * z)
         total += (u * (q - (u < 0).to(F64))).mean()
     return float(total / qs.shape[0])
@@ -415,7 +405,7 @@ def interval_score(
     mu, sigma, y = parse_regression(mean, std, targets)
     assert sigma is not None and y is not None
     ps = levels_vector(levels, "levels", default=_SCORE_LEVELS, device=mu.device)
-    lows, highs = _ndtri((0.5 - ps / 2).cpu()).to(mu.device), _ndtri((0.5 + ps / 2).cpu()).to(mu.device)
+    lows, highs = (z.to(mu.device) for z in central_quantiles(ps))
     total = torch.zeros((), dtype=F64, device=mu.device)
     for p, z_lo, z_hi in zip(ps, lows, highs, strict=True):
         lower, upper = mu + sigma * z_lo, mu + sigma * z_hi
@@ -466,7 +456,7 @@ def picp(mean: ArrayLike, std: ArrayLike, targets: ArrayLike, level: float = 0.9
     level = _check_level(level)
     mu, sigma, y = parse_regression(mean, std, targets)
     assert sigma is not None and y is not None
-    z_lo, z_hi = float(_ndtri(0.5 - level / 2)), float(_ndtri(0.5 + level / 2))
+    z_lo, z_hi = (float(z) for z in central_quantiles(level))
     r = (mu - y) / sigma
     return float(((r >= z_lo) & (r <= z_hi)).to(F64).mean())
 
@@ -498,7 +488,7 @@ def mpiw(std: ArrayLike, level: float = 0.95) -> float:
     """
     level = _check_level(level)
     sigma = parse_std(std)
-    return float(2 * _ndtri(0.5 + level / 2) * sigma.mean())
+    return float(2 * central_quantiles(level)[1] * sigma.mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,12 +520,10 @@ def _observed(
     expected = expected.to(mu.device)
     if kind == "interval":
         r = torch.sort((mu - y) / sigma).values
-        lo = _ndtri((0.5 - expected / 2).cpu()).to(mu.device)
-        hi = _ndtri((0.5 + expected / 2).cpu()).to(mu.device)
-        inside = torch.searchsorted(r, hi, right=True) - torch.searchsorted(r, lo, right=False)
-        return inside.clamp(min=0).to(F64) / n
+        lo, hi = (z.to(mu.device) for z in central_quantiles(expected))
+        return count_between(r, lo, hi).to(F64) / n
     z = torch.sort((y - mu) / sigma).values
-    bound = _ndtri(expected.cpu()).to(mu.device)
+    bound = ndtri(expected).to(mu.device)
     return torch.searchsorted(z, bound, right=True).to(F64) / n
 
 
@@ -692,11 +680,4 @@ def miscalibration_area(
         0.25
     """
     expected, observed = _curve(mean, std, targets, kind, n_levels)
-    gap = observed - expected
-    width = torch.diff(expected)
-    left, right = gap[:-1], gap[1:]
-    same_side = left * right >= 0
-    magnitude = left.abs() + right.abs()
-    crossing = (left**2 + right**2) / (2 * torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude)))
-    area = torch.where(same_side, (left + right).abs() / 2, crossing) * width
-    return float(area.sum())
+    return curve_area(expected, observed)

@@ -56,13 +56,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
 
-from mcdrop._checks import check_int, check_real
+from mcdrop._checks import check_choice, check_int, check_real
 from mcdrop.errors import InvalidInputError
+from mcdrop.metrics._binning import (
+    Bins,
+    bin_index,
+    binned_sums,
+    calibration_error,
+    count_between,
+    curve_area,
+    score_edges,
+    table_columns,
+    uniform_edges,
+)
+from mcdrop.metrics._gaussian import central_quantiles, crps_terms, nll_terms
 from mcdrop.metrics._inputs import (
     F64,
     ArrayLike,
@@ -71,18 +83,43 @@ from mcdrop.metrics._inputs import (
     to_f64,
     to_tensor,
 )
-from mcdrop.metrics.calibration import ReliabilityTable, _binned, _Bins, _reduce
-from mcdrop.metrics.regression import _LOG_2PI, CalibrationCurve, _ndtri
+from mcdrop.metrics.calibration import ReliabilityTable
+from mcdrop.metrics.regression import CalibrationCurve
 
 __all__ = [
+    "State",
     "StreamingMetrics",
     "StreamingClassificationMetrics",
     "StreamingRegressionMetrics",
 ]
 
+Reduce = Literal["sum"]
+
 _FORMAT_VERSION = 1
 _SCORE_RANGE = 1e-9  # log-spaced score bins cover [_SCORE_RANGE * ln K, ln K]
 _DEFAULT_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99)
+_REDUCES = ("sum",)
+_STATE_DTYPES = (torch.int64, torch.float64)
+
+
+class State(NamedTuple):
+    """One declared statistic of an accumulator: its tensor and how the copies of it combine.
+
+    Attributes:
+        tensor: The statistic itself (int64 counts or float64 sums, on the CPU), not a copy: the
+            accumulator updates it in place, and whoever combines accumulators may write to it.
+        reduce: How the statistics of several accumulators combine into one: ``"sum"``, the one
+            operation today (``torch.distributed.ReduceOp.SUM`` across processes).
+
+    Example:
+        >>> from mcdrop.metrics.streaming import StreamingRegressionMetrics
+        >>> state = StreamingRegressionMetrics().states()["counts"]
+        >>> state.tensor.tolist(), state.reduce
+        ([0, 0, 0], 'sum')
+    """
+
+    tensor: torch.Tensor
+    reduce: str
 
 
 class StreamingMetrics:
@@ -90,7 +127,11 @@ class StreamingMetrics:
 
     Subclasses hold their statistics in a fixed set of tensors (int64 counts and float64 sums) whose
     shapes depend only on the configuration, never on the number of inputs; :attr:`nbytes` is their
-    total size.
+    total size. Each subclass declares them once, in its ``__init__``, with :meth:`_add_state` (as
+    torchmetrics' ``add_state``), and the facts about its inputs that must agree when merging with
+    :meth:`_add_metadata`; :meth:`merge`, :meth:`state_dict`, :meth:`load_state_dict` and the
+    reduction across processes (:func:`mcdrop.distributed.reduce_metrics`, through :meth:`states`,
+    :meth:`metadata` and :meth:`merge_metadata`) work on the declarations.
 
     Attributes:
         n_samples: Number of MC passes per input, when the caller recorded it (reported in the
@@ -116,21 +157,55 @@ class StreamingMetrics:
 
     def __init__(self) -> None:
         self.n_samples: int | None = None
+        self._reduces: dict[str, str] = {}  # declared statistics: name -> reduce operation
+        self._metadata_names: list[str] = []
+
+    # ------------------------------------------------------------------ declarations, for subclasses
+    def _add_state(self, name: str, default: torch.Tensor, reduce: Reduce = "sum") -> None:
+        """Declare a statistic: it becomes the attribute ``name``, starting at ``default``.
+
+        Call it in the subclass's ``__init__``, once per statistic; the order of the calls is the
+        order of the statistics in :meth:`state_dict` and in the reduction across processes.
+
+        Args:
+            name: The attribute and the key in the state dict.
+            default: The empty statistic, an int64 or float64 CPU tensor whose shape depends only on
+                the configuration (it is used as it is, not copied).
+            reduce: How copies of it combine: ``"sum"`` (the only operation today).
+
+        Raises:
+            InvalidInputError: A name declared twice, another dtype, or an unknown ``reduce``.
+        """
+        check_choice(reduce, _REDUCES, "reduce")
+        if name in self._reduces or name in self._metadata_names:
+            raise InvalidInputError(f"statistic {name!r} is declared twice.")
+        if default.dtype not in _STATE_DTYPES:
+            raise InvalidInputError(
+                f"statistic {name!r} must be int64 (counts) or float64 (sums); got {default.dtype}."
+            )
+        setattr(self, name, default)
+        self._reduces[name] = reduce
+
+    def _add_metadata(self, name: str, value: Any = None) -> None:
+        """Declare a non-additive fact about the inputs (e.g. the number of classes): the attribute ``name``.
+
+        ``None`` means not known yet; merging adopts a known value and refuses two different ones.
+
+        Args:
+            name: The attribute and the key in :meth:`metadata`.
+            value: Its initial value (default ``None``).
+
+        Raises:
+            InvalidInputError: A name declared twice.
+        """
+        if name in self._reduces or name in self._metadata_names:
+            raise InvalidInputError(f"metadata {name!r} is declared twice.")
+        setattr(self, name, value)
+        self._metadata_names.append(name)
 
     # ------------------------------------------------------------------ to be provided by subclasses
     def config(self) -> dict[str, Any]:
         """The configuration (bins, levels, ...) that fixes the shapes of the statistics."""
-        raise NotImplementedError
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        """The additive statistics, by name (int64 counts and float64 sums)."""
-        raise NotImplementedError
-
-    def _metadata(self) -> dict[str, Any]:
-        """Non-additive facts that must agree when merging (e.g. the number of classes)."""
-        raise NotImplementedError
-
-    def _adopt_metadata(self, meta: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
     def summary(self) -> dict[str, float]:
@@ -141,6 +216,97 @@ class StreamingMetrics:
     def n(self) -> int:
         """Number of inputs accumulated so far."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ declared state
+    def states(self) -> dict[str, State]:
+        """The declared statistics with their reduce operations, by name, in the order of declaration.
+
+        The tensors are the accumulator's own, not copies: this is what merging and the reduction
+        across processes (:func:`mcdrop.distributed.reduce_metrics`) read and write. Use
+        :meth:`state_dict` for a checkpoint.
+
+        Returns:
+            ``{name: State(tensor, reduce)}``.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.metrics.streaming import StreamingRegressionMetrics
+            >>> acc = StreamingRegressionMetrics(levels=[0.9])
+            >>> acc.update(torch.zeros(2), torch.ones(2), torch.tensor([0.5, 3.0]))
+            >>> {name: (s.reduce, s.tensor.dtype) for name, s in acc.states().items()}["inside"]
+            ('sum', torch.int64)
+            >>> acc.states()["inside"].tensor.tolist()  # one of the two targets is inside the 90% interval
+            [1]
+        """
+        return {name: State(getattr(self, name), reduce) for name, reduce in self._reduces.items()}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The declared statistics, by name (the tensors of :meth:`states`)."""
+        return {name: getattr(self, name) for name in self._reduces}
+
+    def metadata(self) -> dict[str, Any]:
+        """The facts about the inputs that must agree when merging (e.g. the number of classes).
+
+        ``None`` means not known yet (no input so far). Plain Python values, as in :meth:`state_dict`.
+
+        Returns:
+            ``{name: value}``, in the order of declaration.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.metrics.streaming import StreamingClassificationMetrics
+            >>> acc = StreamingClassificationMetrics()
+            >>> acc.metadata()
+            {'n_classes': None, 'has_mutual_information': None}
+            >>> acc.update(torch.tensor([[0.2, 0.5, 0.3]]), torch.tensor([1]))
+            >>> acc.metadata()
+            {'n_classes': 3, 'has_mutual_information': False}
+        """
+        return {name: getattr(self, name) for name in self._metadata_names}
+
+    def merge_metadata(self, meta: Mapping[str, Any]) -> StreamingMetrics:
+        """Adopt another accumulator's :meth:`metadata`, checking that the two agree.
+
+        A value of ``None`` on either side (not known yet) gives way to the other; keys this
+        accumulator does not declare are ignored. :meth:`merge` calls it; call it directly to combine
+        the statistics by other means (e.g. a collective across processes).
+
+        Args:
+            meta: What :meth:`metadata` returned on the other accumulator.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            InvalidInputError: A fact known to both with different values.
+
+        Example:
+            >>> from mcdrop.metrics.streaming import StreamingClassificationMetrics
+            >>> acc = StreamingClassificationMetrics()
+            >>> acc.merge_metadata({"n_classes": 4, "has_mutual_information": None}).n_classes
+            4
+            >>> acc.merge_metadata({"n_classes": 5})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+                ...
+            mcdrop.errors.InvalidInputError: cannot merge accumulators whose inputs differ in n_classes: ...
+        """
+        merged = self.metadata()
+        for key, value in meta.items():
+            if value is None:
+                continue
+            if merged.get(key) is None:
+                merged[key] = value
+            elif merged[key] != value:
+                raise InvalidInputError(
+                    f"cannot merge accumulators whose inputs differ in {key}: {merged[key]!r} and {value!r}."
+                )
+        self._set_metadata(merged)
+        return self
+
+    def _set_metadata(self, meta: Mapping[str, Any]) -> None:
+        """Set every declared fact to its value in ``meta`` (``None`` where missing)."""
+        for name in self._metadata_names:
+            setattr(self, name, meta.get(name))
 
     # ------------------------------------------------------------------ common behaviour
     @property
@@ -179,27 +345,14 @@ class StreamingMetrics:
                 f"cannot merge accumulators with different configurations: {self.config()} and "
                 f"{other.config()}. Build both with the same options."
             )
-        self._merge_metadata(other._metadata())
-        mine = self._tensors()
-        for name, value in other._tensors().items():
-            mine[name].add_(value.to(mine[name].device))
+        self.merge_metadata(other.metadata())
+        theirs = other._tensors()
+        for name, state in self.states().items():
+            # reduce == "sum", the one operation _add_state accepts
+            state.tensor.add_(theirs[name].to(state.tensor.device))
         if self.n_samples is None:
             self.n_samples = other.n_samples
         return self
-
-    def _merge_metadata(self, meta: Mapping[str, Any]) -> None:
-        mine = self._metadata()
-        merged = dict(mine)
-        for key, value in meta.items():
-            if value is None:
-                continue
-            if merged.get(key) is None:
-                merged[key] = value
-            elif merged[key] != value:
-                raise InvalidInputError(
-                    f"cannot merge accumulators whose inputs differ in {key}: {merged[key]!r} and {value!r}."
-                )
-        self._adopt_metadata(merged)
 
     def state_dict(self) -> dict[str, Any]:
         """A checkpoint of the accumulator: plain Python values and CPU tensors.
@@ -220,7 +373,7 @@ class StreamingMetrics:
             "kind": self.task,
             "version": _FORMAT_VERSION,
             "config": self.config(),
-            "metadata": self._metadata(),
+            "metadata": self.metadata(),
             "n_samples": self.n_samples,
             "tensors": {name: t.detach().cpu().clone() for name, t in self._tensors().items()},
         }
@@ -271,7 +424,7 @@ class StreamingMetrics:
                     f"{tuple(tensors[name].shape)}."
                 )
             tensors[name].copy_(value)
-        self._adopt_metadata({key: None for key in self._metadata()} | dict(state["metadata"]))
+        self._set_metadata(dict(state["metadata"]))
         self.n_samples = state.get("n_samples")
         return self
 
@@ -340,14 +493,6 @@ def _check_state(state: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 # classification
 # ----------------------------------------------------------------------------------------------
-def _score_edges(n_classes: int, n_score_bins: int) -> torch.Tensor:
-    """Edges of the score bins: [smallest positive float64, log-spaced edges up to ln K)."""
-    hi = math.log(n_classes)
-    lo = _SCORE_RANGE * hi
-    inner = lo * (hi / lo) ** (torch.arange(n_score_bins - 1, dtype=F64) / (n_score_bins - 1))
-    return torch.cat([torch.tensor([5e-324], dtype=F64), inner])
-
-
 def _histogram_auroc(hist: torch.Tensor) -> tuple[float, float]:
     """(AUROC estimate, guaranteed bound on its error) from a (2, bins) [right, wrong] histogram."""
     right, wrong = hist[0].to(F64), hist[1].to(F64)
@@ -397,21 +542,35 @@ class StreamingClassificationMetrics(StreamingMetrics):
 
     task: ClassVar[str] = "classification"
 
+    # declared statistics (see __init__)
+    count: torch.Tensor
+    hits: torch.Tensor
+    conf_sum: torch.Tensor
+    sums: torch.Tensor
+    entropy_hist: torch.Tensor
+    mi_hist: torch.Tensor
+    # declared metadata
+    n_classes: int | None
+    has_mutual_information: bool | None
+
     def __init__(self, n_bins: int = 15, n_score_bins: int = 2048, n_classes: int | None = None) -> None:
         super().__init__()
         self.n_bins = check_int(n_bins, "n_bins", minimum=1)
         self.n_score_bins = check_int(n_score_bins, "n_score_bins", minimum=2)
-        self.n_classes = None if n_classes is None else check_int(n_classes, "n_classes", minimum=2)
-        self.has_mutual_information: bool | None = None
-        self.count = torch.zeros(n_bins, dtype=torch.int64)
-        self.hits = torch.zeros(n_bins, dtype=torch.int64)
-        self.conf_sum = torch.zeros(n_bins, dtype=F64)
+        self._add_metadata(
+            "n_classes", None if n_classes is None else check_int(n_classes, "n_classes", minimum=2)
+        )
+        self._add_metadata("has_mutual_information")
+        # calibration bins: inputs, hits and summed confidences per bin
+        self._add_state("count", torch.zeros(n_bins, dtype=torch.int64))
+        self._add_state("hits", torch.zeros(n_bins, dtype=torch.int64))
+        self._add_state("conf_sum", torch.zeros(n_bins, dtype=F64))
         # brier, nll, predictive entropy, mutual information
-        self.sums = torch.zeros(4, dtype=F64)
+        self._add_state("sums", torch.zeros(4, dtype=F64))
         # [right, wrong] x bins (bin 0: exact zeros)
-        self.entropy_hist = torch.zeros(2, n_score_bins + 1, dtype=torch.int64)
-        self.mi_hist = torch.zeros(2, n_score_bins + 1, dtype=torch.int64)
-        self._edges: torch.Tensor | None = None
+        self._add_state("entropy_hist", torch.zeros(2, n_score_bins + 1, dtype=torch.int64))
+        self._add_state("mi_hist", torch.zeros(2, n_score_bins + 1, dtype=torch.int64))
+        self._edges: tuple[int, torch.Tensor] | None = None  # (n_classes, score edges), a cache
 
     def config(self) -> dict[str, Any]:
         """``{"n_bins", "n_score_bins"}``.
@@ -423,35 +582,18 @@ class StreamingClassificationMetrics(StreamingMetrics):
         """
         return {"n_bins": self.n_bins, "n_score_bins": self.n_score_bins}
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "count": self.count,
-            "hits": self.hits,
-            "conf_sum": self.conf_sum,
-            "sums": self.sums,
-            "entropy_hist": self.entropy_hist,
-            "mi_hist": self.mi_hist,
-        }
-
-    def _metadata(self) -> dict[str, Any]:
-        return {"n_classes": self.n_classes, "has_mutual_information": self.has_mutual_information}
-
-    def _adopt_metadata(self, meta: Mapping[str, Any]) -> None:
-        if meta.get("n_classes") != self.n_classes:
-            self._edges = None
-        self.n_classes = meta.get("n_classes")
-        self.has_mutual_information = meta.get("has_mutual_information")
-
     @property
     def n(self) -> int:
         """Number of inputs accumulated so far."""
         return int(self.count.sum())
 
     def _score_bins(self, scores: torch.Tensor) -> torch.Tensor:
+        """Bin of every score: bin 0 exact zeros, then log-spaced bins up to ln K (left-closed)."""
         assert self.n_classes is not None
-        if self._edges is None:
-            self._edges = _score_edges(self.n_classes, self.n_score_bins)
-        return torch.bucketize(scores.cpu(), self._edges, right=True)
+        if self._edges is None or self._edges[0] != self.n_classes:
+            edges = score_edges(math.log(self.n_classes), self.n_score_bins, _SCORE_RANGE)
+            self._edges = (self.n_classes, edges)
+        return bin_index(scores.cpu(), self._edges[1], "left")
 
     def _histogram(self, hist: torch.Tensor, scores: ArrayLike, wrong: torch.Tensor, name: str) -> None:
         s = to_tensor(scores, name)
@@ -499,7 +641,6 @@ class StreamingClassificationMetrics(StreamingMetrics):
         data = parse_classification(probs, labels)
         if self.n_classes is None:
             self.n_classes = data.n_classes
-            self._edges = None
         elif data.n_classes != self.n_classes:
             raise InvalidInputError(
                 f"this accumulator has seen {self.n_classes} classes; the new batch has {data.n_classes}."
@@ -514,7 +655,7 @@ class StreamingClassificationMetrics(StreamingMetrics):
             )
         # calibration bins: the code of expected_calibration_error itself
         conf, hit = data.top_label()
-        bins = _binned(conf, hit, self.n_bins, "uniform")
+        bins = binned_sums(conf, hit, self.n_bins, "uniform")
         self.count += bins.count.cpu().round().long()
         self.hits += bins.hit_sum.cpu().round().long()
         self.conf_sum += bins.conf_sum.cpu()
@@ -544,14 +685,9 @@ class StreamingClassificationMetrics(StreamingMetrics):
             [float(brier.sum()), float(nll.sum()), float(entropy_t.sum()), mi_sum], dtype=F64
         )
 
-    def _bins(self) -> _Bins:
-        edges = torch.arange(1, self.n_bins, dtype=F64) / self.n_bins
-        return _Bins(
-            lower=torch.cat([edges.new_zeros(1), edges]),
-            upper=torch.cat([edges, edges.new_ones(1)]),
-            count=self.count.to(F64),
-            conf_sum=self.conf_sum,
-            hit_sum=self.hits.to(F64),
+    def _bins(self) -> Bins:
+        return Bins.from_sums(
+            uniform_edges(self.n_bins), self.count.to(F64), self.conf_sum, self.hits.to(F64)
         )
 
     def reliability_table(self) -> ReliabilityTable:
@@ -569,19 +705,7 @@ class StreamingClassificationMetrics(StreamingMetrics):
             >>> acc.reliability_table().count.tolist()
             [0, 0, 1, 2, 1]
         """
-        bins = self._bins()
-        count = bins.count.numpy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            confidence = np.where(count > 0, bins.conf_sum.numpy() / count, np.nan)
-            accuracy = np.where(count > 0, bins.hit_sum.numpy() / count, np.nan)
-        return ReliabilityTable(
-            lower=bins.lower.numpy(),
-            upper=bins.upper.numpy(),
-            count=count.astype(np.int64),
-            confidence=confidence,
-            accuracy=accuracy,
-            gap=confidence - accuracy,
-        )
+        return ReliabilityTable(**table_columns(self._bins()))
 
     def summary(self) -> dict[str, float]:
         """The metrics of everything accumulated so far.
@@ -614,9 +738,9 @@ class StreamingClassificationMetrics(StreamingMetrics):
             out["accuracy"] = float(self.hits.sum()) / n
             out["NLL"] = float(self.sums[1] / n)
             out["Brier"] = float(self.sums[0] / n)
-            out["ECE"] = _reduce(bins, "l1")
-            out["MCE"] = _reduce(bins, "max")
-            out["RMSCE"] = _reduce(bins, "l2")
+            out["ECE"] = calibration_error(bins, "l1")
+            out["MCE"] = calibration_error(bins, "max")
+            out["RMSCE"] = calibration_error(bins, "l2")
         auroc, bound = _histogram_auroc(self.entropy_hist)
         out["misclassification AUROC (entropy)"] = auroc
         out["misclassification AUROC (entropy) error bound"] = bound
@@ -667,6 +791,12 @@ class StreamingRegressionMetrics(StreamingMetrics):
 
     task: ClassVar[str] = "regression"
 
+    # declared statistics (see __init__)
+    counts: torch.Tensor
+    sums: torch.Tensor
+    inside: torch.Tensor
+    curve_inside: torch.Tensor
+
     def __init__(self, levels: Sequence[float] = _DEFAULT_LEVELS, n_curve_levels: int = 100) -> None:
         super().__init__()
         if isinstance(levels, (int, float)):
@@ -678,17 +808,17 @@ class StreamingRegressionMetrics(StreamingMetrics):
             raise InvalidInputError("levels must hold at least one nominal coverage in (0, 1).")
         self.n_curve_levels = check_int(n_curve_levels, "n_curve_levels", minimum=2)
         # rows, elements, elements with std <= 0
-        self.counts = torch.zeros(3, dtype=torch.int64)
+        self._add_state("counts", torch.zeros(3, dtype=torch.int64))
         # squared error, absolute error, Gaussian NLL, CRPS, variance, std
-        self.sums = torch.zeros(6, dtype=F64)
-        self.inside = torch.zeros(len(self.levels), dtype=torch.int64)
-        self.curve_inside = torch.zeros(self.n_curve_levels, dtype=torch.int64)
-        levels_t = torch.tensor(self.levels, dtype=F64)
-        self._z = [(float(_ndtri(0.5 - p / 2)), float(_ndtri(0.5 + p / 2))) for p in self.levels]
-        self._mpiw_z = 2 * _ndtri(0.5 + levels_t / 2)
+        self._add_state("sums", torch.zeros(6, dtype=F64))
+        # targets inside the central interval of each level, and of each level of the curve
+        self._add_state("inside", torch.zeros(len(self.levels), dtype=torch.int64))
+        self._add_state("curve_inside", torch.zeros(self.n_curve_levels, dtype=torch.int64))
+        z_lo, z_hi = central_quantiles(torch.tensor(self.levels, dtype=F64))
+        self._z = [(float(lo), float(hi)) for lo, hi in zip(z_lo, z_hi, strict=True)]
+        self._mpiw_z = 2 * z_hi
         self._expected = torch.as_tensor(np.linspace(0.0, 1.0, self.n_curve_levels), dtype=F64)
-        self._curve_lo = _ndtri(0.5 - self._expected / 2)
-        self._curve_hi = _ndtri(0.5 + self._expected / 2)
+        self._curve_lo, self._curve_hi = central_quantiles(self._expected)
 
     def config(self) -> dict[str, Any]:
         """``{"levels", "n_curve_levels"}``.
@@ -699,20 +829,6 @@ class StreamingRegressionMetrics(StreamingMetrics):
             {'levels': [0.9], 'n_curve_levels': 100}
         """
         return {"levels": list(self.levels), "n_curve_levels": self.n_curve_levels}
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "counts": self.counts,
-            "sums": self.sums,
-            "inside": self.inside,
-            "curve_inside": self.curve_inside,
-        }
-
-    def _metadata(self) -> dict[str, Any]:
-        return {}
-
-    def _adopt_metadata(self, meta: Mapping[str, Any]) -> None:
-        return None
 
     @property
     def n(self) -> int:
@@ -766,17 +882,11 @@ class StreamingRegressionMetrics(StreamingMetrics):
         else:
             y_ok = y64
         # the per-element terms of gaussian_nll, crps_gaussian, picp and calibration_curve
-        z = (y_ok - mu) / sigma
-        nll = torch.log(sigma) + 0.5 * _LOG_2PI + 0.5 * z * z
-        pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-        # sigma * z written as (y - mu), as in crps_gaussian: z overflows to inf for a tiny sigma
-        crps = (y_ok - mu) * (2 * torch.special.ndtr(z) - 1) + sigma * (2 * pdf - 1 / math.sqrt(math.pi))
+        nll = nll_terms(mu, sigma, y_ok)
+        crps = crps_terms(mu, sigma, y_ok)
         r = (mu - y_ok) / sigma
         inside = [int(((r >= lo) & (r <= hi)).sum()) for lo, hi in self._z]
-        r_sorted = torch.sort(r).values.cpu()
-        curve = torch.searchsorted(r_sorted, self._curve_hi, right=True) - torch.searchsorted(
-            r_sorted, self._curve_lo, right=False
-        )
+        curve = count_between(torch.sort(r).values.cpu(), self._curve_lo, self._curve_hi)
         self.counts += torch.tensor([rows, err.numel(), n_bad], dtype=torch.int64)
         self.sums += torch.tensor(
             [
@@ -790,7 +900,7 @@ class StreamingRegressionMetrics(StreamingMetrics):
             dtype=F64,
         )
         self.inside += torch.tensor(inside, dtype=torch.int64)
-        self.curve_inside += curve.clamp(min=0)
+        self.curve_inside += curve
 
     def calibration_curve(self) -> CalibrationCurve:
         """The interval calibration curve of everything accumulated (as :func:`~mcdrop.metrics.calibration_curve`).
@@ -848,15 +958,7 @@ class StreamingRegressionMetrics(StreamingMetrics):
             expected = self._expected
             observed = self.curve_inside.to(F64) / n
             gap = observed - expected
-            width = torch.diff(expected)
-            left, right = gap[:-1], gap[1:]
-            same_side = left * right >= 0
-            magnitude = left.abs() + right.abs()
-            crossing = (left**2 + right**2) / (
-                2 * torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
-            )
-            area = torch.where(same_side, (left + right).abs() / 2, crossing) * width
-            out["miscalibration area"] = float(area.sum())
+            out["miscalibration area"] = curve_area(expected, observed)
             out["MACE"] = float(gap.abs().mean())
             out["RMSCE"] = float(torch.sqrt((gap**2).mean()))
             out["sharpness"] = float(torch.sqrt(self.sums[4] / n))
