@@ -30,6 +30,14 @@ from mcdrop.metrics.streaming import (
     StreamingMetrics,
     StreamingRegressionMetrics,
 )
+from mcdrop.policy.activate import StochasticPolicy, describe, enable_dropout
+from mcdrop.policy.classify import (
+    StochasticSite,
+    find_stochastic_sites,
+    register_deterministic,
+    register_stochastic,
+)
+from mcdrop.policy.edit import RateChange, add_dropout, set_dropout_rate
 from mcdrop.predictions import (
     ClassificationPrediction,
     Prediction,
@@ -37,18 +45,6 @@ from mcdrop.predictions import (
     concat_predictions,
 )
 from mcdrop.recalibration import IsotonicRecalibration, TemperatureScaling, VarianceScaling
-from mcdrop.stochastic import (
-    RateChange,
-    StochasticPolicy,
-    StochasticSite,
-    add_dropout,
-    describe,
-    enable_dropout,
-    find_stochastic_sites,
-    register_deterministic,
-    register_stochastic,
-    set_dropout_rate,
-)
 from mcdrop.wrapper import MCDropout
 
 __version__ = "0.1.0"

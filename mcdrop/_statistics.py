@@ -9,6 +9,8 @@ float32 (float64 when the model outputs float64), whatever precision the model r
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mcdrop.errors import InvalidInputError, InvalidTypeError, NonFiniteError
@@ -286,3 +288,25 @@ class RegressionStats:
             )
         self.mean.update(start, stop, mean, batch_size)
         self.noise.update(start, stop, var, batch_size)
+
+
+def resolve_task(task: str, aleatoric: str | None, output_type: str, chunk: Any) -> str:
+    """The task of a call: as given, or for ``"auto"`` read from the options and the first chunk.
+
+    Regression when ``aleatoric`` is set or one output per input comes out (a chunk of shape
+    ``(k, b)`` or ``(k, b, 1)``); classification when ``output_type`` is not ``"logits"`` or more
+    outputs per input come out.
+    """
+    if task != "auto":
+        return task
+    if aleatoric is not None or output_type != "logits":
+        return "regression" if aleatoric is not None else "classification"
+    per_input = chunk.shape[2:]
+    if len(per_input) == 0 or (len(per_input) == 1 and per_input[0] == 1):
+        return "regression"
+    return "classification"
+
+
+def negligible_spread(variance: torch.Tensor, mean: torch.Tensor) -> bool:
+    """True when samples differ by no more than float rounding (relative 1e-6): identical samples."""
+    return bool((variance <= (1e-6 * mean.abs().clamp(min=1.0)).square()).all())

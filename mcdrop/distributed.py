@@ -47,10 +47,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import dataclasses
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -60,9 +60,10 @@ import torch.distributed as dist
 
 from mcdrop._checks import check_choice, check_int
 from mcdrop.errors import InvalidInputError, InvalidTypeError, McdropWarning
+from mcdrop.loop import collect, stream_metrics
 from mcdrop.metrics.streaming import StreamingMetrics
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction
-from mcdrop.wrapper import MCDropout, _select_rows
+from mcdrop.wrapper import MCDropout
 
 __all__ = [
     "derive_seed",
@@ -363,19 +364,22 @@ def _recording_loader(
     return DataLoader(loader.dataset, batch_sampler=recorder, **kwargs), recorder
 
 
-def _rank_wrapper(mc: MCDropout, rank: int) -> tuple[MCDropout, Callable[[], None]]:
-    """The wrapper whose RNG stream rank ``rank`` draws from, and how to save where it got to."""
-    if rank == 0 or mc.seed is None:
-        return mc, lambda: None
-    streams: dict[int, Any] = mc.__dict__.setdefault("_rank_rng_states", {})
-    worker = copy.copy(mc)
-    worker.seed = derive_seed(mc.seed, rank)
-    worker._rng_state = streams.get(rank)
+#: Each wrapper's per-rank wrappers (rank > 0 of a seeded wrapper): the same options with the rank's
+#: seed (:func:`derive_seed`), kept so that every rank's stream continues across calls.
+_RANK_WRAPPERS: weakref.WeakKeyDictionary[MCDropout, dict[int, MCDropout]] = weakref.WeakKeyDictionary()
 
-    def commit() -> None:
-        streams[rank] = worker._rng_state
 
-    return worker, commit
+def _rank_wrapper(mc: MCDropout, rank: int) -> MCDropout:
+    """The wrapper whose RNG stream rank ``rank`` draws from (``mc`` itself on rank 0 or unseeded)."""
+    if rank == 0 or mc.options.seed is None:
+        return mc
+    workers = _RANK_WRAPPERS.setdefault(mc, {})
+    if rank not in workers:
+        options = mc.options.replace(seed=derive_seed(mc.options.seed, rank))
+        with warnings.catch_warnings():  # the same model and options: mc has warned already
+            warnings.simplefilter("ignore", McdropWarning)
+            workers[rank] = MCDropout(mc.model, **options.as_kwargs())
+    return workers[rank]
 
 
 def _rank_checkpoint(checkpoint: str | os.PathLike[str] | None, rank: int, world: int) -> str | None:
@@ -670,46 +674,24 @@ def _collect(
     progress: bool,
 ) -> tuple[Prediction | None, torch.Tensor | None]:
     """This rank's prediction (on the CPU, padding copies dropped) and its data-set indices."""
-    from mcdrop.predictions import concat_predictions
-
-    parts: list[Prediction] = []
-    targets: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
-    has_targets = True
-    with contextlib.closing(mc._iter_loader(loader, unpack, progress)) as batches:
-        for pred, target in batches:
-            assert pred is not None
-            pred = pred.cpu()
-            target_t = None if target is None else torch.as_tensor(target).detach().cpu()
-            if recorder is not None:
-                index, keep = recorder.pop()
-                if index.shape[0] != len(pred):
-                    raise InvalidInputError(
-                        f"a batch of {len(pred)} inputs came with {index.shape[0]} data-set indices; the "
-                        "loader's collate_fn must keep one row per index."
-                    )
-                if keep is not None and not bool(keep.all()):
-                    pred = _select_rows(pred, keep)
-                    target_t = None if target_t is None else target_t[keep]
-                    index = index[keep]
-                indices.append(index)
-            if len(pred) == 0:
-                continue
-            parts.append(pred)
-            if target_t is None:
-                has_targets = False
-            elif has_targets:
-                targets.append(target_t)
-    if not parts:
-        return None, None
-    result = concat_predictions(parts)
-    if has_targets and targets:
-        result.targets = torch.cat(targets, 0)
-        if result.targets.shape[0] != len(result):
+
+    def rows_to_keep(rows: int | None) -> torch.Tensor | None:
+        if recorder is None:
+            return None
+        index, keep = recorder.pop()
+        if index.shape[0] != rows:
             raise InvalidInputError(
-                f"The loader's targets have {result.targets.shape[0]} rows for {len(result)} inputs."
+                f"a batch of {rows} inputs came with {index.shape[0]} data-set indices; the "
+                "loader's collate_fn must keep one row per index."
             )
-    return result, (torch.cat(indices) if recorder is not None else None)
+        indices.append(index if keep is None else index[keep])
+        return keep
+
+    pred = collect(mc, loader, unpack=unpack, progress=progress, row_filter=rows_to_keep)
+    if pred is None:
+        return None, None
+    return pred, (torch.cat(indices) if recorder is not None else None)
 
 
 def predict_loader(
@@ -784,25 +766,23 @@ def predict_loader(
         )
     world, rank = get_world_size(), get_rank()
     _check_dst(dst, world)
-    rank_mc, commit = _rank_wrapper(mc, rank)
+    rank_mc = _rank_wrapper(mc, rank)
     loader, recorder = _recording_loader(loader, world, rank)
     show = progress and rank == 0
-    try:
-        if keep == "metrics":
-            local = rank_mc._stream_metrics(
-                loader,
-                unpack=unpack,
-                progress=show,
-                metrics=metrics,
-                checkpoint=_rank_checkpoint(checkpoint, rank, world),
-                checkpoint_every=checkpoint_every,
-                row_filter=None if recorder is None else (lambda: recorder.pop()[1]),
-                fingerprint={"rank": rank, "world_size": world},
-            )
-        else:
-            pred, indices = _collect(rank_mc, loader, recorder, unpack, show)
-    finally:
-        commit()
+    if keep == "metrics":
+        local = stream_metrics(
+            rank_mc,
+            loader,
+            unpack=unpack,
+            progress=show,
+            metrics=metrics,
+            checkpoint=_rank_checkpoint(checkpoint, rank, world),
+            checkpoint_every=checkpoint_every,
+            row_filter=None if recorder is None else (lambda rows: recorder.pop()[1]),
+            fingerprint={"rank": rank, "world_size": world},
+        )
+    else:
+        pred, indices = _collect(rank_mc, loader, recorder, unpack, show)
     if keep == "metrics":
         result, any_rows, total_rows = _reduce(local, dst, None if recorder is None else recorder.rows)
         if not any_rows:

@@ -1,7 +1,49 @@
-"""Transitional alias of :mod:`mcdrop.policy.classify` (the module moved there)."""
+"""Deprecated alias: the stochastic policy now lives in :mod:`mcdrop.policy`.
 
-import sys
+``mcdrop.stochastic`` held the whole policy before 0.2; its public names are re-exported here (and
+from :mod:`mcdrop` itself, which is where to import them from), and the forward-pre-hooks of
+``add_dropout`` from earlier versions stay importable under their old names, so models saved with
+them (``torch.save(model)``) still load.
+"""
 
-import mcdrop.policy.classify as _moved
+from mcdrop.policy.activate import StochasticPolicy, describe, enable_dropout
+from mcdrop.policy.classify import (
+    SITE_KINDS,
+    StochasticSite,
+    find_stochastic_sites,
+    register_deterministic,
+    register_stochastic,
+)
+from mcdrop.policy.edit import (
+    ADDED_DROPOUT_NAME,
+    RateChange,
+    _added_dropout_hook,  # noqa: F401 - pickles of models from earlier versions refer to it here
+    _dropout_before_hook,  # noqa: F401 - pickles of models from earlier versions refer to it here
+    add_dropout,
+    set_dropout_rate,
+)
 
-sys.modules[__name__] = _moved
+__all__ = [
+    "StochasticSite",
+    "StochasticPolicy",
+    "enable_dropout",
+    "find_stochastic_sites",
+    "register_stochastic",
+    "register_deterministic",
+    "describe",
+    "add_dropout",
+    "set_dropout_rate",
+    "RateChange",
+    "SITE_KINDS",
+    "ADDED_DROPOUT_NAME",
+]
+
+
+def __getattr__(name: str) -> object:  # TRANSITIONAL: private names, until the tests import from mcdrop.policy
+    import importlib
+
+    for module in ("classify", "activate", "edit", "_bytecode"):
+        found = importlib.import_module(f"mcdrop.policy.{module}")
+        if name in vars(found):
+            return vars(found)[name]
+    raise AttributeError(f"module 'mcdrop.stochastic' has no attribute {name!r}")

@@ -62,8 +62,7 @@ def regression_dataset() -> TensorDataset:
 
 
 def classifier(p: float) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Dropout(p), nn.Linear(16, K)).eval()
+    return mlp(D, K, hidden=16, p=p, act=nn.ReLU)
 
 
 def wrapper(p: float, **kwargs) -> mcdrop.MCDropout:
@@ -195,8 +194,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def report_inputs(folder: Path) -> np.ndarray:
     """A TorchScript classifier and a data file of 21 inputs for ``mcdrop report``; returns the targets."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, K)).eval()
+    net = classifier(0.3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(net), str(folder / "model.pt"))
@@ -391,15 +389,16 @@ def test_gather_predictions_orders_and_deduplicates():
 
 def test_rank_streams_continue_across_calls():
     mc = wrapper(0.3, n_samples=6)
-    first, _ = distributed._rank_wrapper(mc, 1)
+    first = distributed._rank_wrapper(mc, 1)
     assert first.seed == distributed.derive_seed(0, 1) and first.model is mc.model
     a = first.predict(dataset().tensors[0])
-    worker, commit = distributed._rank_wrapper(mc, 1)
-    b = worker.predict(dataset().tensors[0])
-    commit()
-    again, _ = distributed._rank_wrapper(mc, 1)
-    c = again.predict(dataset().tensors[0])
-    assert fields_equal(a, b) and not torch.equal(b.probs, c.probs)
+    again = distributed._rank_wrapper(mc, 1)
+    assert again is first  # one wrapper per rank, kept with mc
+    b = again.predict(dataset().tensors[0])
+    assert not torch.equal(a.probs, b.probs)  # the rank's stream went on
+    fresh = mcdrop.MCDropout(mc.model, **mc.options.replace(seed=distributed.derive_seed(0, 1)).as_kwargs())
+    assert fields_equal(fresh.predict(dataset().tensors[0]), a)  # its first call drew from the rank's seed
+    assert distributed._rank_wrapper(mc, 0) is mc
 
 
 # --------------------------------------------------------------------------- mcdrop report under torchrun

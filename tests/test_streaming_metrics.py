@@ -29,7 +29,7 @@ from mcdrop.metrics.streaming import (
     StreamingMetrics,
     StreamingRegressionMetrics,
 )
-from mcdrop.wrapper import _describe_option
+from mcdrop.options import describe_option as _describe_option
 
 REL = 1e-12
 
@@ -644,7 +644,7 @@ def test_option_descriptions_of_set_constants_do_not_depend_on_the_hash_seed(tmp
 
     script = tmp_path / "describe.py"
     script.write_text(
-        "from mcdrop.wrapper import _describe_option\n"
+        "from mcdrop.options import describe_option as _describe_option\n"
         "print(list(frozenset({'logits', 'hidden', 'attentions', 'loss', 'probs'})))\n"
         "print(_describe_option(lambda key: key in {'logits', 'hidden', 'attentions', 'loss', 'probs'}))\n"
         "print(_describe_option({frozenset({'logits', 'hidden', 'attentions', 'loss', 'probs'}): 1}))\n"

@@ -1,10 +1,17 @@
-"""Checking, on real inputs, that functional gates switch only randomness.
+"""The check passes: on a few real rows, that gates switch only randomness and whether rows mix.
 
-A *gate* (see rule 10 of :mod:`mcdrop.stochastic`) is a user-defined module whose own code reads
-``self.training``. The static rule cannot tell ``F.dropout(x, p, training=self.training)`` from
-``x if self.training else x / T``: both read the flag. Putting the second one in train mode changes
-every sample in a deterministic way that is not dropout, a wrong number that nothing else would
-flag. So before a wrapper samples inputs of a new signature, it runs the gates once more:
+Both checks run the model on a few rows of the call's inputs through one harness
+(:class:`CheckPasses`): the eager original of a compiled model, every generator (torch's, numpy's,
+Python's, and the generators given as inputs) run from a fixed seed and put back afterwards, the
+call's autocast, passes sized to the call's limits (:func:`~mcdrop.engine.plan.check_row_count`).
+The passes are not samples: nothing in them advances a random stream.
+
+**The gate check** (:func:`check_gates_on`). A *gate* (see :mod:`mcdrop.policy.classify`) is a
+user-defined module whose own code reads ``self.training``. The static rule cannot tell
+``F.dropout(x, p, training=self.training)`` from ``x if self.training else x / T``: both read the
+flag. Putting the second one in train mode changes every sample in a deterministic way that is not
+dropout, a wrong number that nothing else would flag. So before a wrapper samples inputs of a new
+signature, it runs the gates once more:
 
 1. every sampled site is put in eval mode and the gates' forward passes run with every dropout
    operation torch offers made the identity (``F.dropout`` and its variants, ``torch.dropout``,
@@ -18,8 +25,10 @@ changes the output the same way from both seeds does something deterministic in 
 Python's global RNG (not torch's) adds randomness mcdrop's ``seed=`` does not control, such as
 data augmentation: :class:`~mcdrop.errors.GateRandomnessWarning`. Randomness drawn from torch by
 other ops (a hand-made ``torch.rand`` mask) is sampled and noted in ``describe()``. The check runs
-on at most :data:`CHECK_ROWS` rows, leaves every RNG (torch's, numpy's, Python's) as it was, and
-runs once per input signature and wrapper.
+on at most :data:`~mcdrop.engine.plan.CHECK_ROWS` rows, once per input signature and wrapper.
+
+**The row check** (:func:`rows_mix`): whether the output of a row depends on the other rows of its
+forward pass, which decides whether a batch may be replicated or split (see its docstring).
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ import math
 import random
 import statistics
 import threading
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,8 +49,26 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-#: Most input rows the check runs on.
-CHECK_ROWS = 8
+from mcdrop._checks import user_stacklevel
+from mcdrop.engine.choose import log
+from mcdrop.engine.inputs import (
+    Inputs,
+    all_rows_alike,
+    concat_rows,
+    holds_objects,
+    input_generators_untouched,
+    model_device_dtype,
+    other_row,
+    replicate,
+    slice_batch,
+    split_errors_named,
+)
+from mcdrop.engine.outputs import OutputSelector, row_gap, rows_first, select_output
+from mcdrop.engine.plan import CHECK_MARGIN, check_row_count, gate_check_measures_a_row
+from mcdrop.engine.probe import PeakBytesMode
+from mcdrop.engine.rng import cuda_devices, rng_untouched
+from mcdrop.engine.strategies import Runner, autocast_context
+from mcdrop.errors import GateRandomnessWarning, ModelStateError
 
 _IDENTITY_DROPOUTS = {
     F.dropout,
@@ -79,12 +107,6 @@ SCRIPTED_GATE_NOTE = (
 
 _STATE = threading.local()
 
-
-def cuda_devices(device: torch.device | None) -> list[int]:
-    """The CUDA device indices whose generators a check pass on ``device`` may draw from."""
-    if device is None or device.type != "cuda":
-        return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def eager_module(model: nn.Module) -> nn.Module:
@@ -281,21 +303,6 @@ class NoRandomness(NoDropout):
             super().__exit__(*exc)
 
 
-@contextlib.contextmanager
-def rng_untouched(seed: int, cuda_devices: list[int]) -> Iterator[None]:
-    """Run from seed ``seed`` (torch's, numpy's and Python's generators); put them back afterwards."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            random.seed(seed)
-            yield
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
 
 def _random_note(module: nn.Module) -> str:
     """The note of a gate whose train mode changes the output differently from two seeds."""
@@ -392,3 +399,276 @@ def check_gates(
     finally:
         for path, m in modules.items():
             m.training = saved[path]
+
+
+class CheckPasses:
+    """The one harness of the check passes: eager model, the call's output and autocast, RNGs put back.
+
+    Args:
+        model: The model (its eager original is run: see :func:`eager_module`).
+        output: Which part of the model output to keep.
+        output_batch_dim: Batch dimension of the selected output.
+        pair: The selected output is a ``(mean, variance)`` pair.
+        autocast_dtype: The call's autocast dtype, or ``None``.
+        device: The model's device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        output: OutputSelector,
+        output_batch_dim: int,
+        pair: bool,
+        autocast_dtype: torch.dtype | None,
+        device: torch.device | None,
+    ) -> None:
+        self.model = eager_module(model)
+        self.output = output
+        self.output_batch_dim = output_batch_dim
+        self.pair = pair
+        self.autocast_dtype = autocast_dtype
+        self.device = device
+        self.cuda = cuda_devices(device)
+
+    def forward(self, rows: Inputs) -> Any:
+        """One forward pass on ``rows`` (fresh copies of them), returning the selected output."""
+        args, kwargs = replicate(rows, 1)
+        with autocast_context(self.device, self.autocast_dtype):
+            return select_output(self.model(*args, **kwargs), self.output, self.pair)
+
+    def run(self, rows: Inputs, mode: Any, *, seed: int = 0, meter: PeakBytesMode | None = None) -> Any:
+        """:meth:`forward` under ``mode`` (a :class:`NoDropout`), every generator drawing from ``seed``.
+
+        Torch's, numpy's and Python's generators and those given as inputs are put back afterwards;
+        with ``meter``, the pass's peak of tensor storage is measured.
+        """
+        with (
+            input_generators_untouched(rows, seed),
+            rng_untouched(seed, self.cuda),
+            mode,
+            meter if meter is not None else contextlib.nullcontext(),
+        ):
+            return self.forward(rows)
+
+    def row_bytes(self, inputs: Inputs) -> float | None:
+        """What one row held at the peak of a pass with dropout the identity, with a margin.
+
+        ``None`` where the model fails on one row (e.g. batch statistics need two).
+        """
+        meter = PeakBytesMode()
+        try:
+            self.run(slice_batch(inputs, 0, 1), NoDropout(), meter=meter)
+        except Exception:  # noqa: BLE001 - the check itself runs (and reports) on more rows
+            return None
+        return float(meter.meter.peak) * CHECK_MARGIN
+
+
+def rows_mix(
+    runner: Runner, max_batch_size: int | None, memory_budget: int | None
+) -> tuple[bool | None, float | None]:
+    """Whether the output of a row depends on the other rows of its forward pass.
+
+    Such a model (a mean or a normalisation over the batch, attention across rows) cannot have
+    replicas of the batch in one pass, which would mix MC samples, nor a batch split into
+    chunks, which would change every row's neighbours. The check runs once per decision with
+    the modules in the modes they sample in, every dropout operation the identity, the common
+    random ops drawing one constant quantile of their distribution (see :class:`NoRandomness`)
+    and every RNG left as it was: the output of a few rows together must equal, row by row, the
+    outputs of their two halves run apart. Where the model drew such constants, the check is made
+    at a low and at a high quantile (:data:`CHECK_QUANTILES`), so that a hand-made mask that drops
+    everything at one of them cannot hide the rows from each other. A batch of one row (or of
+    identical rows) is checked against a changed copy of that row (float inputs scaled and
+    shifted; integer ones rolled along their last dimension, or, where that changes nothing,
+    such as ids of shape ``(batch,)``, moved to a neighbouring value).
+
+    Its passes stay within the limits of the call: a first pass of one row measures what a row
+    holds at the peak, then at most :data:`~mcdrop.engine.plan.CHECK_ROWS` rows, no more than
+    ``max_batch_size`` and than fit ``memory_budget`` (at least two; see
+    :func:`~mcdrop.engine.plan.check_row_count`). With ``max_batch_size=1`` there is no check
+    (every pass holds one row of one sample anyway).
+
+    Args:
+        runner: The call's runner (model, inputs, output, autocast, fast masks).
+        max_batch_size: Most rows per pass, or ``None``.
+        memory_budget: Bytes one pass may use (``None``: the default).
+
+    Returns:
+        ``(verdict, row_bytes)``. ``verdict`` is ``True`` when the rows mix, ``False`` when they
+        do not, and ``None`` when the check gives no verdict: the model fails on the check's rows,
+        or its output still varies from one seed to another (randomness the check cannot make
+        constant, e.g. ``torch.randperm``); the engine treats ``None`` as ``True`` unless the call
+        asks for replicas or a split batch (:func:`~mcdrop.engine.choose.apply_verdict`).
+        ``row_bytes`` is the most a row held in either pass, with a margin (``None`` when not
+        measured), which sizes the first sampling pass.
+    """
+    inputs = runner.inputs
+    measured: float | None = None
+    if inputs.batch_size == 0 or (max_batch_size is not None and max_batch_size < 2):
+        return False, measured
+    passes = CheckPasses(
+        runner.model,
+        output=runner.output,
+        output_batch_dim=runner.output_batch_dim,
+        pair=runner.pair,
+        autocast_dtype=runner.autocast_dtype,
+        device=runner.device,
+    )
+    _, dtype = model_device_dtype(passes.model)
+    eps = [torch.finfo(d).eps for d in (dtype, runner.autocast_dtype) if d is not None and d.is_floating_point]
+    tolerance = max([1e-4] + [4 * e for e in eps])  # bfloat16: 3%, float16: 0.4%
+    ctx = runner.ctx
+    enabled = ctx.enabled if ctx is not None else None
+    draws = 0
+
+    def run(part: Inputs, u: float, meter: PeakBytesMode | None = None, seed: int = 0) -> Any:
+        nonlocal draws
+        constants = NoRandomness(u)
+        out = passes.run(part, constants, seed=seed, meter=meter)
+        draws += constants.draws
+        return rows_first(out, runner.output_batch_dim)
+
+    def no_verdict(why: str) -> None:
+        log.debug("mcdrop: row-independence check gives no verdict: %s.", why)
+
+    try:
+        if ctx is not None:
+            ctx.enabled = False  # the engine's faster dropout would ignore eval mode
+        low = CHECK_QUANTILES[0]
+        first = slice_batch(inputs, 0, 1)
+        meter = PeakBytesMode()
+        try:
+            first_out = run(first, low, meter)
+            measured = float(meter.meter.peak) * CHECK_MARGIN
+        except Exception:  # noqa: BLE001 - e.g. batch statistics need two rows: check on more rows
+            first_out = None
+        cap = check_row_count(inputs, max_batch_size, memory_budget, runner.n, measured)
+        rows = slice_batch(inputs, 0, cap)
+        if rows.batch_size < 2 or all_rows_alike(rows):
+            other = other_row(first)
+            if other is None:
+                return False, measured  # no other row at hand: every row is the same
+            rows = concat_rows(first, other)
+        split = rows.batch_size // 2
+        for u in CHECK_QUANTILES:
+            if u != low and not draws:
+                break  # no draw was made constant: another quantile gives the same passes
+            meter = PeakBytesMode()
+            whole = run(rows, u, meter if u == low else None)
+            if u == low:
+                # The most a row held in either pass (a row's activations may depend on its data).
+                measured = max(measured or 0.0, float(meter.meter.peak) * CHECK_MARGIN / rows.batch_size)
+            if u == low and split == 1 and first_out is not None:
+                head = first_out
+            else:
+                head = run(slice_batch(rows, 0, split), u)
+            # Compared where both are finite (see row_gap).
+            if not (
+                row_gap(whole, head, 0, tolerance)
+                or row_gap(whole, run(slice_batch(rows, split, rows.batch_size), u), split, tolerance)
+            ):
+                continue
+            if row_gap(whole, run(rows, u, seed=1), 0, tolerance):
+                no_verdict(
+                    "the check passes still draw randomness that torch's dropout and draw ops do not "
+                    "explain (e.g. randint, randperm, multinomial, numpy or Python's random)"
+                )
+                return None, measured
+            log.debug("mcdrop: a row's output depends on the other rows of its pass.")
+            return True, measured
+        return False, measured
+    except Exception as err:  # noqa: BLE001 - the model fails on the check rows: no verdict
+        no_verdict(f"the model fails on the check rows ({type(err).__name__}: {err})")
+        return None, measured
+    finally:
+        if ctx is not None and enabled is not None:
+            ctx.enabled = enabled
+
+
+def check_gates_on(
+    model: nn.Module,
+    gates: list[str],
+    inputs: Inputs,
+    *,
+    output: OutputSelector,
+    pair: bool,
+    autocast_dtype: torch.dtype | None,
+    max_batch_size: int | None,
+    memory_budget: int | None,
+    n_samples: int,
+) -> dict[str, str]:
+    """Check on a few rows of ``inputs`` that the gates ``gates`` switch only randomness.
+
+    Runs inside the policy's activation (flags are changed and put back here). See the module
+    docstring for the check; the rows are no more than a sampling pass may hold
+    (``max_batch_size``) and than fit ``memory_budget``, measured on one row.
+
+    Args:
+        model: The model.
+        gates: Paths of the gates to check.
+        inputs: The call's prepared inputs.
+        output: Which part of the model output is analysed.
+        pair: The analysed output is a ``(mean, variance)`` pair.
+        autocast_dtype: The call's autocast dtype, or ``None``.
+        max_batch_size: Most rows per pass, or ``None``.
+        memory_budget: Bytes one pass may use (``None``: the default).
+        n_samples: Samples per row of the call.
+
+    Returns:
+        Notes for ``describe()`` by gate path: gates that draw torch randomness other than dropout
+        ops, or numpy's or Python's.
+
+    Raises:
+        ModelStateError: A gate's train mode changes the output deterministically.
+    """
+    device, _ = model_device_dtype(model)
+    passes = CheckPasses(
+        model, output=output, output_batch_dim=0, pair=pair, autocast_dtype=autocast_dtype, device=device
+    )
+    row_bytes = passes.row_bytes(inputs) if gate_check_measures_a_row(inputs, max_batch_size) else None
+    if holds_objects(inputs):  # a KV cache's batch cannot be sliced: the batch of a sampling pass
+        count = min(inputs.batch_size, max_batch_size or inputs.batch_size)
+    else:
+        count = check_row_count(inputs, max_batch_size, memory_budget, n_samples, row_bytes)
+    rows = slice_batch(inputs, 0, count)
+    # Generators given as inputs advance from pass to pass (as across seeds), and are put
+    # back afterwards: the check's passes are not samples.
+    with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs):
+        notes, deterministic, outside_torch = check_gates(model, gates, lambda: passes.forward(rows), passes.cuda)
+
+    def exclude_hint(paths: list[str]) -> str:
+        names = [p for p in paths if p in gates]
+        if "" in names or not names:  # the model itself: name its class
+            return f"exclude=[{type(model).__name__}]"
+        return f"exclude={names!r}"
+
+    if deterministic:
+        raise ModelStateError(
+            f"{type(model).__name__}: in train mode, with every dropout operation made the identity, "
+            "these modules still change the output, the same way from any seed: "
+            + "; ".join(
+                f"{', '.join(p or '<model>' for p in paths)}{' (together)' if len(paths) > 1 else ''} "
+                f"by up to {gap:.3g}"
+                for paths, gap in deterministic
+            )
+            + ". "
+            "Their code reads `self.training` for something that is not dropout (a different formula, "
+            "batch statistics, a temperature, ...), so sampling them in train mode would put that change "
+            "into every MC sample. Keep them in eval mode with "
+            f"{exclude_hint([p for paths, _ in deterministic for p in paths])} (dropout that only they "
+            "apply is then not sampled), or, if the train-mode behaviour is what you want to sample, "
+            "name them in include= the same way. Nothing was sampled; the model is unchanged."
+        )
+    if outside_torch:
+        warnings.warn(
+            f"{type(model).__name__}: in train mode, the module(s) "
+            f"{', '.join(p or '<model>' for p in outside_torch)} draw from numpy's or Python's global "
+            "random generator, not torch's: that randomness is not a dropout operation mcdrop knows (it is "
+            "often data augmentation, e.g. SpecAugment masking) and seed= cannot reproduce it. It is "
+            f"sampled as it is; keep these modules in eval mode with {exclude_hint(outside_torch)} if it "
+            "should not be.",
+            GateRandomnessWarning,
+            stacklevel=user_stacklevel(),
+        )
+        notes.update({p: "draws from numpy's or Python's RNG in train mode" for p in outside_torch if p in gates})
+    return notes

@@ -1,4 +1,4 @@
-"""Observing one forward pass to choose how to sample (private; used by :mod:`mcdrop.sampling`).
+"""Observing one forward pass to choose how to sample (what :mod:`mcdrop.engine.choose` decides from).
 
 :class:`ProbeMode` is a ``TorchDispatchMode`` that watches every ATen operation of a forward pass
 and records what the sampling engine needs to decide, once per input signature, how to draw the
@@ -27,7 +27,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,9 +43,6 @@ __all__ = [
     "PeakBytesMode",
     "ProbeMode",
     "ProbeReport",
-    "RngState",
-    "rng_restore",
-    "rng_snapshot",
     "unmetered",
 ]
 
@@ -330,30 +326,3 @@ def _nbytes(t: Tensor) -> int:
         return min(logical, t.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError):
         return logical
-
-
-@dataclass
-class RngState:
-    """Torch's CPU and CUDA generator states and the numpy mask generator's state."""
-
-    cpu: Tensor
-    cuda: list[Tensor]
-    numpy: dict[str, Any] | None
-
-
-def rng_snapshot(generator: np.random.Generator | None) -> RngState:
-    """Snapshot every generator a pass may draw from, to undo a failed attempt."""
-    cuda = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = [g.get_state() for g in torch.cuda.default_generators]
-    numpy_state = generator.bit_generator.state if generator is not None else None
-    return RngState(torch.default_generator.get_state(), cuda, numpy_state)
-
-
-def rng_restore(state: RngState, generator: np.random.Generator | None) -> None:
-    """Put the generators back as :func:`rng_snapshot` found them."""
-    torch.default_generator.set_state(state.cpu)
-    for g, s in zip(torch.cuda.default_generators if state.cuda else (), state.cuda, strict=False):
-        g.set_state(s)
-    if generator is not None and state.numpy is not None:
-        generator.bit_generator.state = state.numpy

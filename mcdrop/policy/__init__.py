@@ -1,0 +1,1 @@
+"""The stochastic policy (layer 2): which modules are random, switching them on and restoring, editing rates."""
