@@ -12,21 +12,17 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
+from zoo import mlp
 
 from mcdrop.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _classifier() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)).eval()
-
-
 @pytest.fixture()
 def scripted_model(tmp_path: Path) -> Path:
     path = tmp_path / "model.pt"
-    torch.jit.save(torch.jit.script(_classifier()), str(path))
+    torch.jit.save(torch.jit.script(mlp(5, 3, hidden=16, p=0.3, act=nn.ReLU)), str(path))
     return path
 
 

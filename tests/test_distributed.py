@@ -31,6 +31,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from zoo import mlp
 
 import mcdrop
 from mcdrop import distributed

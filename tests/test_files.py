@@ -29,6 +29,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import mlp
 
 import mcdrop
 from mcdrop.cli import main
@@ -47,15 +48,10 @@ def fast_png(monkeypatch):
     monkeypatch.setattr(UncertaintyReport, "_png", lambda self, name: png)
 
 
-def _classifier() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)).eval()
-
-
 @pytest.fixture(scope="module")
 def report() -> UncertaintyReport:
     torch.manual_seed(0)
-    mc = mcdrop.MCDropout(_classifier(), n_samples=4, seed=0)
+    mc = mcdrop.MCDropout(mlp(5, 3, hidden=16, p=0.3, act=nn.ReLU), n_samples=4, seed=0)
     pred = mc.predict(torch.randn(30, 5))
     return mcdrop.report(pred, torch.randint(0, 3, (30,)), model=mc, title="files")
 
@@ -178,12 +174,12 @@ def test_to_html_never_overwrites_without_permission_and_writes_atomically(
 @pytest.fixture()
 def files(tmp_path: Path) -> dict[str, Path]:
     model = tmp_path / "model.pt"
-    torch.jit.save(torch.jit.script(_classifier()), str(model))
+    torch.jit.save(torch.jit.script(mlp(5, 3, hidden=16, p=0.3, act=nn.ReLU)), str(model))
     data = tmp_path / "data.npz"
     rng = np.random.default_rng(0)
     np.savez(data, x=rng.normal(size=(24, 5)).astype(np.float32), y=rng.integers(0, 3, 24))
     weights = tmp_path / "weights.pt"
-    torch.save(_classifier().state_dict(), weights)
+    torch.save(mlp(5, 3, hidden=16, p=0.3, act=nn.ReLU).state_dict(), weights)
     return {"model": model, "data": data, "weights": weights}
 
 
@@ -389,7 +385,7 @@ def test_predict_loader_checkpoints_are_read_with_weights_only(tmp_path) -> None
     checkpoint = tmp_path / "run.ckpt"
     _malicious_pickle(checkpoint, marker)
     loader = DataLoader(TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,))), batch_size=4)
-    mc = mcdrop.MCDropout(_classifier(), n_samples=2, seed=0)
+    mc = mcdrop.MCDropout(mlp(5, 3, hidden=16, p=0.3, act=nn.ReLU), n_samples=2, seed=0)
     with pytest.raises(InvalidInputError, match="could not read the checkpoint"):
         mc.predict_loader(loader, progress=False, keep="metrics", checkpoint=checkpoint)
     assert not marker.exists(), "a checkpoint ran code"

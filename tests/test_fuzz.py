@@ -92,13 +92,7 @@ def watchdog(seconds: float = 60.0):
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread hand-offs cost more than they save on a shared runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_useful_message(err: BaseException) -> None:

@@ -1,7 +1,7 @@
 """Interruptions and misuse never corrupt the user's model: every model of the support matrix.
 
-For every model of ``docs/support.md`` (built by the helpers of ``tests/test_support_matrix.py``, plus
-the one-layer rows of ``tests/test_stochastic.py``), sampling is interrupted by ``KeyboardInterrupt``
+For every model of ``docs/support.md`` (built by the helpers of ``tests/support_models.py``, plus
+the one-layer models of ``tests/zoo.py``), sampling is interrupted by ``KeyboardInterrupt``
 or by an exception raised inside ``forward``: before a pass, in the middle of one (a hook on a
 dropout module deep inside), after one, and in the output selection; at the first, a middle and the
 last pass; in ``predict``, ``sample``, ``predict_loader`` and an ``enable_dropout`` block. After
@@ -26,9 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_stochastic import INPUTS as LAYER_INPUTS
-from test_stochastic import only
-from test_support_matrix import (
+from support_models import (
     HF_ARCHS,
     RATE,
     SCRIPTED,
@@ -45,25 +43,14 @@ from test_support_matrix import (
 )
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import INPUTS as LAYER_INPUTS
+from zoo import only
 
 import mcdrop
 from mcdrop import stochastic
 from mcdrop.errors import ModelStateError, NoRandomnessWarning, UnsupportedModelError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def T() -> ModuleType:
-    transformers = optional_import("transformers")
-    transformers.logging.set_verbosity_error()
-    return transformers
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Boom(RuntimeError):

@@ -27,6 +27,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zoo import mlp
 
 import mcdrop.nn as mnn
 from mcdrop.errors import InvalidInputError, InvalidTypeError, McdropError
@@ -321,18 +322,15 @@ def test_module_reproducible_under_manual_seed(layer) -> None:
 # --------------------------------------------------------------------------- torch compatibility
 
 
-def _mlp(dropout: torch.nn.Module) -> torch.nn.Sequential:
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), dropout, torch.nn.Linear(8, 2))
-
-
 def test_state_dict_interchange_with_torch() -> None:
     assert Dropout().state_dict() == {} and Dropout2d().state_dict() == {}
     torch.manual_seed(20)
-    theirs, ours = _mlp(torch.nn.Dropout(0.3)), _mlp(Dropout(0.3))
+    shape = {"hidden": 8, "act": torch.nn.ReLU, "seed": None, "eval_mode": False}
+    theirs, ours = mlp(4, 2, p=torch.nn.Dropout(0.3), **shape), mlp(4, 2, p=Dropout(0.3), **shape)
     assert ours.load_state_dict(theirs.state_dict(), strict=True).missing_keys == []
     x = torch.randn(5, 4)
     torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
-    back = _mlp(torch.nn.Dropout(0.3))
+    back = mlp(4, 2, p=torch.nn.Dropout(0.3), **shape)
     back.load_state_dict(ours.state_dict(), strict=True)
     torch.testing.assert_close(back.eval()(x), ours(x))
     assert list(ours.state_dict()) == list(theirs.state_dict())

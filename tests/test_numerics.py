@@ -40,12 +40,7 @@ def fuzz(examples: int) -> settings:
     return settings(settings.get_profile("mcdrop-ci"), max_examples=examples)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Picker(nn.Module):

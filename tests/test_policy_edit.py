@@ -22,14 +22,7 @@ from mcdrop.errors import (
     UnsupportedModelError,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread-pool hand-offs cost more than they save (and a shared runner is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrained() -> nn.Module:
@@ -328,7 +321,7 @@ def test_added_dropout_before_a_layer_with_several_inputs_cannot_be_scripted() -
     model = mcdrop.add_dropout(nn.Bilinear(3, 3, 2), 0.2, before=nn.Bilinear)
     with torch.no_grad():
         assert model(torch.ones(2, 3), torch.ones(2, 3)).shape == (2, 2)  # eager: first input only
-    with pytest.raises(RuntimeError, match="_added_dropout_hook"):
+    with pytest.raises(RuntimeError, match="added_dropout_hook"):
         torch.jit.script(model)
 
 

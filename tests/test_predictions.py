@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import mlp
 
 import mcdrop
 from mcdrop import ClassificationPrediction, RegressionPrediction, concat_predictions
@@ -24,25 +25,11 @@ from mcdrop.errors import InvalidInputError
 TOL = {"atol": 1e-5, "rtol": 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, **tol: float) -> None:
     torch.testing.assert_close(actual.double(), expected.double(), **(tol or TOL))
-
-
-def mlp(d_in=5, d_out=4, hidden=32, p=0.5, head=None, seed=0) -> nn.Module:
-    torch.manual_seed(seed)
-    layers = [nn.Linear(d_in, hidden), nn.Tanh(), nn.Dropout(p), nn.Linear(hidden, d_out)]
-    if head is not None:
-        layers.append(head)
-    return nn.Sequential(*layers).eval()
 
 
 def inputs(b=6, d=5, seed=1) -> torch.Tensor:

@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from zoo import mlp  # noqa: E402
 
 import mcdrop  # noqa: E402
 from mcdrop import metrics  # noqa: E402
@@ -65,11 +66,6 @@ def fast_png(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def _mlp(d_in: int, d_out: int, p: float = 0.5, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, 32), nn.Tanh(), nn.Dropout(p), nn.Linear(32, d_out)).eval()
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -77,7 +73,7 @@ def _gen(seed: int) -> torch.Generator:
 @pytest.fixture(scope="module")
 def cls():
     """A 4-class prediction with labels that agree with it ~70% of the time, plus OOD data."""
-    mc = mcdrop.MCDropout(_mlp(6, 4), n_samples=8, seed=0)
+    mc = mcdrop.MCDropout(mlp(6, 4), n_samples=8, seed=0)
     x = torch.randn(120, 6, generator=_gen(1)) * 2
     pred = mc.predict(x)
     labels = pred.predicted.clone()
@@ -395,7 +391,7 @@ def test_regression_tables(reg, reg_report):
 
 
 def test_regression_without_aleatoric_head_and_1d_mean():
-    mc = mcdrop.MCDropout(_mlp(3, 1, p=0.3), n_samples=12, task="regression", seed=0)
+    mc = mcdrop.MCDropout(mlp(3, 1, p=0.3), n_samples=12, task="regression", seed=0)
     x = torch.randn(50, 3, generator=_gen(8))
     pred = mc.predict(x)
     flat = replace(pred, mean=pred.mean[:, 0], variance=pred.variance[:, 0])
@@ -410,7 +406,7 @@ def test_regression_without_aleatoric_head_and_1d_mean():
 
 
 def test_multi_output_regression_needs_output():
-    mc = mcdrop.MCDropout(_mlp(3, 2, p=0.3), n_samples=6, task="regression", seed=0)
+    mc = mcdrop.MCDropout(mlp(3, 2, p=0.3), n_samples=6, task="regression", seed=0)
     pred = mc.predict(torch.randn(40, 3, generator=_gen(11)))
     y = torch.randn(40, 2, generator=_gen(12))
     with pytest.raises(InvalidInputError, match="2 outputs per input.*output=j"):
@@ -427,7 +423,7 @@ def test_multi_output_regression_needs_output():
 
 
 def test_zero_std_gives_nan_gaussian_metrics_and_no_interval_figures(tmp_path):
-    mc = mcdrop.MCDropout(_mlp(3, 1, p=0.3), n_samples=1, task="regression", seed=0)
+    mc = mcdrop.MCDropout(mlp(3, 1, p=0.3), n_samples=1, task="regression", seed=0)
     pred = mc.predict(torch.randn(20, 3, generator=_gen(13)))
     rep = mcdrop.report(pred, torch.zeros(20))
     values = _values(rep)

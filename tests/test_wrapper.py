@@ -1,8 +1,9 @@
 """Tests for mcdrop/wrapper.py: ``MCDropout`` ties policy, engine and predictions together.
 
-Covered here: argument and input validation (every error an ``McdropError`` with a helpful
-message), seeding and the global RNG, the model's state before/after (and during) sampling,
-``predict_loader`` and a hypothesis property test of the sample/predict contract.
+Covered here: argument validation (every error an ``McdropError`` with a helpful message; the
+inputs' and outputs' own checks are in ``tests/test_engine_inputs.py`` and
+``tests/test_engine_outputs.py``), seeding and the global RNG, the model's state before/after (and
+during) sampling, ``predict_loader`` and a hypothesis property test of the sample/predict contract.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import mlp, randn_rows
 
 import mcdrop
 from mcdrop import (
@@ -31,19 +33,7 @@ from mcdrop import (
 )
 from mcdrop._gatecheck import checking
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def mlp(d_in=4, d_out=3, hidden=32, p=0.5, seed=0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Dropout(p), nn.Linear(hidden, d_out)).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bn_net(seed=0, p=0.3) -> nn.Module:
@@ -59,10 +49,6 @@ def bn_net(seed=0, p=0.3) -> nn.Module:
         for _ in range(3):
             net(torch.randn(32, 4) * 3 + 1)
     return net.eval()
-
-
-def x_in(b=5, d=4, seed=1) -> torch.Tensor:
-    return torch.randn(b, d, generator=torch.Generator().manual_seed(seed))
 
 
 def fields_equal(a, b) -> bool:
@@ -113,7 +99,7 @@ def fields_equal(a, b) -> bool:
 )
 def test_bad_arguments_are_rejected_up_front(kwargs, error, match):
     with pytest.raises(error, match=match) as info:
-        MCDropout(mlp(), **kwargs)
+        MCDropout(mlp(4, 3), **kwargs)
     assert isinstance(info.value, McdropError)
 
 
@@ -131,110 +117,12 @@ def test_model_without_dropout_fails_at_construction():
     assert issubclass(NoDropoutError, McdropError)
 
 
-# --------------------------------------------------------------------------- input errors
-
-
-def test_empty_batch():
-    with pytest.raises(InvalidInputError, match=r"batch is empty \(batch size 0\)"):
-        MCDropout(mlp(), n_samples=2).predict(torch.randn(0, 4))
-
-
-def test_inputs_disagree_on_batch_size():
-    class Two(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = mlp()
-
-        def forward(self, a, b):
-            return self.net(a + b)
-
-    mc = MCDropout(Two(), n_samples=2)
-    with pytest.raises(
-        InvalidInputError, match=r"disagree on the batch size \(argument 0: 5, argument 1: 3\)"
-    ):
-        mc.predict(torch.randn(5, 4), torch.randn(3, 4))
-    with pytest.raises(InvalidInputError, match=r"argument 0: 5, keyword 'b': 2"):
-        mc.predict(torch.randn(5, 4), b=torch.randn(2, 4))
-
-
-@pytest.mark.parametrize("args", [(), ([1.0, 2.0],), ("text",), (3.0,)])
-def test_no_tensor_inputs(args):
-    with pytest.raises(InvalidInputError, match="No tensor among the inputs"):
-        MCDropout(mlp(), n_samples=2).predict(*args)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_inputs(bad):
-    x = x_in()
-    x[2, 1] = bad
-    with pytest.raises(NonFiniteError, match=r"argument 0 contains NaN or \+infinity"):
-        MCDropout(mlp(), n_samples=2).predict(x)
-    with pytest.raises(NonFiniteError, match=r"keyword 'input' contains NaN or \+infinity"):
-        MCDropout(mlp(), n_samples=2).sample(input=x)
-
-
-def test_minus_infinity_is_accepted_where_additive_attention_masks_hold_it():
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
-    encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
-    causal = nn.Transformer.generate_square_subsequent_mask(5)  # 0 on and below the diagonal, -inf above
-    x = torch.randn(3, 5, 8)
-    mc = MCDropout(encoder, n_samples=6, seed=0, task="regression", batch_dim={"mask": None, "*": 0})
-    s = mc.sample(x, mask=causal)
-    assert s.shape == (6, 3, 5, 8) and bool(torch.isfinite(s).all()) and bool((s.std(0) > 0).any())
-    # the mask is applied: the first position sees only itself, so changing the last one leaves it alone
-    later = x.clone()
-    later[:, -1] += 1.0
-    again = MCDropout(encoder, n_samples=6, seed=0, task="regression", batch_dim={"mask": None, "*": 0})
-    assert torch.allclose(again.sample(later, mask=causal)[:, :, 0], s[:, :, 0], atol=1e-5)
-
-
-def test_minus_infinity_that_breaks_the_outputs_is_refused_on_the_outputs():
-    x = x_in()
-    x[2, 1] = -float("inf")
-    torch.manual_seed(0)
-    linear = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).eval()  # -inf times a weight: +-inf outputs
-    with pytest.raises(NonFiniteError, match=r"model produced NaN or infinity.*batch rows \[2\]"):
-        MCDropout(linear, n_samples=2, task="regression").predict(x)
-    # a model that maps -inf to finite values (tanh saturates) is sampled as it computes
-    assert bool(torch.isfinite(MCDropout(mlp(), n_samples=2).predict(x).probs).all())
-
-
-def test_an_input_the_cast_to_the_model_dtype_overflows_is_refused():
-    x = x_in().double()
-    x[1, 0] = -1e300
-    with pytest.raises(NonFiniteError, match=r"beyond the range of the model's dtype torch.float32"):
-        MCDropout(mlp(), n_samples=2).predict(x)
-
-
-def test_model_that_outputs_nan():
-    class NaNRow(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = mlp()
-
-        def forward(self, x):
-            out = self.net(x)
-            return torch.where(x[:, :1] > 100, torch.full_like(out, float("nan")), out)
-
-    x = x_in()
-    x[3, 0] = 1000.0
-    with pytest.raises(NonFiniteError, match=r"produced NaN or infinity in its output \(batch rows \[3\]"):
-        MCDropout(NaNRow(), n_samples=3).predict(x)
-    assert issubclass(NonFiniteError, McdropError)
-
-
-def test_zero_dim_tensor_input():
-    with pytest.raises(InvalidInputError, match="0-d tensor"):
-        MCDropout(mlp(), n_samples=2).predict(torch.tensor(1.0))
-
-
 # --------------------------------------------------------------------------- seeds and the global RNG
 
 
 def test_same_seed_gives_identical_predictions_in_fresh_wrappers():
-    x = x_in()
-    a, b = MCDropout(mlp(), n_samples=10, seed=7), MCDropout(mlp(), n_samples=10, seed=7)
+    x = randn_rows()
+    a, b = MCDropout(mlp(4, 3), n_samples=10, seed=7), MCDropout(mlp(4, 3), n_samples=10, seed=7)
     torch.manual_seed(1)
     pa1, pa2 = a.predict(x), a.predict(x)
     torch.manual_seed(2)  # a seeded wrapper ignores the global RNG
@@ -242,16 +130,18 @@ def test_same_seed_gives_identical_predictions_in_fresh_wrappers():
     assert fields_equal(pa1, pb1) and fields_equal(pa2, pb2)
     assert not torch.equal(pa1.probs, pa2.probs)  # successive calls draw new samples
     assert torch.equal(
-        MCDropout(mlp(), n_samples=4, seed=7).sample(x), MCDropout(mlp(), n_samples=4, seed=7).sample(x)
+        MCDropout(mlp(4, 3), n_samples=4, seed=7).sample(x),
+        MCDropout(mlp(4, 3), n_samples=4, seed=7).sample(x),
     )
     assert not torch.equal(
-        MCDropout(mlp(), n_samples=4, seed=7).sample(x), MCDropout(mlp(), n_samples=4, seed=8).sample(x)
+        MCDropout(mlp(4, 3), n_samples=4, seed=7).sample(x),
+        MCDropout(mlp(4, 3), n_samples=4, seed=8).sample(x),
     )
 
 
 def test_seeded_calls_leave_the_global_rng_untouched():
-    x = x_in()
-    mc = MCDropout(mlp(), n_samples=6, seed=0)
+    x = randn_rows()
+    mc = MCDropout(mlp(4, 3), n_samples=6, seed=0)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     mc.predict(x)
@@ -261,8 +151,8 @@ def test_seeded_calls_leave_the_global_rng_untouched():
 
 
 def test_unseeded_calls_draw_from_the_global_rng():
-    x = x_in()
-    mc = MCDropout(mlp(), n_samples=6)
+    x = randn_rows()
+    mc = MCDropout(mlp(4, 3), n_samples=6)
     torch.manual_seed(5)
     before = torch.get_rng_state()
     first = mc.sample(x)
@@ -275,7 +165,7 @@ def test_seeded_call_that_raises_leaves_the_global_rng_untouched():
     mc = MCDropout(RaisesOnCall(3), n_samples=8, seed=0, max_batch_size=2)
     before = torch.get_rng_state()
     with pytest.raises(RuntimeError, match="boom on call 3"):
-        mc.predict(x_in())
+        mc.predict(randn_rows())
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -335,9 +225,9 @@ def test_predict_leaves_the_model_exactly_as_it_was(mode):
     model[0].weight.requires_grad_(False)
     before = snapshot(model)
     mc = MCDropout(model, n_samples=7, max_batch_size=4)
-    pred = mc.predict(x_in(b=6))
-    mc.sample(x_in(b=6))
-    mc.predict_loader([x_in(b=3)], progress=False)
+    pred = mc.predict(randn_rows(b=6))
+    mc.sample(randn_rows(b=6))
+    mc.predict_loader([randn_rows(b=3)], progress=False)
     assert_same_state(model, before)
     assert not pred.probs.requires_grad
 
@@ -348,7 +238,7 @@ def test_state_is_restored_after_an_exception_mid_sampling(mode, call):
     model = set_mode(RaisesOnCall(3), mode)
     before = snapshot(model)
     mc = MCDropout(model, n_samples=8, max_batch_size=4, seed=0)
-    x = x_in(b=2)  # two samples per pass: the third pass raises half way through
+    x = randn_rows(b=2)  # two samples per pass: the third pass raises half way through
     with pytest.raises(RuntimeError, match="boom on call 3"):
         if call == "predict_loader":
             mc.predict_loader([x, x], progress=False)
@@ -366,7 +256,7 @@ def test_only_dropout_is_in_train_mode_during_sampling(mode):
         m.register_forward_pre_hook(
             lambda mod, args, name=name: seen.setdefault(name, []).append(mod.training)
         )
-    MCDropout(model, n_samples=5, max_batch_size=6).predict(x_in(b=4))
+    MCDropout(model, n_samples=5, max_batch_size=6).predict(randn_rows(b=4))
     assert seen["3"] and all(seen["3"])  # the dropout
     for name in ("", "0", "1", "2", "4"):
         assert seen[name] and not any(seen[name]), name
@@ -387,7 +277,7 @@ class SideBranch(nn.Module):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_batchnorm_runs_in_eval_mode_so_the_mean_equals_the_eval_output(mode):
     model = SideBranch()
-    x = x_in(b=6) * 2
+    x = randn_rows(b=6) * 2
     with torch.no_grad():
         expected = model.eval()(x)["logits"].softmax(-1)
     set_mode(model, mode)
@@ -407,7 +297,7 @@ def test_batchnorm_runs_in_eval_mode_so_the_mean_equals_the_eval_output(mode):
 def test_rows_do_not_influence_each_other_through_batchnorm():
     """With BatchNorm in eval mode, a row's samples do not depend on the other rows of the batch."""
     model = SideBranch()
-    x = x_in(b=4)
+    x = randn_rows(b=4)
     mc = MCDropout(model, n_samples=3, max_batch_size=3)
     with pytest.warns(NoRandomnessWarning):
         full = mc.sample(x)
@@ -421,7 +311,7 @@ def test_included_dropout_with_rate_zero_warns_that_samples_are_identical():
     net = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.0))
     with pytest.warns(NoRandomnessWarning, match="rate 0"):
         mc = MCDropout(net, n_samples=5, include=[nn.Dropout], task="classification")
-    pred = mc.predict(x_in())
+    pred = mc.predict(randn_rows())
     # zero up to the float rounding of passes at different batch sizes
     assert pred.mutual_information.abs().max() < 1e-6
 
@@ -430,29 +320,29 @@ def test_included_dropout_with_rate_zero_warns_that_samples_are_identical():
 
 
 def test_predict_loader_with_tuple_batches_equals_concatenated_predictions():
-    x, y = x_in(b=10), torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(0))
+    x, y = randn_rows(b=10), torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(0))
     batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)]
-    pred = MCDropout(mlp(), n_samples=6, seed=3, max_batch_size=5).predict_loader(batches, progress=False)
+    pred = MCDropout(mlp(4, 3), n_samples=6, seed=3, max_batch_size=5).predict_loader(batches, progress=False)
     assert isinstance(pred, ClassificationPrediction)
     assert len(pred) == 10 and pred.probs.shape == (10, 3)
     assert torch.equal(pred.targets, y)
-    other = MCDropout(mlp(), n_samples=6, seed=3, max_batch_size=5)
+    other = MCDropout(mlp(4, 3), n_samples=6, seed=3, max_batch_size=5)
     parts = concat_predictions([other.predict(bx) for bx, _ in batches])
     assert fields_equal(pred, parts)  # one seeded stream over the calls: the very same draws
     assert parts.targets is None
 
 
 def test_predict_loader_with_a_dataloader():
-    x, y = x_in(b=10), torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(0))
+    x, y = randn_rows(b=10), torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(0))
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    mc = MCDropout(mlp(), n_samples=40, seed=3)
+    mc = MCDropout(mlp(4, 3), n_samples=40, seed=3)
     pred = mc.predict_loader(loader, progress=False)
     assert len(pred) == 10 and pred.probs.shape == (10, 3) and pred.n_samples == 40
     assert torch.equal(pred.targets, y)
-    again = MCDropout(mlp(), n_samples=40, seed=3).predict_loader(loader, progress=False)
+    again = MCDropout(mlp(4, 3), n_samples=40, seed=3).predict_loader(loader, progress=False)
     assert fields_equal(pred, again)
     # In distribution, the same as one prediction of the whole batch (5 standard errors).
-    whole = MCDropout(mlp(), n_samples=40, seed=4, keep_samples=True).predict(x)
+    whole = MCDropout(mlp(4, 3), n_samples=40, seed=4, keep_samples=True).predict(x)
     se = (2 * whole.std.square() / 40).sqrt()
     assert bool(((pred.probs - whole.probs).abs() <= 5 * se + 1e-6).all())
 
@@ -463,13 +353,13 @@ def test_dataloader_randomness_is_not_drawn_from_the_wrappers_stream():
     The loader's random draws (a shuffling sampler's seed, random augmentations in the dataset) come
     from the global RNG as usual, and the dropout draws do not depend on where the batches came from.
     """
-    x = x_in(b=10)
+    x = randn_rows(b=10)
     loader = DataLoader(TensorDataset(x, torch.arange(10)), batch_size=4, shuffle=True)
     orders = []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
         expected_order = [int(i) for batch in loader for i in batch[1]]
-        model = mlp()  # built before seeding: its initialisation draws from the global RNG too
+        model = mlp(4, 3)  # built before seeding: its initialisation draws from the global RNG too
         torch.manual_seed(global_seed)
         pred = MCDropout(model, n_samples=2, seed=3).predict_loader(loader, progress=False)
         assert pred.targets.tolist() == expected_order
@@ -477,8 +367,8 @@ def test_dataloader_randomness_is_not_drawn_from_the_wrappers_stream():
     assert orders[0] != orders[1]
 
     plain = DataLoader(TensorDataset(x), batch_size=4)
-    from_loader = MCDropout(mlp(), n_samples=6, seed=3).predict_loader(plain, progress=False)
-    mc = MCDropout(mlp(), n_samples=6, seed=3)
+    from_loader = MCDropout(mlp(4, 3), n_samples=6, seed=3).predict_loader(plain, progress=False)
+    mc = MCDropout(mlp(4, 3), n_samples=6, seed=3)
     assert fields_equal(from_loader, concat_predictions([mc.predict(b) for (b,) in plain]))
 
 
@@ -486,14 +376,14 @@ def test_predict_loader_with_dict_batches_takes_labels_out():
     class Keyword(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = mlp()
+            self.net = mlp(4, 3)
 
         def forward(self, features, offset):
             return {"logits": self.net(features + offset)}
 
     data = [
         {"features": f, "offset": torch.ones(1), "labels": torch.tensor(i % 3)}
-        for i, f in enumerate(x_in(b=7))
+        for i, f in enumerate(randn_rows(b=7))
     ]
     loader = DataLoader(data, batch_size=3)
     pred = MCDropout(Keyword(), n_samples=5, seed=0).predict_loader(loader, progress=False)
@@ -503,15 +393,18 @@ def test_predict_loader_with_dict_batches_takes_labels_out():
 
 @pytest.mark.parametrize("key", ["label", "targets", "target", "y"])
 def test_predict_loader_other_target_keys(key):
-    batches = [{"input": x_in(b=2), key: torch.tensor([1, 2])}, {"input": x_in(b=1), key: torch.tensor([0])}]
-    pred = MCDropout(mlp(), n_samples=3, seed=0).predict_loader(batches, progress=False)
+    batches = [
+        {"input": randn_rows(b=2), key: torch.tensor([1, 2])},
+        {"input": randn_rows(b=1), key: torch.tensor([0])},
+    ]
+    pred = MCDropout(mlp(4, 3), n_samples=3, seed=0).predict_loader(batches, progress=False)
     assert torch.equal(pred.targets, torch.tensor([1, 2, 0]))
 
 
 def test_predict_loader_with_custom_unpack():
-    x, y = x_in(b=6), torch.randn(6)
+    x, y = randn_rows(b=6), torch.randn(6)
     batches = [{"data": (x[:4], y[:4])}, {"data": (x[4:], y[4:])}]
-    mc = MCDropout(mlp(d_out=1), n_samples=5, seed=0)
+    mc = MCDropout(mlp(4, 1), n_samples=5, seed=0)
     pred = mc.predict_loader(batches, unpack=lambda b: b["data"], progress=False)
     assert isinstance(pred, RegressionPrediction) and pred.mean.shape == (6, 1)
     assert torch.equal(pred.targets, y)
@@ -521,7 +414,7 @@ def test_predict_loader_with_custom_unpack():
     class Pair(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = mlp()
+            self.net = mlp(4, 3)
 
         def forward(self, a, b):
             return self.net(a + b)
@@ -533,19 +426,21 @@ def test_predict_loader_with_custom_unpack():
 
 
 def test_predict_loader_plain_tensor_batches_have_no_targets():
-    pred = MCDropout(mlp(), n_samples=3, seed=0).predict_loader([x_in(b=2), x_in(b=3)], progress=False)
+    pred = MCDropout(mlp(4, 3), n_samples=3, seed=0).predict_loader(
+        [randn_rows(b=2), randn_rows(b=3)], progress=False
+    )
     assert len(pred) == 5 and pred.targets is None
-    pred = MCDropout(mlp(), n_samples=3, seed=0).predict_loader([(x_in(b=2),)], progress=False)
+    pred = MCDropout(mlp(4, 3), n_samples=3, seed=0).predict_loader([(randn_rows(b=2),)], progress=False)
     assert len(pred) == 2 and pred.targets is None
 
 
 def test_predict_loader_with_progress_bar(capsys):
-    pred = MCDropout(mlp(), n_samples=2, seed=0).predict_loader([x_in(b=2)], progress=True)
+    pred = MCDropout(mlp(4, 3), n_samples=2, seed=0).predict_loader([randn_rows(b=2)], progress=True)
     assert len(pred) == 2
 
 
 def test_predict_loader_errors():
-    mc = MCDropout(mlp(), n_samples=2)
+    mc = MCDropout(mlp(4, 3), n_samples=2)
     with pytest.raises(InvalidInputError, match="yielded no batches"):
         mc.predict_loader([], progress=False)
     with pytest.raises(InvalidInputError, match="empty batch tuple"):
@@ -553,7 +448,7 @@ def test_predict_loader_errors():
     with pytest.raises(InvalidTypeError, match=r"Cannot unpack a batch of type int.*unpack=lambda"):
         mc.predict_loader([3], progress=False)
     with pytest.raises(InvalidInputError, match="targets have 3 rows for 2 inputs"):
-        mc.predict_loader([(x_in(b=2), torch.tensor([0, 1, 2]))], progress=False)
+        mc.predict_loader([(randn_rows(b=2), torch.tensor([0, 1, 2]))], progress=False)
 
 
 # --------------------------------------------------------------------------- misc public surface
@@ -572,7 +467,7 @@ def test_sites_and_describe_show_rates_changed_after_the_wrapper_was_built():
 
     net = bn_net()
     mc = MCDropout(net, n_samples=4, seed=0)
-    mc.predict(x_in())  # an activation before the change
+    mc.predict(randn_rows())  # an activation before the change
     with mcdrop.set_dropout_rate(net, 0.05):
         assert [s.rate for s in mc.sites] == [0.05]
         assert mc.describe()["rate"].tolist() == [0.05]
@@ -582,22 +477,22 @@ def test_sites_and_describe_show_rates_changed_after_the_wrapper_was_built():
 
 
 def test_the_largest_seed_is_accepted_and_reproducible():
-    x = x_in()
-    a = MCDropout(mlp(), n_samples=3, seed=2**64 - 1, keep_samples=True).predict(x).samples
-    b = MCDropout(mlp(), n_samples=3, seed=2**64 - 1, keep_samples=True).predict(x).samples
+    x = randn_rows()
+    a = MCDropout(mlp(4, 3), n_samples=3, seed=2**64 - 1, keep_samples=True).predict(x).samples
+    b = MCDropout(mlp(4, 3), n_samples=3, seed=2**64 - 1, keep_samples=True).predict(x).samples
     assert torch.equal(a, b)
 
 
 def test_task_auto_and_forced():
-    x = x_in()
-    assert MCDropout(mlp(d_out=3), n_samples=3).predict(x).task == "classification"
-    assert MCDropout(mlp(d_out=1), n_samples=3).predict(x).task == "regression"
-    assert MCDropout(mlp(d_out=3), n_samples=3, task="regression").predict(x).task == "regression"
+    x = randn_rows()
+    assert MCDropout(mlp(4, 3), n_samples=3).predict(x).task == "classification"
+    assert MCDropout(mlp(4, 1), n_samples=3).predict(x).task == "regression"
+    assert MCDropout(mlp(4, 3), n_samples=3, task="regression").predict(x).task == "regression"
 
     class Flat(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = mlp(d_out=1)
+            self.net = mlp(4, 1)
 
         def forward(self, x):
             return self.net(x)[:, 0]
@@ -607,7 +502,7 @@ def test_task_auto_and_forced():
 
 
 def test_n_samples_one_gives_zero_spread():
-    pred = MCDropout(mlp(), n_samples=1, seed=0, keep_samples=True).predict(x_in())
+    pred = MCDropout(mlp(4, 3), n_samples=1, seed=0, keep_samples=True).predict(randn_rows())
     assert torch.equal(pred.std, torch.zeros_like(pred.std))
     assert torch.equal(pred.variation_ratio, torch.zeros(5))
     torch.testing.assert_close(pred.probs, pred.samples[0].softmax(-1), atol=1e-6, rtol=0)

@@ -1,0 +1,168 @@
+"""The streaming statistics (``mcdrop/_statistics.py``): exact whatever the chunking, constant memory.
+
+Every field of a prediction equals its definition recomputed from the kept samples whatever the
+chunking (``max_batch_size``, memory budgets); ``RunningMoments``, ``SampleStore`` and
+``ClassificationStats`` match torch for random chunkings (rows split into blocks, samples into runs,
+interleaved); and the memory of the streaming statistics does not grow with N (tensor storage
+measured by the meter of ``tests/zoo.py``).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+from zoo import LiveTensorBytes, mlp
+
+import mcdrop
+from mcdrop._statistics import ClassificationStats, RunningMoments, SampleStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------- predictions do not depend on chunking
+B = 5
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 3, B, 7 * B, None])
+def test_classification_statistics_do_not_depend_on_chunking(max_batch_size):
+    net = mlp(d_in=3, d_out=4)
+    x = torch.randn(B, 3, generator=torch.Generator().manual_seed(1))
+    n = 9
+    mc = mcdrop.MCDropout(net, n_samples=n, seed=3, keep_samples=True, max_batch_size=max_batch_size)
+    pred = mc.predict(x)
+    probs = pred.samples.softmax(-1).double()  # (N, B, K), recomputed from this run's own samples
+    torch.testing.assert_close(pred.probs.double(), probs.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pred.std.double(), probs.std(0, correction=0), atol=1e-5, rtol=0)
+    ent = -torch.special.xlogy(probs, probs).sum(-1)
+    torch.testing.assert_close(pred.expected_entropy.double(), ent.mean(0), atol=1e-5, rtol=0)
+    votes = torch.nn.functional.one_hot(probs.argmax(-1), 4).sum(0)
+    torch.testing.assert_close(
+        pred.variation_ratio.double(), 1 - votes.amax(-1).double() / n, atol=1e-7, rtol=0
+    )
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 3, B, 7 * B, None])
+def test_regression_statistics_do_not_depend_on_chunking(max_batch_size):
+    net = mlp(d_in=3, d_out=2)
+    x = torch.randn(B, 3, generator=torch.Generator().manual_seed(1))
+    mc = mcdrop.MCDropout(
+        net, n_samples=11, seed=3, keep_samples=True, max_batch_size=max_batch_size, task="regression"
+    )
+    pred = mc.predict(x)
+    ys = pred.samples.double()
+    torch.testing.assert_close(pred.mean.double(), ys.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.variance.double(), ys.var(0, correction=0), atol=1e-5, rtol=1e-4)
+
+
+def test_auto_chunking_with_small_budget_agrees_with_kept_samples():
+    net = mlp(d_in=3, d_out=2)
+    x = torch.randn(B, 3)
+    for budget in (1, 2000, 5000):
+        mc = mcdrop.MCDropout(
+            net, n_samples=7, seed=3, keep_samples=True, memory_budget=budget, task="regression"
+        )
+        pred = mc.predict(x)
+        ys = pred.samples.double()
+        torch.testing.assert_close(pred.mean.double(), ys.mean(0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(pred.variance.double(), ys.var(0, correction=0), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- the accumulators for random chunkings
+def random_plan(rng: random.Random, b: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Random chunks ``(start, stop, s0, s1)`` covering samples ``0:n`` of every row of ``0:b``.
+
+    Rows are split into random contiguous blocks, each block's samples into random runs; the
+    chunks of different blocks are interleaved at random (each row's own runs stay in order).
+    """
+    cuts = sorted(rng.sample(range(1, b), rng.randint(0, b - 1))) if b > 1 else []
+    bounds = [0, *cuts, b]
+    queues = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        done, runs = 0, []
+        while done < n:
+            k = rng.randint(1, n - done)
+            runs.append((start, stop, done, done + k))
+            done += k
+        queues.append(runs)
+    plan = []
+    while any(queues):
+        q = rng.choice([q for q in queues if q])
+        plan.append(q.pop(0))
+    return plan
+
+
+@pytest.mark.parametrize(
+    "dtype, offset, tol",
+    [(torch.float32, 0.0, 1e-5), (torch.float32, 1000.0, 2e-3), (torch.float64, 1000.0, 1e-9)],
+)
+def test_running_moments_match_torch_for_random_chunkings(dtype, offset, tol):
+    g = torch.Generator().manual_seed(0)
+    n, b = 13, 6
+    data = (torch.randn(n, b, 3, 2, generator=g) * 2 + offset).to(dtype)
+    ref = data.double()
+    rng = random.Random(0)
+    for _ in range(10):
+        rm = RunningMoments()
+        store = SampleStore(n)
+        for start, stop, s0, s1 in random_plan(rng, b, n):
+            rm.update(start, stop, data[s0:s1, start:stop], b)
+            store.update(start, stop, data[s0:s1, start:stop], b)
+        assert rm.mean.dtype == dtype
+        assert torch.equal(rm.count, torch.full((b,), n))
+        torch.testing.assert_close(rm.mean.double(), ref.mean(0), atol=tol, rtol=tol)
+        torch.testing.assert_close(rm.variance.double(), ref.var(0, correction=0), atol=tol, rtol=tol)
+        assert torch.equal(store.data, data)
+
+
+def test_running_moments_of_a_single_sample_have_zero_variance():
+    rm = RunningMoments()
+    x = torch.randn(1, 4)
+    rm.update(0, 4, x, 4)
+    assert torch.equal(rm.mean, x[0]) and torch.equal(rm.variance, torch.zeros(4))
+
+
+def test_classification_stats_votes_do_not_depend_on_chunking():
+    g = torch.Generator().manual_seed(0)
+    n, b, k = 11, 4, 3
+    logits = torch.randn(n, b, k, generator=g) * 3
+    expected = torch.nn.functional.one_hot(logits.argmax(-1), k).sum(0)
+    rng = random.Random(1)
+    for _ in range(5):
+        stats = ClassificationStats("logits", 1)
+        for start, stop, s0, s1 in random_plan(rng, b, n):
+            stats.update(start, stop, logits[s0:s1, start:stop], b)
+        assert torch.equal(stats.votes, expected.to(stats.votes.dtype))
+        torch.testing.assert_close(stats.probs.mean, logits.softmax(-1).mean(0), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- memory does not grow with N
+def peak_bytes(fn) -> int:
+    with LiveTensorBytes() as meter:
+        fn()
+    return meter.peak
+
+
+def segmenter() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Dropout2d(0.2), nn.Conv2d(8, 21, 1)).eval()
+
+
+def test_the_memory_meter_sees_memory_that_grows_with_n():
+    net, x = segmenter(), torch.randn(2, 3, 8, 8)
+    small = peak_bytes(lambda: mcdrop.MCDropout(net, n_samples=10, keep_samples=True).predict(x))
+    large = peak_bytes(lambda: mcdrop.MCDropout(net, n_samples=200, keep_samples=True).predict(x))
+    kept = 200 * 2 * 21 * 8 * 8 * 4
+    assert large - small > 0.9 * (kept - kept / 20)  # the kept samples show up
+
+
+def test_streaming_statistics_of_a_segmentation_map_do_not_grow_with_n():
+    """Batch 8 x 21 classes x 64 x 64: the peak at N = 1000 is within 10% of the peak at N = 10."""
+    net, x = segmenter(), torch.randn(8, 3, 64, 64)
+    peaks = {}
+    for n in (10, 1000):
+        mc = mcdrop.MCDropout(net, n_samples=n, seed=0)
+        peaks[n] = peak_bytes(lambda mc=mc: mc.predict(x))
+    assert peaks[1000] <= 1.10 * peaks[10], peaks
