@@ -1,7 +1,7 @@
-"""Transitional alias of :mod:`mcdrop.engine.checks` (the module moved there)."""
-
-import sys
+"""TRANSITIONAL alias of :mod:`mcdrop.engine.checks` (the module moved there), until the tests import from it."""
 
 import mcdrop.engine.checks as _moved
 
-sys.modules[__name__] = _moved
+
+def __getattr__(name: str) -> object:
+    return getattr(_moved, name)

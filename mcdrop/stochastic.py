@@ -17,11 +17,15 @@ from mcdrop.policy.classify import (
 from mcdrop.policy.edit import (
     ADDED_DROPOUT_NAME,
     RateChange,
-    _added_dropout_hook,  # noqa: F401 - pickles of models from earlier versions refer to it here
-    _dropout_before_hook,  # noqa: F401 - pickles of models from earlier versions refer to it here
     add_dropout,
+    added_dropout_hook,
+    dropout_before_hook,
     set_dropout_rate,
 )
+
+# Models pickled by earlier versions refer to their add_dropout hooks by these names.
+_added_dropout_hook = added_dropout_hook
+_dropout_before_hook = dropout_before_hook
 
 __all__ = [
     "StochasticSite",

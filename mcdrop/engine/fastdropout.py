@@ -1,4 +1,4 @@
-"""Faster dropout for MC sampling on the CPU (private; used by :mod:`mcdrop.sampling`).
+"""Faster dropout for MC sampling on the CPU (private; used by :mod:`mcdrop.engine.strategies`).
 
 On the CPU, drawing dropout masks dominates the cost of many MC passes: ``F.dropout`` fills a
 tensor with ``bernoulli_`` (about 8-15 ns per element on a 2-core machine), while the matrix

@@ -231,7 +231,7 @@ def input_generators_untouched(inputs: Inputs, seed: int | None = None) -> Itera
 
     For the check passes, which are not samples: only the sampling passes advance a generator the
     caller passed to the model (by reference, see :func:`is_plain_value`). With ``seed``, they
-    draw from that seed meanwhile, as :func:`~mcdrop._gatecheck.rng_untouched` makes the global
+    draw from that seed meanwhile, as :func:`~mcdrop.engine.rng.rng_untouched` makes the global
     generators do: passes from one seed draw alike, passes from two seeds differ.
     """
     found = [g for _, g in _object_leaves(inputs.args, inputs.kwargs, _is_generator)]

@@ -81,7 +81,7 @@ class StochasticPolicy:
         self.model = model
         check_bool(drop_path, "drop_path")
         self._options = {"drop_path": drop_path, "include": include, "exclude": exclude}
-        #: Notes on sites learnt from running the model (see :mod:`mcdrop._gatecheck`), by path.
+        #: Notes on sites learnt from running the model (see :mod:`mcdrop.engine.checks`), by path.
         self.gate_notes: dict[str, str] = {}
         if not isinstance(model, nn.Module):
             raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")

@@ -41,7 +41,7 @@ How the policy decides, module by module (the first rule that matches wins):
     module and the fix (``exclude=`` or :func:`register_deterministic`). Reading the flag does not
     prove that it gates only dropout, so :class:`mcdrop.MCDropout` also runs each gate on the first
     rows of every new input signature, with every dropout operation made the identity (see
-    :mod:`mcdrop._gatecheck`): a gate whose train mode still changes the output deterministically
+    :mod:`mcdrop.engine.checks`): a gate whose train mode still changes the output deterministically
     raises :class:`~mcdrop.errors.ModelStateError`, one drawing from numpy's or Python's RNG warns
     (:class:`~mcdrop.errors.GateRandomnessWarning`).
 
@@ -656,7 +656,7 @@ def find_stochastic_sites(
 ) -> list[StochasticSite]:
     """List every place in ``model`` where randomness can be switched on at inference.
 
-    The rules are described in the module documentation of :mod:`mcdrop.stochastic`.
+    The rules are described in the module documentation of :mod:`mcdrop.policy.classify`.
 
     Args:
         model: Any ``nn.Module``.

@@ -41,7 +41,7 @@ __all__ = ["ADDED_DROPOUT_NAME", "RateChange", "add_dropout", "set_dropout_rate"
 ADDED_DROPOUT_NAME = "mcdrop_dropout"
 
 
-def _added_dropout_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+def added_dropout_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
     """Forward pre-hook of :func:`add_dropout`: dropout on the module's first positional input.
 
     TorchScript compiles it with the module (its annotations are what ``torch.jit.script`` needs for
@@ -53,21 +53,21 @@ def _added_dropout_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[t
     return (module.mcdrop_dropout(args[0]),) + args[1:]
 
 
-def _dropout_before_hook(module: nn.Module, args: tuple[Any, ...], *kwargs: dict[str, Any]) -> Any:
+def dropout_before_hook(module: nn.Module, args: tuple[Any, ...], *kwargs: dict[str, Any]) -> Any:
     """The pre-hook that earlier versions of :func:`add_dropout` registered, by this name.
 
     Kept so that models saved with it (``torch.save``, pickle) still load and run: called with the
     keyword arguments (``with_kwargs=True``, the first versions) it returns ``(args, kwargs)``, as
     such a hook must; without them, the new args. TorchScript cannot compile it (the later
     versions registered a two-argument hook by this name): calling :func:`add_dropout` on such a
-    model replaces it with :func:`_added_dropout_hook`, which it can.
+    model replaces it with :func:`added_dropout_hook`, which it can.
     """
-    new_args = _added_dropout_hook(module, args)
+    new_args = added_dropout_hook(module, args)
     return (new_args, kwargs[0]) if kwargs else new_args
 
 
 #: The pre-hooks by which a layer is known to have dropout from :func:`add_dropout` before it.
-_ADDED_DROPOUT_HOOKS = (_added_dropout_hook, _dropout_before_hook)
+_ADDED_DROPOUT_HOOKS = (added_dropout_hook, dropout_before_hook)
 
 
 def _refuse_hook_input(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -236,7 +236,7 @@ def add_dropout(
         module.add_module(ADDED_DROPOUT_NAME, dropout)
         hooked = hooked and not _drop_earlier_hooks(module)
         if not hooked:
-            module.register_forward_pre_hook(_added_dropout_hook)
+            module.register_forward_pre_hook(added_dropout_hook)
     return target
 
 
@@ -245,7 +245,7 @@ def _drop_earlier_hooks(module: nn.Module) -> bool:
 
     Whether or not it took the keyword arguments, ``torch.jit.script`` compiles neither.
     """
-    earlier = [key for key, hook in module._forward_pre_hooks.items() if hook is _dropout_before_hook]
+    earlier = [key for key, hook in module._forward_pre_hooks.items() if hook is dropout_before_hook]
     for key in earlier:
         del module._forward_pre_hooks[key]
         module._forward_pre_hooks_with_kwargs.pop(key, None)
