@@ -84,7 +84,20 @@ class Prediction:
         raise NotImplementedError
 
     def cpu(self) -> Prediction:
-        """Return a copy with every tensor moved to the CPU."""
+        """Return a copy with every tensor moved to the CPU.
+
+        Returns:
+            A prediction of the same class whose tensor fields (statistics, kept samples, targets)
+            are on the CPU; the other fields are shared with this one.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+            >>> pred = mcdrop.MCDropout(net.eval(), n_samples=4, seed=0).predict(torch.randn(5, 3))
+            >>> on_cpu = pred.cpu()
+            >>> on_cpu.probs.device.type, torch.equal(on_cpu.probs, pred.probs)
+            ('cpu', True)
+        """
         moved = {
             f.name: getattr(self, f.name).cpu()
             for f in fields(self)
@@ -98,7 +111,16 @@ class ClassificationPrediction(Prediction):
     """MC dropout prediction of a classifier (see the module docs for exact definitions).
 
     Per-input tensors have the batch first; ``probs`` and ``std`` keep the class dimension where the
-    model had it (``(batch, K)``, or ``(batch, K, H, W)`` for segmentation).
+    model had it (``(batch, K)``, or ``(batch, K, H, W)`` for segmentation). ``n_samples``,
+    ``samples`` and ``targets`` are those of :class:`Prediction`.
+
+    Attributes:
+        probs: The mean class probabilities p̄ over the N samples.
+        std: The per-class standard deviation of the sample probabilities (divides by N).
+        predictive_entropy: H[p̄], the total uncertainty, per input.
+        expected_entropy: The mean entropy of the sample probabilities (the aleatoric part), per input.
+        variation_ratio: 1 - (samples voting for the modal class) / N, per input.
+        class_dim: The class dimension of ``probs`` and ``std``.
 
     Example:
         >>> import torch, mcdrop
@@ -150,7 +172,29 @@ class ClassificationPrediction(Prediction):
     def from_stats(
         cls, stats: ClassificationStats, n_samples: int, store: SampleStore | None, class_dim: int
     ) -> ClassificationPrediction:
-        """Finish the running statistics into a prediction."""
+        """Finish the running statistics into a prediction (what :class:`mcdrop.MCDropout` returns).
+
+        Args:
+            stats: The running statistics of every sample of every input.
+            n_samples: The number of samples N the statistics hold per input.
+            store: The kept samples (``keep_samples=True``), else ``None``.
+            class_dim: The class dimension of one model output ``(batch, ...)``; negative counts
+                from the end.
+
+        Returns:
+            The prediction, with ``probs`` and ``std`` holding the class dimension at ``class_dim``.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop import ClassificationPrediction
+            >>> from mcdrop._statistics import ClassificationStats
+            >>> stats = ClassificationStats("logits", class_dim=1)
+            >>> logits = torch.tensor([[[0.0, 0.0], [9.0, -9.0]]] * 3)  # 3 samples of 2 inputs, 2 classes
+            >>> stats.update(0, 2, logits, batch_size=2)
+            >>> pred = ClassificationPrediction.from_stats(stats, n_samples=3, store=None, class_dim=1)
+            >>> pred.probs.round(decimals=3).tolist(), pred.variation_ratio.tolist()
+            ([[0.5, 0.5], [1.0, 0.0]], [0.0, 0.0])
+        """
         assert stats.probs.mean is not None and stats.entropy.mean is not None and stats.votes is not None
         mean = stats.probs.mean.clamp(min=0)
         mean = mean / mean.sum(-1, keepdim=True)
@@ -172,6 +216,12 @@ class ClassificationPrediction(Prediction):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per input: prediction, confidence, the uncertainty scores, target and correctness.
+
+        Returns:
+            A pandas DataFrame with the columns ``predicted``, ``confidence``,
+            ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
+            ``variation_ratio``; ``target`` and ``correct`` when there are 1-d targets; then
+            ``prob_0`` ... ``prob_{K-1}``.
 
         Example:
             >>> import torch, mcdrop
@@ -204,6 +254,15 @@ class ClassificationPrediction(Prediction):
 @dataclass
 class RegressionPrediction(Prediction):
     """MC dropout prediction of a regression model (see the module docs for exact definitions).
+
+    Per-input tensors have the batch first and the shape of one model output. ``n_samples``,
+    ``samples`` and ``targets`` are those of :class:`Prediction`.
+
+    Attributes:
+        mean: The mean output over the N samples.
+        variance: The variance of the sample outputs (divides by N): the epistemic variance.
+        aleatoric_variance: The mean of the variances the model outputs (``aleatoric=``), else
+            ``None``.
 
     Example:
         >>> import torch, mcdrop
@@ -254,6 +313,14 @@ class RegressionPrediction(Prediction):
 
         Returns:
             ``(lower, upper)`` tensors shaped like ``mean``.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop import RegressionPrediction
+            >>> pred = RegressionPrediction(n_samples=10, mean=torch.tensor([1.0]), variance=torch.tensor([4.0]))
+            >>> low, high = pred.interval(0.95)  # 1 ± 1.96 · 2
+            >>> round(float(low), 2), round(float(high), 2)
+            (-2.92, 4.92)
         """
         level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
         z = NormalDist().inv_cdf((1 + level) / 2)
@@ -264,7 +331,26 @@ class RegressionPrediction(Prediction):
     def from_stats(
         cls, stats: RegressionStats, n_samples: int, store: SampleStore | None
     ) -> RegressionPrediction:
-        """Finish the running statistics into a prediction."""
+        """Finish the running statistics into a prediction (what :class:`mcdrop.MCDropout` returns).
+
+        Args:
+            stats: The running statistics of every sample of every input.
+            n_samples: The number of samples N the statistics hold per input.
+            store: The kept samples (``keep_samples=True``), else ``None``.
+
+        Returns:
+            The prediction; ``aleatoric_variance`` is set when the statistics hold a variance output.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop import RegressionPrediction
+            >>> from mcdrop._statistics import RegressionStats
+            >>> stats = RegressionStats(aleatoric=None)
+            >>> stats.update(0, 2, torch.tensor([[[1.0], [2.0]], [[3.0], [2.0]]]), batch_size=2)  # 2 samples
+            >>> pred = RegressionPrediction.from_stats(stats, n_samples=2, store=None)
+            >>> pred.mean.tolist(), pred.variance.tolist()
+            ([[2.0], [2.0]], [[1.0], [0.0]])
+        """
         assert stats.mean.mean is not None
         return cls(
             n_samples=n_samples,
@@ -278,6 +364,17 @@ class RegressionPrediction(Prediction):
         """One row per input: mean, std (epistemic, aleatoric, total), interval bounds, target.
 
         Multi-output models get one column group per output (``mean_0``, ``mean_1``, ...).
+
+        Args:
+            level: The coverage of the interval whose bounds are given (``lower_{level}``,
+                ``upper_{level}``), in (0, 1).
+
+        Returns:
+            A pandas DataFrame with the columns ``mean``, ``std``, ``aleatoric_std`` (with an
+            aleatoric head), ``total_std``, the interval bounds and ``target`` (with targets).
+
+        Raises:
+            InvalidInputError: an output has more than one dimension per input (no row per input).
 
         Example:
             >>> import torch, mcdrop
@@ -321,6 +418,16 @@ class RegressionPrediction(Prediction):
 
 def concat_predictions(parts: list[Prediction]) -> Prediction:
     """Concatenate predictions of consecutive batches along the batch dimension.
+
+    Args:
+        parts: Predictions of one task and one number of samples, in batch order.
+
+    Returns:
+        One prediction of the same class whose per-input fields are the parts' concatenated (kept
+        samples only when every part kept them).
+
+    Raises:
+        InvalidInputError: ``parts`` is empty, or mixes tasks or numbers of samples.
 
     Example:
         >>> import torch, mcdrop

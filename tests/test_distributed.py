@@ -229,6 +229,8 @@ def ranks(spawned) -> list[dict[str, object]]:
 
 
 # --------------------------------------------------------------------------- two processes
+# (slow: the tests below wait for the two-process run of the ``spawned`` fixture, ~6 s)
+@pytest.mark.slow
 def test_deterministic_quantities_equal_the_single_process_result_exactly(ranks):
     single = one_process(wrapper(0.0, n_samples=5, keep_samples=True), dataset())
     assert ranks[1]["aligned"] is None  # the result goes to rank 0 only
@@ -238,6 +240,7 @@ def test_deterministic_quantities_equal_the_single_process_result_exactly(ranks)
     assert fields_close(ranks[0]["det"], single)
 
 
+@pytest.mark.slow
 def test_metrics_equal_the_single_process_metrics(ranks):
     single = one_process(wrapper(0.0, n_samples=5), dataset())
     streamed = one_process(wrapper(0.0, n_samples=5), dataset(), keep="metrics").summary()
@@ -251,6 +254,7 @@ def test_metrics_equal_the_single_process_metrics(ranks):
     assert padded == pytest.approx(streamed, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rank_zero_draws_the_wrappers_own_stream(ranks):
     single = one_process(wrapper(0.3, n_samples=20), dataset())
     got = ranks[0]["aligned_mc"]
@@ -260,6 +264,7 @@ def test_rank_zero_draws_the_wrappers_own_stream(ranks):
     assert bool(((got.probs - single.probs).abs() <= 6 * se + 1e-6).all())
 
 
+@pytest.mark.slow
 def test_mc_dropout_rows_come_back_in_dataset_order_within_monte_carlo_error(ranks):
     pred, indices = ranks[0]["mc"]
     assert torch.equal(indices, torch.arange(N))
@@ -272,6 +277,7 @@ def test_mc_dropout_rows_come_back_in_dataset_order_within_monte_carlo_error(ran
     assert fields_equal(ranks[0]["mc_again"], pred)
 
 
+@pytest.mark.slow
 def test_all_reduced_metrics_equal_metrics_of_the_gathered_rows_from_the_same_samples(ranks):
     pred, _ = ranks[0]["mc"]
     s0, s1 = ranks[0]["mc_metrics"].summary(), ranks[1]["mc_metrics"].summary()  # dst=None: both
@@ -291,6 +297,7 @@ def test_all_reduced_metrics_equal_metrics_of_the_gathered_rows_from_the_same_sa
     assert abs(s0["misclassification AUROC (entropy)"] - auroc) <= bound + 1e-12
 
 
+@pytest.mark.slow
 def test_an_empty_shard_changes_nothing(ranks):
     single = one_process(wrapper(0.3, n_samples=20), dataset())
     assert fields_equal(ranks[0]["empty"], single)  # rank 0's stream is the wrapper's own
@@ -298,12 +305,14 @@ def test_an_empty_shard_changes_nothing(ranks):
     assert ranks[0]["empty_metrics"].summary() == pytest.approx(streamed, rel=REL)
 
 
+@pytest.mark.slow
 def test_overlapping_shards_are_deduplicated_by_index(ranks):
     single = one_process(wrapper(0.0, n_samples=5), dataset())
     assert fields_equal(ranks[0]["overlap"], single)
     assert fields_equal(ranks[1]["overlap"], single)
 
 
+@pytest.mark.slow
 def test_batches_without_targets_and_another_destination(ranks):
     assert ranks[0]["no_targets"] is None
     got = ranks[1]["no_targets"]
@@ -311,6 +320,7 @@ def test_batches_without_targets_and_another_destination(ranks):
     assert got.targets is None and fields_close(got, single)
 
 
+@pytest.mark.slow
 def test_regression_metrics(ranks):
     assert ranks[0]["reg_metrics"] is None
     got = ranks[1]["reg_metrics"]
@@ -319,6 +329,7 @@ def test_regression_metrics(ranks):
     assert got.summary() == pytest.approx(streamed, rel=REL, nan_ok=True)
 
 
+@pytest.mark.slow
 def test_checkpoints_are_per_rank_and_reduce_metrics_in_own_loops(ranks):
     first, again, exists = ranks[0]["ckpt"]
     assert exists and ranks[1]["ckpt"][2]
@@ -326,12 +337,14 @@ def test_checkpoints_are_per_rank_and_reduce_metrics_in_own_loops(ranks):
     assert ranks[0]["reduced"] == ranks[1]["reduced"] == 0.5
 
 
+@pytest.mark.slow
 def test_errors_are_raised_on_every_rank(ranks):
     for r in ranks:
         assert "not sharded" in r["unsharded"]
         assert "every shard" in r["all_empty"]
 
 
+@pytest.mark.slow
 def test_mcdrop_report_in_a_distributed_world_writes_one_report(spawned):
     ranks, out = spawned
     assert ranks[0]["cli"] == ranks[1]["cli"] == 0

@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 5-10 s each: the examples train their models
 @pytest.mark.parametrize(
     ("script", "args", "expected"),
     [

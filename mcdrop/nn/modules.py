@@ -49,6 +49,9 @@ class _DropoutBase(nn.Module):
     def extra_repr(self) -> str:
         """Return ``"p=..., inplace=..."``, the same text :mod:`torch.nn` dropout layers print.
 
+        Returns:
+            The text shown between the parentheses of the layer's ``repr``.
+
         Example:
             >>> from mcdrop.nn import Dropout
             >>> Dropout(0.1, inplace=True).extra_repr()
