@@ -174,9 +174,9 @@ def _check_out(out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise CliError(f"the output folder {out} exists and is not empty; pass --force to overwrite it")
-        from mcdrop.report._report import _check_target
+        from mcdrop.report import check_report_folder
 
-        _check_target(Path(os.path.abspath(out)), True, ())  # --force replaces only an mcdrop report
+        check_report_folder(Path(os.path.abspath(out)), True)  # --force replaces only an mcdrop report
 
 
 _SAFE_LOAD_HINT = (

@@ -25,7 +25,7 @@ import torch
 
 from mcdrop._checks import check_real
 from mcdrop.errors import InvalidInputError, McdropWarning, NotFittedError
-from mcdrop.metrics._inputs import (
+from mcdrop.metrics.inputs import (
     F64,
     ArrayLike,
     as_float,

@@ -42,12 +42,3 @@ __all__ = [
     "ADDED_DROPOUT_NAME",
 ]
 
-
-def __getattr__(name: str) -> object:  # TRANSITIONAL: private names, until the tests import from mcdrop.policy
-    import importlib
-
-    for module in ("classify", "activate", "edit", "_bytecode"):
-        found = importlib.import_module(f"mcdrop.policy.{module}")
-        if name in vars(found):
-            return vars(found)[name]
-    raise AttributeError(f"module 'mcdrop.stochastic' has no attribute {name!r}")

@@ -29,7 +29,7 @@ from torch import nn
 from zoo import SAMPLING_LOGGER, trunk_mlp
 
 import mcdrop
-from mcdrop._gatecheck import TORCH_RANDOMNESS_NOTE, check_gates, checking
+from mcdrop.engine.checks import TORCH_RANDOMNESS_NOTE, check_gates, checking
 from mcdrop.errors import GateRandomnessWarning, ModelStateError, NoRandomnessWarning, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,7 +17,7 @@ from torch import nn
 from zoo import SAMPLING_LOGGER, head_cnn, strategy_of, trunk_mlp
 
 import mcdrop
-from mcdrop._gatecheck import checking
+from mcdrop.engine.checks import checking
 from mcdrop.errors import UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

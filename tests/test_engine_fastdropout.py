@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcdrop import _fastdropout as fd
+from mcdrop.engine import fastdropout as fd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

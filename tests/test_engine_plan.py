@@ -17,8 +17,8 @@ from torch import nn
 from zoo import AllocatedBytes, Tagged, distinct_rows
 
 import mcdrop
-from mcdrop._gatecheck import checking
-from mcdrop.sampling import plan_work
+from mcdrop.engine.checks import checking
+from mcdrop.engine.plan import plan_work
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,9 +22,9 @@ from torch import nn
 from zoo import Tagged, head_cnn, trunk_mlp
 
 import mcdrop
-from mcdrop._gatecheck import checking
+from mcdrop.engine.checks import checking
+from mcdrop.engine.strategies import STRATEGIES
 from mcdrop.errors import InvalidInputError
-from mcdrop.sampling import STRATEGIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

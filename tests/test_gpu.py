@@ -14,7 +14,9 @@ from torch import nn
 
 import mcdrop
 from mcdrop._statistics import ClassificationStats
-from mcdrop.sampling import _flag_bad_rows, _raise_if_bad_rows, prepare_inputs, sample_chunks
+from mcdrop.engine.inputs import prepare_inputs
+from mcdrop.engine.outputs import flag_bad_rows, raise_if_bad_rows
+from mcdrop.engine.sample import sample_chunks
 
 
 def needs_cuda(test):
@@ -226,25 +228,25 @@ def test_device_side_finite_check_flags_rows_and_raises_once() -> None:
     """The check the GPU path uses (no sync per chunk), run here on CPU tensors."""
     flags: list[torch.Tensor] = []
     ok = torch.zeros(3, 2, 4)
-    _flag_bad_rows(ok, 0, 2, 6, flags)
+    flag_bad_rows(ok, 0, 2, 6, flags)
     bad = torch.zeros(3, 4, 4)
     bad[1, 2, 0] = float("nan")
     bad[0, 3, 1] = float("inf")
     bad[2, 0, 3] = float("-inf")  # a masked logit: allowed
-    _flag_bad_rows(bad, 2, 6, 6, flags)
+    flag_bad_rows(bad, 2, 6, 6, flags)
     assert flags[0].tolist() == [False, False, False, False, True, True]
     with pytest.raises(mcdrop.NonFiniteError, match=r"batch rows \[4, 5\]"):
-        _raise_if_bad_rows(flags)
-    _raise_if_bad_rows([])  # nothing checked: nothing to say
+        raise_if_bad_rows(flags)
+    raise_if_bad_rows([])  # nothing checked: nothing to say
     pair: list[torch.Tensor] = []
-    _flag_bad_rows((ok, ok), 0, 2, 2, pair)
-    _raise_if_bad_rows(pair)
+    flag_bad_rows((ok, ok), 0, 2, 2, pair)
+    raise_if_bad_rows(pair)
 
 
 def test_the_row_check_zeroes_the_rate_of_fused_gpu_kernels() -> None:
     """cuDNN's recurrent kernel and the fused attention kernels take their dropout rate as an
     argument; the row check's constants set it to 0 (read from the op schemas, here on the CPU)."""
-    from mcdrop._gatecheck import _dropout_p_index
+    from mcdrop.engine.checks import _dropout_p_index
 
     aten = torch.ops.aten
     for op, name in [

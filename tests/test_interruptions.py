@@ -47,8 +47,8 @@ from zoo import INPUTS as LAYER_INPUTS
 from zoo import only
 
 import mcdrop
-from mcdrop import stochastic
 from mcdrop.errors import ModelStateError, NoRandomnessWarning, UnsupportedModelError
+from mcdrop.policy import activate, classify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +104,7 @@ def assert_restored(model: nn.Module, before: dict[str, Any], what: str, rng: bo
             assert all(torch.equal(a, b) for a, b in zip(now_cuda, before["cuda_rng"], strict=True)), what
     assert torch.is_grad_enabled() == before["grad_enabled"], f"{what}: grad mode changed"
     assert torch.get_default_dtype() == before["default_dtype"], what
-    claimed = [p for p, m in model.named_modules() if m in stochastic._ACTIVE]
+    claimed = [p for p, m in model.named_modules() if m in activate._ACTIVE]
     assert not claimed, f"{what}: modules still marked as being sampled: {claimed[:5]}"
 
 
@@ -266,14 +266,14 @@ NEEDS_TRANSFORMERS = {name for name in MATRIX if name.startswith("hf-")}
 @pytest.fixture
 def registered():
     """Register the user classes of the matrix for one test, then undo it."""
-    saved = dict(stochastic._REGISTERED_STOCHASTIC), set(stochastic._REGISTERED_DETERMINISTIC)
+    saved = dict(classify._REGISTERED_STOCHASTIC), set(classify._REGISTERED_DETERMINISTIC)
     mcdrop.register_stochastic(RandomDepth, kind="drop_path", rate_attr="rate")
     mcdrop.register_stochastic(GaussianNoise, kind="dropout", rate_attr="sigma")
     yield
-    stochastic._REGISTERED_STOCHASTIC.clear()
-    stochastic._REGISTERED_STOCHASTIC.update(saved[0])
-    stochastic._REGISTERED_DETERMINISTIC.clear()
-    stochastic._REGISTERED_DETERMINISTIC.update(saved[1])
+    classify._REGISTERED_STOCHASTIC.clear()
+    classify._REGISTERED_STOCHASTIC.update(saved[0])
+    classify._REGISTERED_DETERMINISTIC.clear()
+    classify._REGISTERED_DETERMINISTIC.update(saved[1])
 
 
 def mix_flags(model: nn.Module) -> None:
@@ -396,7 +396,7 @@ def test_interruptions_leave_every_model_of_the_support_matrix_exactly_as_before
         target_shape = tuple(samples.shape[1:])
         passes = counter.calls
         # A wrapper's first call per input signature also runs the gate check (see
-        # mcdrop._gatecheck): its passes come first, then the sampling passes.
+        # mcdrop.engine.checks): its passes come first, then the sampling passes.
         again = Trigger()
         handle = model.register_forward_pre_hook(again)
         try:
@@ -753,7 +753,7 @@ def test_unseeded_wrappers_share_the_generator_and_wait_for_a_seeded_one() -> No
 
 
 def test_an_interrupted_wait_for_the_generator_leaves_no_lock_behind(monkeypatch) -> None:
-    from mcdrop import _rnglock
+    from mcdrop.engine import rng as _rnglock
 
     idle = {"readers": 0, "writer": False, "writers_waiting": 0}
     # nested access in one thread (a wrapper inside another's sampling) goes on, not deadlocking

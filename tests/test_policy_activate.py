@@ -18,7 +18,7 @@ from torch import nn
 from zoo import INPUTS, cnn_bn, mlp, only, transformer
 
 import mcdrop
-from mcdrop._gatecheck import checking
+from mcdrop.engine.checks import checking
 from mcdrop.errors import ModelStateError
 
 

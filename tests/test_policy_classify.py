@@ -191,14 +191,14 @@ def test_include_exclude_and_registration() -> None:
         mcdrop.register_deterministic(MyNoise)
         assert mcdrop.find_stochastic_sites(nn.Sequential(MyNoise())) == []
     finally:
-        from mcdrop import stochastic
+        from mcdrop.policy import classify
 
-        stochastic._REGISTERED_DETERMINISTIC.discard(MyNoise)
-        stochastic._REGISTERED_STOCHASTIC.pop(MyNoise, None)
+        classify._REGISTERED_DETERMINISTIC.discard(MyNoise)
+        classify._REGISTERED_STOCHASTIC.pop(MyNoise, None)
 
 
 def test_register_stochastic_validates_its_arguments_up_front() -> None:
-    from mcdrop import stochastic
+    from mcdrop.policy import classify
 
     class Noise(nn.Module):
         def __init__(self) -> None:
@@ -208,7 +208,7 @@ def test_register_stochastic_validates_its_arguments_up_front() -> None:
         def forward(self, x):
             return x + self.sigma * torch.randn_like(x) if self.training else x
 
-    before = dict(stochastic._REGISTERED_STOCHASTIC)
+    before = dict(classify._REGISTERED_STOCHASTIC)
     for bad in (5, b"sigma", ["sigma"]):
         with pytest.raises(
             InvalidTypeError, match=r"rate_attr must be the name \(a str\).*e.g. rate_attr='p'"
@@ -222,14 +222,14 @@ def test_register_stochastic_validates_its_arguments_up_front() -> None:
             mcdrop.register_stochastic(Noise, kind=bad)
     with pytest.raises(InvalidTypeError, match="nn.Module subclass"):
         mcdrop.register_stochastic(Noise(), rate_attr="sigma")
-    assert stochastic._REGISTERED_STOCHASTIC == before  # nothing was registered
+    assert classify._REGISTERED_STOCHASTIC == before  # nothing was registered
     mcdrop.find_stochastic_sites(nn.Sequential(Noise()))  # and describing does not crash
     try:
         mcdrop.register_stochastic(Noise, rate_attr="sigma")
         [site] = mcdrop.find_stochastic_sites(nn.Sequential(Noise()))
         assert (site.kind, site.rate, site.rate_attr) == ("dropout", 0.1, "sigma")
     finally:
-        stochastic._REGISTERED_STOCHASTIC.pop(Noise, None)
+        classify._REGISTERED_STOCHASTIC.pop(Noise, None)
 
 
 def test_drop_path_must_be_a_bool() -> None:

@@ -41,9 +41,9 @@ from support_models import (
 from torch import nn
 
 import mcdrop
-from mcdrop import stochastic
-from mcdrop._gatecheck import checking
+from mcdrop.engine.checks import checking
 from mcdrop.errors import InvalidInputError, NoDropoutError, NoRandomnessWarning, UnsupportedModelError
+from mcdrop.policy import classify
 
 N = 6  # MC samples per check
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,13 +52,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def registry():
     """Undo registrations made by a test."""
-    stochastic_before = dict(stochastic._REGISTERED_STOCHASTIC)
-    deterministic_before = set(stochastic._REGISTERED_DETERMINISTIC)
+    stochastic_before = dict(classify._REGISTERED_STOCHASTIC)
+    deterministic_before = set(classify._REGISTERED_DETERMINISTIC)
     yield
-    stochastic._REGISTERED_STOCHASTIC.clear()
-    stochastic._REGISTERED_STOCHASTIC.update(stochastic_before)
-    stochastic._REGISTERED_DETERMINISTIC.clear()
-    stochastic._REGISTERED_DETERMINISTIC.update(deterministic_before)
+    classify._REGISTERED_STOCHASTIC.clear()
+    classify._REGISTERED_STOCHASTIC.update(stochastic_before)
+    classify._REGISTERED_DETERMINISTIC.clear()
+    classify._REGISTERED_DETERMINISTIC.update(deterministic_before)
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -94,7 +94,7 @@ def assert_nothing_to_sample(model: nn.Module, call: Callable[[], torch.Tensor],
     assert flags == {name: m.training for name, m in model.named_modules()}
 
 
-def sites(model: nn.Module, **options: Any) -> dict[str, stochastic.StochasticSite]:
+def sites(model: nn.Module, **options: Any) -> dict[str, classify.StochasticSite]:
     return {s.path: s for s in mcdrop.find_stochastic_sites(model, **options)}
 
 

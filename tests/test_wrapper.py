@@ -31,7 +31,7 @@ from mcdrop import (
     RegressionPrediction,
     concat_predictions,
 )
-from mcdrop._gatecheck import checking
+from mcdrop.engine.checks import checking
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

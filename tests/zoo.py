@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import mcdrop
-from mcdrop._gatecheck import checking
+from mcdrop.engine.checks import checking
 
 # The logger the engine reports its decisions on (strategy, fallbacks, the row check's verdict).
 SAMPLING_LOGGER = "mcdrop.sampling"

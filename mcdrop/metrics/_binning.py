@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from mcdrop.metrics._inputs import F64, to_f64
+from mcdrop.metrics.inputs import F64, to_f64
 
 __all__ = [
     "Bins",

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from mcdrop.metrics._inputs import F64
+from mcdrop.metrics.inputs import F64
 
 __all__ = [
     "LOG_2PI",

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from mcdrop.metrics._inputs import F64
+from mcdrop.metrics.inputs import F64
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:

@@ -44,7 +44,7 @@ import torch
 from mcdrop._checks import check_choice, check_int
 from mcdrop.errors import InvalidInputError
 from mcdrop.metrics._binning import binned_sums, calibration_error, table_columns
-from mcdrop.metrics._inputs import ArrayLike, Classification, parse_classification
+from mcdrop.metrics.inputs import ArrayLike, Classification, parse_classification
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas

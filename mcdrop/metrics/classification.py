@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from mcdrop._checks import check_real
-from mcdrop.metrics._inputs import ArrayLike, parse_classification, to_f64
+from mcdrop.metrics.inputs import ArrayLike, parse_classification, to_f64
 
 __all__ = ["accuracy", "brier_score", "negative_log_likelihood"]
 

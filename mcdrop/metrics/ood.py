@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 
 from mcdrop._checks import check_choice, check_real
-from mcdrop.metrics._inputs import ArrayLike, to_f64, vector
 from mcdrop.metrics._ranking import auroc as _auroc
 from mcdrop.metrics._ranking import average_precision as _average_precision
 from mcdrop.metrics._ranking import fpr_at_tpr as _fpr_at_tpr
+from mcdrop.metrics.inputs import ArrayLike, to_f64, vector
 
 __all__ = ["fpr_at_tpr", "ood_auroc", "ood_aupr"]
 

@@ -32,7 +32,7 @@ from mcdrop._checks import check_choice, check_int, check_real
 from mcdrop.errors import InvalidInputError
 from mcdrop.metrics._binning import count_between, curve_area
 from mcdrop.metrics._gaussian import LOG_2PI, central_quantiles, crps_terms, ndtri, nll_terms
-from mcdrop.metrics._inputs import (
+from mcdrop.metrics.inputs import (
     F64,
     ArrayLike,
     as_float,

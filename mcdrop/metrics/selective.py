@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from mcdrop.errors import InvalidInputError
-from mcdrop.metrics._inputs import F64, ArrayLike, binary_vector, to_f64, vector
 from mcdrop.metrics._ranking import auroc as _auroc
+from mcdrop.metrics.inputs import F64, ArrayLike, binary_vector, to_f64, vector
 
 __all__ = ["RiskCoverageCurve", "aurc", "e_aurc", "misclassification_auroc", "risk_coverage_curve"]
 

@@ -75,7 +75,8 @@ from mcdrop.metrics._binning import (
     uniform_edges,
 )
 from mcdrop.metrics._gaussian import central_quantiles, crps_terms, nll_terms
-from mcdrop.metrics._inputs import (
+from mcdrop.metrics.calibration import ReliabilityTable
+from mcdrop.metrics.inputs import (
     F64,
     ArrayLike,
     parse_classification,
@@ -83,7 +84,6 @@ from mcdrop.metrics._inputs import (
     to_f64,
     to_tensor,
 )
-from mcdrop.metrics.calibration import ReliabilityTable
 from mcdrop.metrics.regression import CalibrationCurve
 
 __all__ = [
@@ -205,11 +205,46 @@ class StreamingMetrics:
 
     # ------------------------------------------------------------------ to be provided by subclasses
     def config(self) -> dict[str, Any]:
-        """The configuration (bins, levels, ...) that fixes the shapes of the statistics."""
+        """The configuration (bins, levels, ...) that fixes the shapes of the statistics.
+
+        Each subclass provides it (the base class raises ``NotImplementedError``). It is what
+        :meth:`state_dict` saves, what :meth:`merge` and :meth:`load_state_dict` require to be equal,
+        and the keyword arguments :meth:`from_config` builds an accumulator from.
+
+        Returns:
+            The constructor's keyword arguments, as plain Python values.
+
+        Example:
+            >>> from mcdrop.metrics.streaming import StreamingMetrics, StreamingRegressionMetrics
+            >>> config = StreamingRegressionMetrics(levels=[0.9], n_curve_levels=10).config()
+            >>> config
+            {'levels': [0.9], 'n_curve_levels': 10}
+            >>> StreamingMetrics.from_config("regression", config).config() == config
+            True
+        """
         raise NotImplementedError
 
     def summary(self) -> dict[str, float]:
-        """The metrics as a ``{name: value}`` dict (names as in :func:`mcdrop.report`)."""
+        """The metrics of everything accumulated so far, as a ``{name: value}`` dict.
+
+        Each subclass provides it (the base class raises ``NotImplementedError``); the names are
+        those of the summary rows of :func:`mcdrop.report`, see
+        :meth:`StreamingClassificationMetrics.summary` and :meth:`StreamingRegressionMetrics.summary`.
+
+        Returns:
+            ``{metric name: float}``, ending with ``"n_inputs"`` and, when :attr:`n_samples` is
+            known, ``"n_samples"``.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.metrics.streaming import StreamingRegressionMetrics
+            >>> acc = StreamingRegressionMetrics(levels=[0.9])
+            >>> acc.update(torch.zeros(2), torch.ones(2), torch.tensor([0.5, -3.0]))
+            >>> acc.n_samples = 10  # recorded by the caller, as predict_loader(keep="metrics") does
+            >>> s = acc.summary()
+            >>> s["MAE"], s["PICP (90%)"], s["n_inputs"], s["n_samples"]
+            (1.75, 0.5, 2.0, 10.0)
+        """
         raise NotImplementedError
 
     @property
@@ -573,7 +608,13 @@ class StreamingClassificationMetrics(StreamingMetrics):
         self._edges: tuple[int, torch.Tensor] | None = None  # (n_classes, score edges), a cache
 
     def config(self) -> dict[str, Any]:
-        """``{"n_bins", "n_score_bins"}``.
+        """The configuration that fixes the shapes of the statistics (see :meth:`StreamingMetrics.config`).
+
+        ``n_classes`` is not part of it: it is metadata (see :meth:`~StreamingMetrics.metadata`),
+        learnt from the first update when not given.
+
+        Returns:
+            ``{"n_bins": int, "n_score_bins": int}``.
 
         Example:
             >>> from mcdrop.metrics.streaming import StreamingClassificationMetrics
@@ -821,7 +862,11 @@ class StreamingRegressionMetrics(StreamingMetrics):
         self._curve_lo, self._curve_hi = central_quantiles(self._expected)
 
     def config(self) -> dict[str, Any]:
-        """``{"levels", "n_curve_levels"}``.
+        """The configuration that fixes the shapes of the statistics (see :meth:`StreamingMetrics.config`).
+
+        Returns:
+            ``{"levels": list of floats, "n_curve_levels": int}``; ``levels`` as validated by the
+            constructor (a single float becomes a one-element list).
 
         Example:
             >>> from mcdrop.metrics.streaming import StreamingRegressionMetrics

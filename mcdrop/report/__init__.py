@@ -29,9 +29,9 @@ import types
 from typing import Any
 
 from mcdrop.report import figures
-from mcdrop.report._report import UncertaintyReport, compare, report
+from mcdrop.report._report import UncertaintyReport, check_report_folder, compare, report
 
-__all__ = ["report", "compare", "UncertaintyReport", "figures"]
+__all__ = ["report", "compare", "UncertaintyReport", "check_report_folder", "figures"]
 
 
 class _CallableModule(types.ModuleType):

@@ -427,7 +427,7 @@ class UncertaintyReport:
              'risk_coverage.png', 'summary.csv', 'summary.json', 'uncertainty.png']
         """
         target = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
-        _check_target(target, bool(overwrite), self.figure_names)
+        check_report_folder(target, bool(overwrite), self.figure_names)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
@@ -488,7 +488,26 @@ def _is_report_file(name: str) -> bool:
     return name in REPORT_FILES or (name.endswith(".png") and "/" not in name)
 
 
-def _check_target(target: Path, overwrite: bool, figure_names: Sequence[str]) -> None:
+def check_report_folder(target: Path, overwrite: bool, figure_names: Sequence[str] = ()) -> None:
+    """Refuse a folder that :meth:`UncertaintyReport.save` must not write into.
+
+    A symbolic link or a file; a folder that is not empty, unless ``overwrite``; and, even with
+    ``overwrite``, a folder that is not an mcdrop report (entries other than a report's files and
+    figures, or no mcdrop ``summary.json``): replacing it would delete someone else's files.
+
+    Args:
+        target: The report folder.
+        overwrite: Whether an existing mcdrop report there may be replaced.
+        figure_names: The figures the report will write (their files count as report files).
+
+    Raises:
+        ReportExistsError: The folder must not be written into; the message says why.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from mcdrop.report import check_report_folder
+        >>> check_report_folder(pathlib.Path(tempfile.mkdtemp()) / "new", overwrite=False)  # fine
+    """
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         kind = "a symbolic link" if target.is_symlink() else "a file"
         raise ReportExistsError(f"{target} is {kind}, not a report folder; choose another path.")

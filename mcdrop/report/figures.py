@@ -35,7 +35,7 @@ import torch
 from mcdrop import metrics
 from mcdrop._checks import check_choice, check_int, check_real
 from mcdrop.errors import InvalidInputError, InvalidTypeError
-from mcdrop.metrics._inputs import parse_classification, parse_regression, vector
+from mcdrop.metrics.inputs import parse_classification, parse_regression, vector
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction
 
 if TYPE_CHECKING:  # pragma: no cover

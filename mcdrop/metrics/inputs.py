@@ -1,6 +1,7 @@
-"""Private conversion and validation shared by every metric family.
+"""Parsing metric inputs: the conversion and validation shared by every metric family and its consumers.
 
-Every public metric funnels its inputs through this module, so all of them accept the same things
+Every public metric funnels its inputs through this module (and so do the figures of
+:mod:`mcdrop.report` and :mod:`mcdrop.recalibration`, which take the same inputs), so all of them accept the same things
 (``torch.Tensor`` on any device, ``numpy.ndarray``, or plain Python sequences) and fail with the same
 clear messages.
 

@@ -1,7 +1,0 @@
-"""TRANSITIONAL alias of :mod:`mcdrop.engine.checks` (the module moved there), until the tests import from it."""
-
-import mcdrop.engine.checks as _moved
-
-
-def __getattr__(name: str) -> object:
-    return getattr(_moved, name)
