@@ -92,6 +92,12 @@ def _initialized() -> bool:
 def get_world_size() -> int:
     """Number of processes K in the default process group; 1 when none is initialised.
 
+    Also 1 when ``torch.distributed`` is not available in this build of PyTorch.
+
+    Returns:
+        ``torch.distributed.get_world_size()`` when the default process group is initialised,
+        else 1.
+
     Example:
         >>> from mcdrop.distributed import get_world_size
         >>> get_world_size()  # no process group: one process
@@ -102,6 +108,12 @@ def get_world_size() -> int:
 
 def get_rank() -> int:
     """This process's rank in the default process group; 0 when none is initialised.
+
+    Also 0 when ``torch.distributed`` is not available in this build of PyTorch.
+
+    Returns:
+        ``torch.distributed.get_rank()`` when the default process group is initialised (in
+        ``[0, K)``), else 0.
 
     Example:
         >>> from mcdrop.distributed import get_rank

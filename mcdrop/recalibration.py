@@ -172,6 +172,24 @@ class TemperatureScaling:
         Raises:
             InvalidInputError: Wrong shapes, labels out of range, empty input.
             NonFiniteError: NaN or infinity in the logits.
+
+        Warns:
+            McdropWarning: The fitted temperature's NLL is higher than that of ``T = 1`` (possible
+                only when ``bounds`` exclude 1).
+
+        Example:
+            >>> import math, torch
+            >>> from mcdrop.recalibration import TemperatureScaling
+            >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
+            >>> labels = torch.tensor([0, 1, 1, 1])  # 3 of 4 right, each with confidence 0.98
+            >>> ts = TemperatureScaling().fit(logits, labels)
+            >>> abs(ts.temperature_ - 4 / math.log(3)) < 1e-4  # softmax(z / T) is then 0.75, the accuracy
+            True
+            >>> round(ts.nll_before_, 3), round(ts.nll_after_, 3)
+            (1.018, 0.562)
+            >>> mc = torch.stack([logits, logits])  # MC samples (T, n, K) fit the same way
+            >>> abs(TemperatureScaling().fit(mc, labels).temperature_ - ts.temperature_) < 1e-4
+            True
         """
         from scipy.optimize import minimize_scalar
 
@@ -220,6 +238,23 @@ class TemperatureScaling:
 
         Raises:
             NotFittedError: Called before :meth:`fit`.
+            InvalidInputError: Wrong shape or empty input.
+            NonFiniteError: NaN or infinity in the logits.
+
+        Example:
+            >>> import math, torch
+            >>> from mcdrop.recalibration import TemperatureScaling
+            >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
+            >>> labels = torch.tensor([0, 1, 1, 1])  # 3 of 4 right, each with confidence 0.98
+            >>> ts = TemperatureScaling().fit(logits, labels)
+            >>> [round(v, 4) for v in ts.scale(logits)[0].tolist()]  # 4 / T = ln 3
+            [1.0986, 0.0]
+            >>> type(ts.scale(logits.numpy())).__name__
+            'ndarray'
+            >>> TemperatureScaling().scale(logits)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+                ...
+            mcdrop.errors.NotFittedError: this TemperatureScaling is not fitted yet; ...
         """
         temperature = self._temperature()
         z = _logits(logits)
@@ -237,6 +272,19 @@ class TemperatureScaling:
 
         Raises:
             NotFittedError: Called before :meth:`fit`.
+            InvalidInputError: Wrong shape or empty input.
+            NonFiniteError: NaN or infinity in the logits.
+
+        Example:
+            >>> import math, torch
+            >>> from mcdrop.recalibration import TemperatureScaling
+            >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
+            >>> labels = torch.tensor([0, 1, 1, 1])  # 3 of 4 right, each with confidence 0.98
+            >>> ts = TemperatureScaling().fit(logits, labels)
+            >>> [round(p, 4) for p in ts.transform(logits)[0].tolist()]  # was [0.982, 0.018]
+            [0.75, 0.25]
+            >>> ts.transform(torch.stack([logits, logits, logits])).shape  # MC samples: averaged
+            torch.Size([4, 2])
         """
         temperature = self._temperature()
         z = _logits(logits)
@@ -305,6 +353,16 @@ class VarianceScaling:
             InvalidInputError: Mismatched shapes, empty input, ``std <= 0``, or all residuals zero
                 (then no positive factor minimises the NLL).
             NonFiniteError: NaN or infinity in the inputs.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.recalibration import VarianceScaling
+            >>> targets = torch.tensor([2.0, -2.0, 2.0, -2.0])  # residuals of 2 for a std of 1
+            >>> vs = VarianceScaling().fit(torch.zeros(4), torch.ones(4), targets)
+            >>> vs.factor_
+            2.0
+            >>> round(vs.nll_before_, 4), round(vs.nll_after_, 4)
+            (2.9189, 2.1121)
         """
         mu, sigma, y = parse_regression(mean, std, targets)
         assert sigma is not None and y is not None
@@ -333,6 +391,16 @@ class VarianceScaling:
         Raises:
             NotFittedError: Called before :meth:`fit`.
             InvalidInputError: Empty input or ``std <= 0``.
+            NonFiniteError: NaN or infinity in ``std``.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.recalibration import VarianceScaling
+            >>> vs = VarianceScaling().fit(torch.zeros(4), torch.ones(4), torch.tensor([2.0, -2.0, 2.0, -2.0]))
+            >>> vs.transform(torch.tensor([0.5, 1.0]))
+            tensor([1., 2.])
+            >>> vs.transform([0.5, 1.0])  # not a tensor: numpy
+            array([1., 2.])
         """
         if self.factor_ is None:
             raise _not_fitted(self)
@@ -403,6 +471,17 @@ class IsotonicRecalibration:
         Raises:
             InvalidInputError: Mismatched shapes, empty input or ``std <= 0``.
             NonFiniteError: NaN or infinity in the inputs.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.recalibration import IsotonicRecalibration
+            >>> n = 1000
+            >>> targets = torch.special.ndtri((torch.arange(n) + 0.5) / n)  # N(0, 1) quantiles
+            >>> iso = IsotonicRecalibration().fit(torch.zeros(n), torch.full((n,), 0.5), targets)
+            >>> iso.n_fit_
+            1000
+            >>> round(float(iso.cdf(torch.zeros(1), torch.full((1,), 0.5), torch.tensor([1.2816]))), 2)
+            0.9
         """
         from sklearn.isotonic import IsotonicRegression
 
@@ -440,6 +519,18 @@ class IsotonicRecalibration:
         Raises:
             NotFittedError: Called before :meth:`fit`.
             InvalidInputError: Levels outside ``[0, 1]``.
+            NonFiniteError: NaN or infinity in ``level``.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.recalibration import IsotonicRecalibration
+            >>> n = 1000
+            >>> targets = torch.special.ndtri((torch.arange(n) + 0.5) / n)  # N(0, 1) quantiles
+            >>> iso = IsotonicRecalibration().fit(torch.zeros(n), torch.full((n,), 0.5), targets)
+            >>> iso.recalibrated_level([0.1, 0.5, 0.9]).round(3).tolist()  # the std is too small
+            [0.005, 0.499, 0.995]
+            >>> iso.recalibrated_level(0.9).shape
+            ()
         """
         _, inverse = self._maps()
         q = _levels01(level)
@@ -460,6 +551,19 @@ class IsotonicRecalibration:
         Raises:
             NotFittedError: Called before :meth:`fit`.
             InvalidInputError: Mismatched shapes, empty input or ``std <= 0``.
+            NonFiniteError: NaN or infinity in the inputs.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.recalibration import IsotonicRecalibration
+            >>> n = 1000
+            >>> targets = torch.special.ndtri((torch.arange(n) + 0.5) / n)  # N(0, 1) quantiles
+            >>> iso = IsotonicRecalibration().fit(torch.zeros(n), torch.full((n,), 0.5), targets)
+            >>> mean, std = torch.zeros(3), torch.full((3,), 0.5)
+            >>> iso.cdf(mean, std, torch.tensor([-1.2816, 0.0, 1.2816])).round(decimals=2)
+            tensor([0.1000, 0.5000, 0.9000], dtype=torch.float64)
+            >>> torch.special.ndtr(torch.tensor([-1.2816, 0.0, 1.2816]) / std).round(decimals=3)  # before
+            tensor([0.0050, 0.5000, 0.9950])
         """
         forward, _ = self._maps()
         mu, sigma, v = parse_regression(mean, std, values, targets_name="values")
@@ -483,6 +587,18 @@ class IsotonicRecalibration:
         Raises:
             NotFittedError: Called before :meth:`fit`.
             InvalidInputError: Mismatched shapes, empty input, ``std <= 0`` or ``level`` outside [0, 1].
+            NonFiniteError: NaN or infinity in the inputs.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.recalibration import IsotonicRecalibration
+            >>> n = 1000
+            >>> targets = torch.special.ndtri((torch.arange(n) + 0.5) / n)  # N(0, 1) quantiles
+            >>> iso = IsotonicRecalibration().fit(torch.zeros(n), torch.full((n,), 0.5), targets)
+            >>> iso.quantile(torch.tensor([0.0, 10.0]), torch.tensor([0.5, 1.0]), 0.9).round(decimals=2)
+            tensor([ 1.2800, 12.5600], dtype=torch.float64)
+            >>> iso.quantile(torch.zeros(1), torch.full((1,), 0.5), 0.0)
+            tensor([-inf], dtype=torch.float64)
         """
         level = check_real(level, "level", low=0.0, high=1.0)
         model_level = float(self.recalibrated_level(level))
@@ -509,6 +625,17 @@ class IsotonicRecalibration:
         Raises:
             NotFittedError: Called before :meth:`fit`.
             InvalidInputError: Mismatched shapes, empty input, ``std <= 0`` or ``level`` outside (0, 1).
+            NonFiniteError: NaN or infinity in the inputs.
+
+        Example:
+            >>> import torch
+            >>> from mcdrop.recalibration import IsotonicRecalibration
+            >>> n = 1000
+            >>> targets = torch.special.ndtri((torch.arange(n) + 0.5) / n)  # N(0, 1) quantiles
+            >>> iso = IsotonicRecalibration().fit(torch.zeros(n), torch.full((n,), 0.5), targets)
+            >>> lower, upper = iso.interval(torch.zeros(2), torch.full((2,), 0.5), level=0.9)
+            >>> lower.round(decimals=1), upper.round(decimals=1)  # the model's own: 0.5 * 1.64
+            (tensor([-1.6000, -1.6000], dtype=torch.float64), tensor([1.6000, 1.6000], dtype=torch.float64))
         """
         level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
         return self.quantile(mean, std, (1 - level) / 2), self.quantile(mean, std, (1 + level) / 2)

@@ -382,7 +382,17 @@ class MCDropout:
         return result
 
     def describe(self) -> Any:
-        """The stochastic sites as a pandas DataFrame (path, kind, module type, rate, sampled, note).
+        """The stochastic sites of the wrapped model as a table (see :func:`mcdrop.describe`).
+
+        The sites are found again on every call, with the wrapper's own ``drop_path``, ``include``
+        and ``exclude``, so rates changed since the wrapper was built show, and so do the notes the
+        gate check added while sampling (see :meth:`StochasticPolicy.current_sites`). pandas is
+        imported only when this is called.
+
+        Returns:
+            A ``pandas.DataFrame`` with one row per site, in ``named_modules()`` order, and the
+            columns ``path`` (``"<model>"`` for the model itself), ``kind``, ``module_type``,
+            ``rate`` (float, NaN where unknown), ``sampled`` and ``note``.
 
         Example:
             >>> import torch, mcdrop

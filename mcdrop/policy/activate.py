@@ -52,17 +52,21 @@ class StochasticPolicy:
     Most users never build one: :func:`enable_dropout` and :class:`mcdrop.MCDropout` do. It is
     public so that tools can inspect the decision (``policy.sites``) before sampling.
 
+    The sites are found again on every :meth:`activate`, so rates changed after construction (with
+    :func:`set_dropout_rate` or by hand) are honoured: a site raised from rate 0 is sampled, and
+    one set to 0 is not. ``sites`` and ``sampled_sites`` hold the result of the latest search
+    (construction or :meth:`activate`); :meth:`current_sites` and :meth:`describe` search again
+    without changing them.
+
     Args:
         model: Any ``nn.Module``.
-        drop_path: Sample drop-path / stochastic-depth modules too.
+        drop_path: Sample drop-path / stochastic-depth modules too (``True`` or ``False``).
         include: Extra modules to switch on (see :func:`find_stochastic_sites`).
         exclude: Modules to keep off (see :func:`find_stochastic_sites`).
 
-    The sites are found again on every :meth:`activate`, so rates changed after construction (with
-    :func:`set_dropout_rate` or by hand) are honoured: a site raised from rate 0 is sampled.
-
     Raises:
-        NoDropoutError: The model has no source of dropout randomness at all.
+        InvalidTypeError: ``model`` is not an ``nn.Module``, or ``drop_path`` is not a bool.
+        NoDropoutError: The model has no source of dropout randomness at all (no site is sampled).
         UnsupportedModelError: The model is ``torch.jit.trace``'d, or contains traced modules with
             dropout layers or random operations in their graphs (traced modules without any run as
             recorded, with a warning).
@@ -110,7 +114,27 @@ class StochasticPolicy:
         self._find_sites()
 
     def current_sites(self) -> list[StochasticSite]:
-        """The sites of the model as it is now (current rates), with the notes learnt from running it."""
+        """The sites of the model as it is now (current rates), with the notes learnt from running it.
+
+        Searches the model again with the policy's ``drop_path``, ``include`` and ``exclude`` (see
+        :func:`find_stochastic_sites`), and appends the note recorded for a sampled site by
+        :meth:`record_notes` to that site's ``note``. It does not change ``sites`` or
+        ``sampled_sites`` and raises nothing when no site is sampled any more.
+
+        Returns:
+            One :class:`StochasticSite` per site, sampled or not, in ``named_modules()`` order
+            (``path`` is ``""`` for the model itself).
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+            >>> policy = mcdrop.StochasticPolicy(net)
+            >>> net[1].p = 0.0
+            >>> [(s.path, s.rate, s.sampled, s.note) for s in policy.current_sites()]
+            [('1', 0.0, False, 'rate is 0: nothing to sample')]
+            >>> [s.rate for s in policy.sampled_sites]  # the search at construction
+            [0.5]
+        """
         sites = find_stochastic_sites(self.model, **self._options)
         return [
             dataclasses.replace(s, note=join_notes(s.note, self.gate_notes[s.path]))
@@ -138,16 +162,36 @@ class StochasticPolicy:
     def activate(self, *, check_buffers: bool = True) -> Iterator[StochasticPolicy]:
         """Switch the sampled sites to train mode and everything else to eval, then restore.
 
+        The sites are searched again on entry (see :meth:`current_sites`), which updates
+        ``sites`` and ``sampled_sites``. Inside, exactly the sampled sites are in train mode; on
+        exit every module's ``training`` flag is restored as it was, also when the body raises.
+        Activations nest within a thread.
+
         Args:
-            check_buffers: Snapshot the buffers of ``"functional"``/``"custom"`` gates and raise
-                :class:`~mcdrop.errors.ModelStateError` (after putting them back) if sampling
-                changed any.
+            check_buffers: Snapshot the buffers of the sampled ``"functional"``, ``"custom"`` and
+                ``"attention_dropout"`` sites on entry and raise
+                :class:`~mcdrop.errors.ModelStateError` on exit (after putting them back) if the
+                body changed any.
 
         Yields:
             The policy itself.
 
         Raises:
-            ModelStateError: Another thread is sampling (a module of) this model right now.
+            NoDropoutError: No site is sampled any more (e.g. every rate was set to 0 since the
+                policy was built); nothing was switched.
+            ModelStateError: Another thread is sampling (a module of) this model right now; or,
+                with ``check_buffers``, the body changed a gate's buffers (raised on exit, unless
+                the body is already raising).
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4),
+            ...                           torch.nn.Dropout(0.5)).train()
+            >>> policy = mcdrop.StochasticPolicy(net)
+            >>> with policy.activate() as active:
+            ...     inside = (net[1].training, net[2].training)
+            >>> active is policy, inside, net[1].training  # BatchNorm in eval inside, restored after
+            (True, (False, True), True)
         """
         self._find_sites()
         modules = list(self.model.named_modules())
@@ -239,6 +283,13 @@ class StochasticPolicy:
 
     def describe(self) -> list[dict[str, Any]]:
         """The sites of the model as it is now (see :meth:`current_sites`), as plain dicts, one per site.
+
+        The table of :func:`describe` without pandas.
+
+        Returns:
+            One dict per site, in ``named_modules()`` order, with the keys ``path`` (``"<model>"``
+            for the model itself), ``kind``, ``module_type``, ``rate`` (``None`` where unknown),
+            ``sampled`` and ``note``.
 
         Example:
             >>> import torch, mcdrop

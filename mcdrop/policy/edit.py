@@ -347,7 +347,20 @@ class RateChange:
     def restore(self) -> None:
         """Put every changed rate back to its old value (a second call does nothing).
 
-        Later changes of the same rates that are still in force are undone with it.
+        Later changes of the same rates that are still in force are undone with it (their own
+        :meth:`restore` then leaves those rates alone). A rate set by hand in between, not through
+        :func:`set_dropout_rate`, is overwritten too.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+            >>> change = mcdrop.set_dropout_rate(net, 0.3)
+            >>> net[1].p
+            0.3
+            >>> change.restore()
+            >>> net[1].p, change
+            (0.1, RateChange(1 rates, restored))
+            >>> change.restore()  # a second call does nothing
         """
         if self._restored:
             return

@@ -49,6 +49,28 @@ class UncertaintyReport:
     :meth:`save`), with matplotlib's Agg canvas, so no window opens and no global pyplot state is
     touched.
 
+    The constructor only stores what :func:`mcdrop.report` has validated and computed (it checks
+    nothing itself); build reports with :func:`mcdrop.report`, not directly. Its arguments are all
+    keyword-only.
+
+    Args:
+        title: The report's title.
+        prediction: The evaluated prediction, as :func:`mcdrop.report` prepared it (on the CPU,
+            without raw samples; for multi-output regression the chosen output).
+        targets: The targets it is evaluated against (a CPU tensor; integer labels for
+            classification).
+        tables: The summary, per-input and reliability tables, the notes and the data the figures
+            are drawn from (an internal ``Tables`` record of :mod:`mcdrop.report`); its tables
+            become :attr:`summary`, :attr:`per_input`, :attr:`reliability` and :attr:`notes`.
+        ood: The out-of-distribution prediction, prepared the same way, or ``None``.
+        sites: The stochastic sites of the model (``MCDropout.describe()``), or ``None``.
+        n_bins: Number of confidence bins the classification tables were computed with; the
+            reliability diagram and the page use it too.
+        level: Nominal coverage of the regression intervals the tables were computed with, in
+            ``(0, 1)``; the interval and residual figures use it too.
+        sort_by: How :attr:`per_input` is sorted, in words (e.g. ``"total_std (largest first)"``
+            or ``"input order"``); shown in the HTML page and saved in ``summary.json``.
+
     Attributes:
         title: The report's title.
         task: ``"classification"`` or ``"regression"``.
@@ -64,6 +86,10 @@ class UncertaintyReport:
         prediction: The evaluated prediction (on the CPU; for multi-output regression the chosen output).
         targets: The targets it was evaluated against (a CPU tensor).
         ood: The out-of-distribution prediction, or ``None``.
+        n_bins: Number of confidence bins (as given to :func:`mcdrop.report`).
+        level: Nominal coverage of the regression intervals (as given to :func:`mcdrop.report`).
+        sort_by: How :attr:`per_input` is sorted, in words.
+        version: The mcdrop version that built the report.
 
     Example:
         >>> import torch, mcdrop
@@ -78,6 +104,8 @@ class UncertaintyReport:
         ['metric', 'value', 'definition', 'higher_is_better']
         >>> rep.figure_names
         ('reliability', 'confidence', 'uncertainty', 'risk_coverage', 'ood')
+        >>> rep.sort_by, rep.n_bins, rep.level
+        ('predictive_entropy (largest first)', 15, 0.95)
     """
 
     def __init__(
@@ -491,14 +519,19 @@ def _is_report_file(name: str) -> bool:
 def check_report_folder(target: Path, overwrite: bool, figure_names: Sequence[str] = ()) -> None:
     """Refuse a folder that :meth:`UncertaintyReport.save` must not write into.
 
-    A symbolic link or a file; a folder that is not empty, unless ``overwrite``; and, even with
-    ``overwrite``, a folder that is not an mcdrop report (entries other than a report's files and
-    figures, or no mcdrop ``summary.json``): replacing it would delete someone else's files.
+    Refused: a symbolic link or a file; a folder that is not empty, unless ``overwrite``; and, even
+    with ``overwrite``, a folder that is not an mcdrop report: one with entries other than the
+    report's files (``summary.csv``, ``per_input.csv``, ``reliability.csv``, ``summary.json``,
+    ``report.html``, ``sites.csv`` and any ``*.png`` file; a subfolder is never one), or without a
+    ``summary.json`` whose ``"generator"`` is ``"mcdrop"``: replacing it would delete someone
+    else's files. A path that does not exist, or an empty folder, is fine. Nothing is written.
 
     Args:
-        target: The report folder.
+        target: The report folder, a :class:`pathlib.Path` (:meth:`UncertaintyReport.save` passes
+            it absolute, with ``~`` expanded).
         overwrite: Whether an existing mcdrop report there may be replaced.
-        figure_names: The figures the report will write (their files count as report files).
+        figure_names: The figures the report will write. Not used by the check at present: every
+            ``*.png`` file counts as a report file, whatever its name.
 
     Raises:
         ReportExistsError: The folder must not be written into; the message says why.
@@ -506,7 +539,13 @@ def check_report_folder(target: Path, overwrite: bool, figure_names: Sequence[st
     Example:
         >>> import tempfile, pathlib
         >>> from mcdrop.report import check_report_folder
-        >>> check_report_folder(pathlib.Path(tempfile.mkdtemp()) / "new", overwrite=False)  # fine
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> check_report_folder(folder / "new", overwrite=False)  # does not exist: fine
+        >>> _ = (folder / "notes.txt").write_text("mine")
+        >>> check_report_folder(folder, overwrite=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        mcdrop.errors.ReportExistsError: refusing to overwrite ...: it holds entries that are not part of an mcdrop report: notes.txt. ...
     """
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         kind = "a symbolic link" if target.is_symlink() else "a file"
