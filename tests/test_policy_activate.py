@@ -19,7 +19,7 @@ from zoo import INPUTS, cnn_bn, mlp, only, transformer
 
 import mcdrop
 from mcdrop.engine.checks import checking
-from mcdrop.errors import ModelStateError
+from mcdrop.errors import ModelStateError, UnsupportedModelError
 
 
 # ----------------------------------------------------------------------------- models and helpers
@@ -226,3 +226,44 @@ def test_policy_describe_shows_the_rates_of_the_model_as_it_is_now() -> None:
         assert [row["rate"] for row in policy.describe()] == [0.45]
     assert [row["rate"] for row in policy.describe()] == [0.2]
     assert policy.describe() == mcdrop.describe(policy).to_dict("records")
+
+
+# ----------------------------------------------------------------------------- frozen TorchScript
+def _scripted_mlp() -> torch.jit.ScriptModule:
+    torch.manual_seed(0)
+    return torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).eval())
+
+
+class _ScriptedGate(nn.Module):
+    """No parameters, no children: scripted, it must not be mistaken for a frozen module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, 0.5, self.training)
+
+
+@pytest.mark.parametrize(
+    "freeze",
+    [
+        torch.jit.freeze,
+        torch.jit.optimize_for_inference,
+        lambda m: torch.jit.freeze(m, preserved_attrs=["training"]),
+    ],
+    ids=["freeze", "optimize_for_inference", "freeze-keeping-training"],
+)
+@pytest.mark.parametrize("part", [False, True], ids=["whole-model", "part"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.freeze` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.optimize_for_inference` is deprecated:DeprecationWarning")
+def test_frozen_scripted_modules_are_refused_not_sampled_without_their_dropout(freeze, part: bool) -> None:
+    frozen = freeze(_scripted_mlp())
+    model = nn.Sequential(frozen, nn.Dropout(0.2)) if part else frozen
+    with pytest.raises(UnsupportedModelError, match=r"torch\.jit\.freeze.*unfrozen torch\.jit\.script"):
+        mcdrop.MCDropout(model, n_samples=3)
+    with pytest.raises(UnsupportedModelError, match=r"\(0\) made by" if part else "is a module made by"):
+        mcdrop.StochasticPolicy(model)
+
+
+def test_scripted_modules_that_are_not_frozen_are_still_sampled() -> None:
+    gate = torch.jit.script(_ScriptedGate())
+    for model in (_scripted_mlp(), gate, nn.Sequential(nn.Linear(4, 4), gate)):
+        samples = mcdrop.MCDropout(model, n_samples=4, seed=0).sample(torch.randn(3, 4))
+        assert not torch.equal(samples[0], samples[1])

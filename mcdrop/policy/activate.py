@@ -37,6 +37,7 @@ from mcdrop.policy.classify import (
     INCLUDED_NOTE,
     StochasticSite,
     find_stochastic_sites,
+    frozen_modules,
     is_rate_holder,
     join_notes,
     outermost_traced,
@@ -69,7 +70,8 @@ class StochasticPolicy:
         NoDropoutError: The model has no source of dropout randomness at all (no site is sampled).
         UnsupportedModelError: The model is ``torch.jit.trace``'d, or contains traced modules with
             dropout layers or random operations in their graphs (traced modules without any run as
-            recorded, with a warning).
+            recorded, with a warning); or the model or a part of it is frozen
+            (``torch.jit.freeze``, ``torch.jit.optimize_for_inference``).
 
     Example:
         >>> import torch, mcdrop
@@ -89,6 +91,21 @@ class StochasticPolicy:
         self.gate_notes: dict[str, str] = {}
         if not isinstance(model, nn.Module):
             raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        frozen = frozen_modules(model)
+        if frozen:
+            where = (
+                "is a module"
+                if frozen == [""]
+                else f"contains modules ({', '.join(p or '<model>' for p in frozen[:5])}"
+                f"{', ...' if len(frozen) > 5 else ''})"
+            )
+            raise UnsupportedModelError(
+                f"{type(model).__name__} {where} made by torch.jit.freeze or "
+                "torch.jit.optimize_for_inference. Freezing inlines a module into one graph in eval "
+                "mode, so its dropout was removed and no training flag can switch it back on: MC "
+                "dropout would silently sample without it. Pass the unfrozen torch.jit.script'ed "
+                "model (or the eager one) instead."
+            )
         harmless = outermost_traced(model)
         traced = refused_traced_modules(model, harmless)
         if traced:

@@ -75,7 +75,9 @@ their compiled code reads ``self.training``. Traced modules (``torch.jit.trace``
 they were traced in into their graph, so flags cannot switch their dropout:
 :class:`StochasticPolicy` raises :class:`~mcdrop.errors.UnsupportedModelError` for a traced model,
 and for traced parts of an eager model that hold a dropout layer or a random operation in their
-graph; a traced part with neither runs as recorded, with a warning.
+graph; a traced part with neither runs as recorded, with a warning. Frozen modules
+(``torch.jit.freeze``, ``torch.jit.optimize_for_inference``) were inlined in eval mode, which
+removed their dropout: a frozen model or part is refused the same way.
 ``torch.compile``'d models (``OptimizedModule``, whose sites sit under ``_orig_mod``) are supported:
 TorchDynamo guards on the ``training`` flags, so switching them recompiles once per mode.
 
@@ -524,6 +526,32 @@ def is_traced(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - present in every supported torch
         return False
     return isinstance(module, TracedModule)
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """True for a module made by ``torch.jit.freeze`` or ``torch.jit.optimize_for_inference``.
+
+    Freezing inlines the module, its children and its parameters into one graph run in eval mode,
+    and drops the ``training`` attribute (which is also how ``optimize_for_inference`` tells a
+    frozen module from one to freeze). A module frozen with ``preserved_attrs=["training"]`` keeps
+    the attribute but is still inlined: it has no children and no parameters left, and its code
+    reads its tensors as constants (``CONSTANTS.c0``), which scripted code cannot write.
+    """
+    if not isinstance(module, torch.jit.ScriptModule) or is_traced(module):
+        return False
+    try:
+        if not module._c.hasattr("training"):
+            return True
+    except (RuntimeError, AttributeError):  # pragma: no cover - every ScriptModule has _c
+        return False
+    if next(module.children(), None) is not None or next(module.parameters(), None) is not None:
+        return False
+    return "CONSTANTS.c" in _scripted_code(module)
+
+
+def frozen_modules(model: nn.Module) -> list[str]:
+    """Paths of the modules made by ``torch.jit.freeze``/``optimize_for_inference`` (``""``: the model)."""
+    return [path for path, m in model.named_modules() if is_frozen(m)]
 
 
 def _scripted_torch_class(module: torch.jit.ScriptModule) -> bool:
