@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import mcdrop
 from mcdrop.engine import fastdropout as fd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,6 +62,47 @@ def test_fast_dropout_is_torch_dropout_where_it_does_not_apply():
         inplace = big.clone()
         out = fd.dropout(inplace, 0.5, inplace=True)
         assert out.data_ptr() == inplace.data_ptr() and bool((out == 0).any())
+
+
+class ForceField(nn.Module):
+    """Forces as the gradient of an energy, computed inside ``forward`` (as force-field models do).
+
+    The dropout acts on 4 x 1024 elements, above ``MIN_FAST_ELEMENTS``, on a tensor autograd records.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.drop, self.l2 = nn.Linear(3, 1024), nn.Dropout(0.2), nn.Linear(1024, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            energy = self.l2(self.drop(torch.tanh(self.l1(x)))).sum()
+            return -torch.autograd.grad(energy, x)[0]
+
+
+def test_dropout_that_autograd_records_falls_back_to_torch_and_keeps_the_law():
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    model = ForceField().eval()
+    n = 2000
+    pred = mcdrop.MCDropout(model, n_samples=n, seed=0, task="regression", keep_samples=True).predict(x)
+    torch.manual_seed(1)
+    model.train()
+    want = torch.stack([model(x) for _ in range(n)])  # torch's own dropout, one pass per sample
+    model.eval()
+    got = pred.samples
+    assert got.shape == want.shape
+    # Means within 5 standard errors of their difference; variances within 20% (their relative
+    # standard error is sqrt(2 / n) = 3.2% each, so 4.5 standard errors of the difference).
+    se = (got.var(0) / n + want.var(0) / n).sqrt()
+    assert bool(((got.mean(0) - want.mean(0)).abs() <= 5 * se).all())
+    ratio = got.var(0) / want.var(0)
+    assert bool(((ratio - 1).abs() < 0.2).all()), ratio
+    with torch.enable_grad(), fd.accelerated(nn.Identity(), seed=0):
+        leaf = torch.randn(5000, requires_grad=True)
+        fd.dropout(leaf * 1.0, 0.5).sum().backward()  # differentiable: torch's dropout
+        assert set(leaf.grad.unique().tolist()) <= {0.0, 2.0}
 
 
 def test_models_are_patched_only_while_sampling_and_only_in_train_mode():

@@ -241,6 +241,11 @@ BLOCK_ELEMENTS = 1 << 19
 def dropout(x: Tensor, p: float, inplace: bool = False, ctx: FastContext | None = None) -> Tensor:
     """Inverted dropout (train mode) with the faster masks, falling back to ``F.dropout``.
 
+    The fallback (the same law) is taken where the fast paths do not apply: small tensors, other
+    devices, rates 0 and 1, and inputs that autograd records (``x.requires_grad`` with grad mode
+    on, as in a model that differentiates inside its ``forward``): the blocked path's ``out=``
+    products have no backward.
+
     Args:
         x: Input tensor.
         p: Drop probability.
@@ -259,6 +264,7 @@ def dropout(x: Tensor, p: float, inplace: bool = False, ctx: FastContext | None 
         or x.device.type != "cpu"
         or x.is_nested
         or x.numel() < MIN_FAST_ELEMENTS
+        or (x.requires_grad and torch.is_grad_enabled())
     ):
         if ctx is not None and ctx.on_own_draw is not None:
             ctx.on_own_draw(True)  # torch's own draws, but made for a dropout site mcdrop manages
