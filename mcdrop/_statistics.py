@@ -20,6 +20,26 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def aleatoric_variances(second: torch.Tensor, aleatoric: str | None) -> torch.Tensor:
+    """The variances a model's second (aleatoric) output stands for, in its dtype.
+
+    The exponential of a log-variance (``aleatoric="log_variance"``), else the output as it is.
+
+    Raises:
+        NonFiniteError: A log-variance is so large that its variance overflows the dtype.
+    """
+    if aleatoric != "log_variance":
+        return second
+    var = second.exp()
+    if bool(torch.isinf(var).any()):
+        raise NonFiniteError(
+            "The model's log-variance output is so large that its variance overflows "
+            f"{var.dtype} (max log-variance {float(second.max()):.4g}); outputs must give a finite "
+            "variance. Check the variance head (e.g. clamp the log-variance while training)."
+        )
+    return var
+
+
 def _check_real_dtype(t: torch.Tensor) -> None:
     if not t.is_floating_point():
         kind = "complex" if t.is_complex() else "integer"
@@ -267,16 +287,8 @@ class RegressionStats:
             self.mean.update(start, stop, chunk, batch_size)
             return
         mean, second = chunk
-        var = second.to(_acc_dtype(second))
-        if self.aleatoric == "log_variance":
-            var = var.exp()
-            if bool(torch.isinf(var).any()):
-                raise NonFiniteError(
-                    "The model's log-variance output is so large that its variance overflows "
-                    f"{var.dtype} (max log-variance {float(second.max()):.4g}); outputs must give a finite "
-                    "variance. Check the variance head (e.g. clamp the log-variance while training)."
-                )
-        elif bool((var < 0).any()):
+        var = aleatoric_variances(second.to(_acc_dtype(second)), self.aleatoric)
+        if self.aleatoric != "log_variance" and bool((var < 0).any()):
             raise InvalidInputError(
                 "aleatoric='variance' was declared, but the model's variance output has negative values "
                 f"(min {float(var.min()):.4g}). If it is a log-variance, use aleatoric='log_variance'."

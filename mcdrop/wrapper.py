@@ -24,6 +24,7 @@ from mcdrop._statistics import (
     ClassificationStats,
     RegressionStats,
     SampleStore,
+    aleatoric_variances,
     negligible_spread,
     resolve_task,
 )
@@ -237,7 +238,11 @@ class MCDropout:
 
         Returns:
             The selected output (see ``output=``) of every pass, shape ``(n_samples, batch, ...)``;
-            a ``(mean, variance)`` pair of such tensors for an ``aleatoric`` model.
+            a ``(mean, variance)`` pair of such tensors for an ``aleatoric`` model (variances also
+            for ``aleatoric="log_variance"``: the exponential of the model's log-variance output).
+
+        Raises:
+            NonFiniteError: A log-variance output is so large that its variance overflows.
 
         Example:
             >>> import torch, mcdrop
@@ -261,7 +266,10 @@ class MCDropout:
         var, mean = torch.var_mean(store.data.float(), 0, correction=0)
         if self.n_samples > 1 and self.policy.has_randomness and negligible_spread(var, mean):
             self._warn_identical()
-        return store.data if store2 is None else (store.data, store2.data)  # type: ignore[return-value]
+        if store2 is None:
+            return store.data
+        assert store2.data is not None
+        return (store.data, aleatoric_variances(store2.data, self.aleatoric))  # type: ignore[return-value]
 
     def predict(self, *args: Any, **kwargs: Any) -> Prediction:
         """Draw N passes for one batch and reduce them to a :class:`~mcdrop.Prediction`.

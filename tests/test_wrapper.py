@@ -508,6 +508,30 @@ def test_n_samples_one_gives_zero_spread():
     torch.testing.assert_close(pred.probs, pred.samples[0].softmax(-1), atol=1e-6, rtol=0)
 
 
+class MeanAndNoise(nn.Module):
+    """A dropout mean head and a noise head (no dropout on it) of variance 4 exp(x[:, :1] / 2)."""
+
+    def __init__(self, log: bool) -> None:
+        super().__init__()
+        self.mean = mlp(4, 1)
+        self.log = log
+
+    def forward(self, x):
+        log_variance = torch.log(torch.tensor(4.0)) + 0.5 * x[:, :1]
+        return self.mean(x), log_variance if self.log else log_variance.exp()
+
+
+@pytest.mark.parametrize("aleatoric", ["variance", "log_variance"])
+def test_sample_returns_variances_for_either_aleatoric_output(aleatoric):
+    x = randn_rows()
+    expected = 4.0 * torch.exp(0.5 * x[:, :1])  # the variance the model's second output stands for
+    mc = MCDropout(MeanAndNoise(log=aleatoric == "log_variance"), n_samples=6, seed=0, aleatoric=aleatoric)
+    means, variances = mc.sample(x)
+    assert means.shape == variances.shape == (6, 5, 1)
+    torch.testing.assert_close(variances, expected.expand(6, 5, 1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mc.predict(x).aleatoric_variance, variances.mean(0), rtol=1e-6, atol=0)
+
+
 # --------------------------------------------------------------------------- property test
 
 
