@@ -29,8 +29,8 @@ authors' code (yaringal/DropoutUncertaintyExps):
 
   - unpaired: the difference in units of the combined standard error ``sqrt(se_ours**2 +
     se_paper**2)`` and a "within 2 SE" verdict;
-  - paired: the split procedure regenerates the authors' splits exactly, so split i of ours and of
-    the paper have the same train/test rows. Per split ``d_i = ours_i - paper_i``; reported are the
+  - paired: the split procedure regenerates the authors' split files exactly (the data README says
+    so), so split i of ours and of the paper have the same train/test rows. Per split ``d_i = ours_i - paper_i``; reported are the
     mean of d ± its standard error ``std(d, ddof=1) / sqrt(n)``, the paired t statistic ``mean / SE``
     with its two-sided p-value (Student t, n - 1 degrees of freedom, computed here through the
     regularized incomplete beta function so that scipy is not needed), and the Pearson correlation
