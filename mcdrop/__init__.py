@@ -23,6 +23,7 @@ from mcdrop.errors import (
     NoRandomnessWarning,
     ReportExistsError,
     RowCheckWarning,
+    TrainModeRandomnessWarning,
     UnsupportedModelError,
 )
 from mcdrop.metrics.streaming import (
@@ -80,6 +81,7 @@ __all__ = [
     "McdropWarning",
     "GateRandomnessWarning",
     "RowCheckWarning",
+    "TrainModeRandomnessWarning",
     "ModelStateError",
     "NoDropoutError",
     "NonFiniteError",

@@ -96,6 +96,31 @@ class NoRandomnessWarning(McdropWarning):
     """The model's stochastic sites are all inactive (rate 0), or every sample came out identical."""
 
 
+class TrainModeRandomnessWarning(McdropWarning):
+    """Train mode draws randomness that is not dropout, or that mcdrop found but cannot sample safely.
+
+    Raised at sampling time, naming the module and the ``include=``/``exclude=`` that settles it:
+    a sampled gate whose train mode adds noise, a coin for the whole pass (a random flip) or
+    integers (a permutation) rather than dropout masks, which every MC sample then carries; or a
+    module whose train-gated randomness the static scan did not see, found at run time (see
+    :mod:`mcdrop.engine.discover`), which is not dropout or whose train mode also changes more than
+    randomness, so it is left off.
+
+    Example:
+        >>> import warnings
+        >>> import torch, mcdrop
+        >>> class Noise(torch.nn.Module):  # train-mode Gaussian noise, not dropout
+        ...     def forward(self, x):
+        ...         return x + 0.1 * torch.randn_like(x) if self.training else x
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), Noise(), torch.nn.Dropout(0.2)).eval()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = mcdrop.MCDropout(net, n_samples=4, seed=0).predict(torch.ones(2, 3))
+        >>> [w.category.__name__ for w in caught]
+        ['TrainModeRandomnessWarning']
+    """
+
+
 class GateRandomnessWarning(McdropWarning):
     """A module sampled in train mode draws from numpy's or Python's RNG, not torch's.
 

@@ -240,11 +240,12 @@ def test_the_check_runs_once_per_input_signature_on_a_few_rows() -> None:
         again = list(rows)
     finally:
         handle.remove()
-    # the gate check (one row to measure memory, then its reference and train-mode passes on 8 rows),
-    # the engine's row check (one row to measure memory, then 8 rows and their halves), then the
-    # sampling pass(es)
+    # run-time discovery (on 8 rows: the policy's pass, recording what the gate draws, and the same
+    # with the unclassified user modules, here Net itself, in train mode), the gate check (one row to
+    # measure memory, then its reference and train-mode passes on 8 rows), the engine's row check (one
+    # row to measure memory, then 8 rows and their halves), then the sampling pass(es)
     checks = [r for r, check in first if check]
-    assert checks == [1, 8, 8, 1, 8, 4, 4]
+    assert checks == [8, 8, 1, 8, 8, 1, 8, 4, 4]
     assert first[: len(checks)] == [(r, True) for r in checks]
     assert sum(r for r, check in first if not check) == 4 * 20
     assert sum(r for r, _ in again) == 4 * 27 and not any(check for _, check in again)

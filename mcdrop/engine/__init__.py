@@ -11,6 +11,7 @@ One module per concern, lowest first:
 * :mod:`~mcdrop.engine.strategies` -- vmap, replicate, loop: running work items.
 * :mod:`~mcdrop.engine.choose` -- the probe pass and trials, returning a decision.
 * :mod:`~mcdrop.engine.checks` -- the gate check and the row check, on one harness.
+* :mod:`~mcdrop.engine.discover` -- run-time discovery of train-gated randomness the policy missed.
 * :mod:`~mcdrop.engine.sample` -- :func:`sample_chunks`, the entry point.
 
 The engine knows nothing of the policy (which modules are random) nor of predictions: it runs the

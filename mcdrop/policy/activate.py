@@ -42,6 +42,7 @@ from mcdrop.policy.classify import (
     join_notes,
     outermost_traced,
     refused_traced_modules,
+    unclassified_user_modules,
 )
 
 __all__ = ["StochasticPolicy", "describe", "enable_dropout"]
@@ -89,6 +90,10 @@ class StochasticPolicy:
         self._options = {"drop_path": drop_path, "include": include, "exclude": exclude}
         #: Notes on sites learnt from running the model (see :mod:`mcdrop.engine.checks`), by path.
         self.gate_notes: dict[str, str] = {}
+        #: Modules found at run time to draw dropout in train mode, which no rule saw (see
+        #: :meth:`record_discovered`), with their notes, by path.
+        self.discovered: dict[str, str] = {}
+        self._active = 0  # activations entered and not yet left
         if not isinstance(model, nn.Module):
             raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         frozen = frozen_modules(model)
@@ -153,6 +158,16 @@ class StochasticPolicy:
             [0.5]
         """
         sites = find_stochastic_sites(self.model, **self._options)
+        if self.discovered:
+            listed = {s.path for s in sites}
+            modules = dict(self.model.named_modules())
+            found = [
+                StochasticSite(path, "functional", type(modules[path]).__name__, None, True, note)
+                for path, note in self.discovered.items()
+                if path in modules and path not in listed
+            ]
+            order = {path: i for i, path in enumerate(modules)}
+            sites = sorted([*sites, *found], key=lambda s: order.get(s.path, len(order)))
         return [
             dataclasses.replace(s, note=join_notes(s.note, self.gate_notes[s.path]))
             if s.sampled and s.path in self.gate_notes
@@ -215,6 +230,7 @@ class StochasticPolicy:
         _claim(modules, self.model)
         saved = [(module, module.training) for _, module in modules]
         snapshots: list[tuple[str, nn.Module, str, torch.Tensor]] = []
+        self._active += 1
         try:
             for path, module in modules:
                 module.training = path in self._sampled_paths
@@ -226,6 +242,7 @@ class StochasticPolicy:
                                 snapshots.append((path, module, bname, buf.detach().clone()))
             yield self
         finally:
+            self._active -= 1
             for module, flag in saved:
                 module.training = flag
             _release(modules)
@@ -278,6 +295,51 @@ class StochasticPolicy:
             and s.note != INCLUDED_NOTE
             and not is_rate_holder(s)
         ]
+
+    def unclassified_modules(self) -> list[str]:
+        """Paths of the user-defined modules no rule made a site, and not found at run time either.
+
+        See :func:`mcdrop.policy.classify.unclassified_user_modules`; run-time discovery
+        (:mod:`mcdrop.engine.discover`) looks in them for train-gated randomness.
+
+        Returns:
+            The paths, in ``named_modules()`` order.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+            >>> mcdrop.StochasticPolicy(net).unclassified_modules()
+            []
+        """
+        found = unclassified_user_modules(self.model, **self._options)
+        return [p for p in found if p not in self.discovered]
+
+    def record_discovered(self, notes: dict[str, str]) -> None:
+        """Sample, from now on, modules found at run time to draw dropout in train mode.
+
+        They are listed as sites of kind ``"functional"`` (rate unknown) with their note, sampled
+        like the gates the rules find (and gate-checked the same way).
+
+        Args:
+            notes: A note per module path.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> class Block(torch.nn.Module):
+            ...     def forward(self, x):
+            ...         return x
+            >>> policy = mcdrop.StochasticPolicy(torch.nn.Sequential(Block(), torch.nn.Dropout(0.5)))
+            >>> policy.record_discovered({"0": "found at run time"})
+            >>> [(s.path, s.kind, s.sampled) for s in policy.current_sites()]
+            [('0', 'functional', True), ('1', 'dropout', True)]
+        """
+        self.discovered.update(notes)
+        if self._active:  # inside an activation: switched on at once (its exit restores every flag)
+            modules = dict(self.model.named_modules())
+            for path in notes:
+                if path in modules:
+                    modules[path].training = True
+            self._find_sites()
 
     def record_notes(self, notes: dict[str, str]) -> None:
         """Keep notes on sites learnt from running the model (e.g. by the gate check), by path.

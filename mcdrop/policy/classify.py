@@ -745,6 +745,53 @@ def find_stochastic_sites(
     return _merge_rate_holders(kept)
 
 
+def unclassified_user_modules(
+    model: nn.Module, *, drop_path: bool = False, include: Any = None, exclude: Any = None
+) -> list[str]:
+    """Paths of the user-defined modules that no rule made a site.
+
+    Their code reads no ``.training`` that the static scan could see. These are where train-gated randomness the scan misses can hide (a helper called through its
+    module, a helper object holding the module, a child's method other than ``forward``,
+    ``getattr`` dispatch); run-time discovery (:mod:`mcdrop.engine.discover`) switches them on to
+    look. Not listed: ``torch`` classes (their rules are exact), TorchScript and traced modules,
+    registered deterministic classes, and modules matched by ``exclude``.
+
+    Args:
+        model: Any ``nn.Module``.
+        drop_path: As for :func:`find_stochastic_sites`.
+        include: As for :func:`find_stochastic_sites`.
+        exclude: As for :func:`find_stochastic_sites`.
+
+    Returns:
+        The paths, in ``named_modules()`` order (``""`` for the model itself).
+
+    Example:
+        >>> import torch
+        >>> from mcdrop.policy.classify import unclassified_user_modules
+        >>> class Block(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x
+        >>> unclassified_user_modules(torch.nn.Sequential(Block(), torch.nn.Dropout(0.1)))
+        ['0']
+    """
+    sites = {s.path for s in find_stochastic_sites(model, drop_path=drop_path, include=include, exclude=exclude)}
+    exclude_p = check_patterns(exclude, "exclude")
+    found = []
+    for path, module in model.named_modules():
+        cls = type(module)
+        if (
+            path in sites
+            or is_torch_class(cls)
+            or isinstance(module, torch.jit.ScriptModule)
+            or is_traced(module)
+            or any(isinstance(module, t) for t in _REGISTERED_DETERMINISTIC)
+            or matches(path, module, exclude_p)
+        ):
+            continue
+        found.append(path)
+    return found
+
+
 #: The note of an ``nn.Dropout`` whose ``p`` an attention gate reads (see :func:`_merge_rate_holders`).
 RATE_HOLDER_NOTE = "holds the rate of {parent}'s attention dropout (the attention module applies it)"
 
