@@ -311,7 +311,8 @@ class StochasticPolicy:
             >>> mcdrop.StochasticPolicy(net).unclassified_modules()
             []
         """
-        found = unclassified_user_modules(self.model, **self._options)
+        # Inside an activation the sites it found are current: no second search of the model.
+        found = unclassified_user_modules(self.model, **self._options, sites=self.sites if self._active else None)
         return [p for p in found if p not in self.discovered]
 
     def record_discovered(self, notes: dict[str, str]) -> None:

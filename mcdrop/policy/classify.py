@@ -746,7 +746,12 @@ def find_stochastic_sites(
 
 
 def unclassified_user_modules(
-    model: nn.Module, *, drop_path: bool = False, include: Any = None, exclude: Any = None
+    model: nn.Module,
+    *,
+    drop_path: bool = False,
+    include: Any = None,
+    exclude: Any = None,
+    sites: list[StochasticSite] | None = None,
 ) -> list[str]:
     """Paths of the user-defined modules that no rule made a site.
 
@@ -761,6 +766,8 @@ def unclassified_user_modules(
         drop_path: As for :func:`find_stochastic_sites`.
         include: As for :func:`find_stochastic_sites`.
         exclude: As for :func:`find_stochastic_sites`.
+        sites: The sites :func:`find_stochastic_sites` gives with these options, when at hand
+            (``None``: searched here).
 
     Returns:
         The paths, in ``named_modules()`` order (``""`` for the model itself).
@@ -774,13 +781,15 @@ def unclassified_user_modules(
         >>> unclassified_user_modules(torch.nn.Sequential(Block(), torch.nn.Dropout(0.1)))
         ['0']
     """
-    sites = {s.path for s in find_stochastic_sites(model, drop_path=drop_path, include=include, exclude=exclude)}
+    if sites is None:
+        sites = find_stochastic_sites(model, drop_path=drop_path, include=include, exclude=exclude)
+    listed = {s.path for s in sites}
     exclude_p = check_patterns(exclude, "exclude")
     found = []
     for path, module in model.named_modules():
         cls = type(module)
         if (
-            path in sites
+            path in listed
             or is_torch_class(cls)
             or isinstance(module, torch.jit.ScriptModule)
             or is_traced(module)
