@@ -48,7 +48,10 @@ class SamplingOptions:
 
     ``memory_budget=None`` means the automatic budget (:attr:`budget` is then ``None`` and
     :attr:`memory_budget_bytes` the default); ``output_batch_dim=None`` is resolved to
-    ``batch_dim`` when that is an int, else 0.
+    ``batch_dim`` when that is an int, or to the one batch dimension a ``batch_dim`` mapping gives
+    (its ``"*"`` default 0 included); a mapping that gives several stays ``None``, and each call
+    infers it (the dimension every batched input has, else the output's only dimension of the
+    batch's size) or refuses.
 
     Raises:
         InvalidTypeError: An option of the wrong type.
@@ -97,8 +100,9 @@ class SamplingOptions:
             check_int(self.batch_dim, "batch_dim")
         output_batch_dim = self.output_batch_dim
         if output_batch_dim is None:
-            output_batch_dim = self.batch_dim if isinstance(self.batch_dim, int) else 0
-        put("output_batch_dim", check_int(output_batch_dim, "output_batch_dim"))
+            output_batch_dim = _implied_output_batch_dim(self.batch_dim)
+        if output_batch_dim is not None:
+            put("output_batch_dim", check_int(output_batch_dim, "output_batch_dim"))
         output = self.output
         if not (output is None or callable(output) or isinstance(output, (str, int))):
             raise InvalidTypeError(
@@ -312,6 +316,16 @@ def _code_constants(code: Any) -> tuple[Any, ...]:
         else repr(c)
         for c in code.co_consts
     )
+
+
+def _implied_output_batch_dim(batch_dim: int | Mapping[Any, int | None]) -> int | None:
+    """The output batch dimension ``batch_dim`` implies: the one it gives (``None``: several)."""
+    if not isinstance(batch_dim, Mapping):
+        return batch_dim
+    dims = {d for d in batch_dim.values() if d is not None}
+    if "*" not in batch_dim:
+        dims.add(0)  # the default of the inputs it does not name
+    return dims.pop() if len(dims) == 1 else None
 
 
 def _batch_dim_option(batch_dim: int | Mapping[Any, int | None]) -> str:

@@ -71,7 +71,10 @@ class MCDropout:
             names / dict keys / positional indices to an int, or ``None`` for a tensor that is not
             batched (shared by all rows); ``"*"`` gives the default for the rest.
         output_batch_dim: Batch dimension of the analysed output; defaults to ``batch_dim`` when that
-            is an int, else 0. Results are always returned batch first.
+            is an int (or a mapping giving every batched input one dimension); for a mapping with
+            several, to the output's only dimension of the batch's size, and where several have it
+            (a ``(T, B, ...)`` output with ``T == B``), ``InvalidInputError`` asks for it. Results
+            are always returned batch first.
         output: Which part of the model output to analyse: ``None`` (a tensor as is; the ``logits``
             of a dict or output object; the first element of a tuple), a key or attribute name, a
             tuple index, or a callable ``output(model_output) -> tensor``.

@@ -75,6 +75,87 @@ def test_wrong_output_batch_dim_is_reported():
         mc.sample(torch.randn(3, 5))
 
 
+class SequenceFirst(nn.Module):
+    """``src (T, B, E)`` and a padding mask ``(B, T)`` to ``(T, B, 2 E)``: ``src`` as it is, then dropout.
+
+    The first half of the features is the input itself, so the test can see whether every row of a
+    result is the row of the batch that it claims to be.
+    """
+
+    def __init__(self, one_feature: bool = False) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.one_feature = one_feature  # (T, B, 1): no pass of one row tells where the batch is
+
+    def forward(self, src, mask=None):
+        if mask is not None:
+            src = src.masked_fill(mask.t()[..., None], 0.0)
+        if self.one_feature:
+            return self.drop(src).sum(-1, keepdim=True)
+        return torch.cat([src, self.drop(torch.ones_like(src))], -1)
+
+
+def _sequence_first(t: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    src = distinct_rows(t * b, 3).reshape(t, b, 3)
+    return src, torch.zeros(b, t, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "vmap", "replicate", "loop"])
+@pytest.mark.parametrize("explicit", [False, True], ids=["inferred", "output_batch_dim=1"])
+def test_batch_dim_mapping_with_time_equal_to_batch_is_not_swapped(strategy, explicit):
+    src, mask = _sequence_first(t=4, b=4)
+    mc = MCDropout(
+        SequenceFirst(), n_samples=3, seed=0, task="regression", strategy=strategy,
+        batch_dim={"src": 1, "mask": 0}, **({"output_batch_dim": 1} if explicit else {}),
+    )
+    s = mc.sample(src=src, mask=mask)
+    assert s.shape == (3, 4, 4, 6) and torch.equal(s[..., :3], src.transpose(0, 1).expand(3, 4, 4, 3))
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_batch_dim_mapping_whose_outputs_never_tell_the_batch_is_refused(strategy):
+    src, mask = _sequence_first(t=4, b=4)  # every pass: (4, 1, 1) or (4, 4, 1)
+    mc = MCDropout(
+        SequenceFirst(one_feature=True), n_samples=3, seed=0, task="regression", strategy=strategy,
+        batch_dim={"src": 1, "mask": 0},
+    )
+    with pytest.raises(InvalidInputError, match=r"dimensions \[0, 1\] all have that size.*output_batch_dim="):
+        mc.sample(src=src, mask=mask)
+    mc = MCDropout(
+        SequenceFirst(one_feature=True), n_samples=3, seed=0, task="regression", strategy=strategy,
+        batch_dim={"src": 1, "mask": 0}, output_batch_dim=1,
+    )
+    assert mc.sample(src=src, mask=mask).shape == (3, 4, 4, 1)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "vmap", "replicate", "loop"])
+@pytest.mark.parametrize(
+    "t, batch_dim, with_mask",
+    [
+        (6, {"src": 1, "mask": 0}, True),  # the output's only dimension of the batch's size
+        (5, {"src": 1, "mask": None}, False),  # every batched input on dim 1 (T == B too)
+        (5, {"src": 1}, False),  # the "*" default 0 names no input of the call
+    ],
+    ids=["output-tells", "mapping-gives-one-dim", "inputs-share-one-dim"],
+)
+def test_batch_dim_mapping_infers_the_output_batch_dim_only_when_unambiguous(strategy, t, batch_dim, with_mask):
+    src, mask = _sequence_first(t=t, b=5)
+    kwargs = {"mask": mask} if with_mask else {}
+    mc = MCDropout(SequenceFirst(), n_samples=3, seed=0, task="regression", strategy=strategy, batch_dim=batch_dim)
+    s = mc.sample(src=src, **kwargs)
+    assert s.shape == (3, 5, t, 6) and torch.equal(s[..., :3], src.transpose(0, 1).expand(3, 5, t, 3))
+
+
+def test_infer_output_batch_dim_takes_the_only_dimension_of_the_batch_size():
+    from mcdrop.engine.outputs import infer_output_batch_dim
+
+    assert infer_output_batch_dim((7, 4, 3), 4) == 1
+    with pytest.raises(InvalidInputError, match=r"dimensions \[0, 1\] all have"):
+        infer_output_batch_dim((4, 4, 3), 4)
+    with pytest.raises(InvalidInputError, match="no dimension has"):
+        infer_output_batch_dim((7, 2), 4)
+
+
 # --------------------------------------------------------------------------- output selection
 class MultiOut(nn.Module):
     """Returns the tagged output in several containers, chosen by ``kind``."""

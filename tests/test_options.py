@@ -68,6 +68,11 @@ def test_bad_options_are_refused_by_name(changes, error, match):
 def test_derived_options_are_resolved_once():
     assert SamplingOptions(batch_dim=1).output_batch_dim == 1
     assert SamplingOptions(batch_dim={"x": 0}).output_batch_dim == 0
+    # a mapping giving its batched inputs one dimension implies it; several: inferred per call
+    assert SamplingOptions(batch_dim={"x": 1, "mask": None, "*": 1}).output_batch_dim == 1
+    assert SamplingOptions(batch_dim={"x": 1, "mask": 0}).output_batch_dim is None
+    assert SamplingOptions(batch_dim={"x": 1}).output_batch_dim is None  # the rest: 0
+    assert SamplingOptions(batch_dim={"x": 1, "mask": 0}, output_batch_dim=0).output_batch_dim == 0
     automatic = SamplingOptions()
     assert automatic.budget is None and automatic.memory_budget_bytes == 256 * 2**20
     assert SamplingOptions(memory_budget=1024).budget == 1024

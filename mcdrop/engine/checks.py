@@ -526,7 +526,7 @@ def rows_mix(
         constants = NoRandomness(u)
         out = passes.run(part, constants, seed=seed, meter=meter)
         draws += constants.draws
-        return rows_first(out, runner.output_batch_dim)
+        return rows_first(out, runner.output_dim(out, part.batch_size))
 
     def no_verdict(why: str) -> None:
         log.debug("mcdrop: row-independence check gives no verdict: %s.", why)

@@ -2,7 +2,8 @@
 
 From whatever the model returns (a tensor, a tuple, a dict, a Hugging Face output object) the
 output to analyse is chosen (:func:`select_output`), reshaped samples-first ``(k, b, ...)``
-(:func:`to_samples_first` for replicated rows, :func:`vmapped_samples_first` for vmap), and
+(:func:`to_samples_first` for replicated rows, :func:`vmapped_samples_first` for vmap; where the
+batch sits in it is inferred only when that is unambiguous, :func:`infer_output_batch_dim`), and
 checked for NaN and +inf (on the CPU at once, on a device flagged per row without a sync and
 checked after the last chunk). The row check compares outputs row by row (:func:`row_gap`).
 """
@@ -97,6 +98,29 @@ def _describe_keys(out: Any) -> str:
         return ", ".join(map(repr, out.keys())) or "nothing"
     names = [n for n in dir(out) if not n.startswith("_")]
     return ", ".join(names[:20]) or "nothing"
+
+
+def infer_output_batch_dim(shape: Sequence[int], rows: int) -> int:
+    """The batch dimension of one sample's output of ``shape``, from a pass of ``rows`` rows.
+
+    For ``batch_dim`` mappings whose batched inputs have different batch dimensions, with no
+    ``output_batch_dim`` given: the batch of a batched output has size ``rows``, so the output's
+    only dimension of that size is its batch. None, or several (a sequence-first ``(T, B, ...)``
+    output with ``T == B``), are refused rather than guessed.
+
+    Raises:
+        InvalidInputError: No dimension, or more than one, of ``shape`` has size ``rows``.
+    """
+    dims = [d for d, size in enumerate(shape) if size == rows]
+    if len(dims) == 1:
+        return dims[0]
+    where = "no dimension has" if not dims else f"dimensions {dims} all have"
+    raise InvalidInputError(
+        f"The model output has shape {tuple(shape)} for a pass of {rows} rows: {where} that size, so "
+        "where its batch is cannot be told. batch_dim= gives the inputs different batch dimensions, so "
+        "the output's is not taken from them: set output_batch_dim= to the output's batch dimension "
+        "(e.g. output_batch_dim=1 for a (T, B, ...) output of a sequence-first model)."
+    )
 
 
 def to_samples_first(t: torch.Tensor, k: int, b: int, out_dim: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ def sample_chunks(
     max_batch_size: int | None,
     memory_budget: int | None,
     output: OutputSelector,
-    output_batch_dim: int,
+    output_batch_dim: int | None,
     pair: bool,
     check_finite: bool = True,
     strategy: str = "auto",
@@ -70,7 +70,8 @@ def sample_chunks(
         max_batch_size: Most rows per pass, or ``None`` for the automatic choice.
         memory_budget: Bytes one pass may use for the automatic choice; ``None`` for the default.
         output: Which part of the model output to keep (:func:`~mcdrop.engine.outputs.select_output`).
-        output_batch_dim: Batch dimension of the selected output.
+        output_batch_dim: Batch dimension of the selected output; ``None``: inferred (see
+            :class:`~mcdrop.engine.strategies.Runner`).
         pair: The selected output is a ``(mean, variance)`` pair.
         check_finite: Raise :class:`~mcdrop.errors.NonFiniteError` on NaN or +inf outputs.
         strategy: ``"auto"``, ``"vmap"``, ``"replicate"`` or ``"loop"``.

@@ -29,6 +29,7 @@ from mcdrop.engine.outputs import (
     OutputSelector,
     check_finite_chunk,
     flag_bad_rows,
+    infer_output_batch_dim,
     raise_if_bad_rows,
     select_output,
     to_samples_first,
@@ -57,7 +58,9 @@ class Runner:
         inputs: Prepared inputs (:func:`~mcdrop.engine.inputs.prepare_inputs`).
         n_samples: Samples per row over the whole call.
         output: Which part of the model output to keep.
-        output_batch_dim: Batch dimension of the selected output.
+        output_batch_dim: Batch dimension of the selected output; ``None`` where it was not given
+            and ``batch_dim`` is a mapping: then the batch dimension every batched input has, else
+            inferred from the first output of the call (see :meth:`output_dim`).
         pair: The selected output is a ``(mean, variance)`` pair.
         check_finite: Refuse NaN and +inf outputs.
         autocast_dtype: Run the model under ``torch.autocast`` in this dtype (``None``: as it is).
@@ -73,7 +76,7 @@ class Runner:
         *,
         n_samples: int,
         output: OutputSelector,
-        output_batch_dim: int,
+        output_batch_dim: int | None,
         pair: bool,
         check_finite: bool,
         autocast_dtype: torch.dtype | None,
@@ -84,6 +87,9 @@ class Runner:
         self.inputs = inputs
         self.n = n_samples
         self.output = output
+        if output_batch_dim is None:
+            shared = {d for d in inputs.dims.values() if d is not None}
+            output_batch_dim = shared.pop() if len(shared) == 1 else None
         self.output_batch_dim = output_batch_dim
         self.pair = pair
         self.check_finite = check_finite
@@ -93,6 +99,24 @@ class Runner:
         # Off the CPU, bad rows are flagged on the device and checked once after the last chunk,
         # so the loop never waits for the device (no host-device synchronisation per chunk).
         self.bad_rows: list[torch.Tensor] = []
+
+    def output_dim(self, out: Any, rows: int, *, vmapped: bool = False) -> int:
+        """The batch dimension of the selected output ``out`` (or pair) of a pass of ``rows`` rows.
+
+        ``output_batch_dim``; where that is ``None``, inferred from ``out`` (one sample's
+        dimensions: without the leading sample dimension of a vmap output when ``vmapped``) by
+        :func:`~mcdrop.engine.outputs.infer_output_batch_dim`, and kept for the rest of the call.
+        Only the output's batch has a size that a pass's rows set, so any pass that tells it tells it
+        right.
+
+        Raises:
+            InvalidInputError: ``out`` has no dimension, or several, of size ``rows``.
+        """
+        if self.output_batch_dim is None:
+            first = out[0] if isinstance(out, tuple) else out
+            shape = tuple(getattr(first, "shape", ()))
+            self.output_batch_dim = infer_output_batch_dim(shape[1:] if vmapped else shape, rows)
+        return self.output_batch_dim
 
     def autocast(self) -> Any:
         """The autocast context of the call's passes (a no-op without ``autocast_dtype``)."""
@@ -122,10 +146,11 @@ class Runner:
             if self.ctx is not None:
                 self.ctx.replicas = 1
         chosen = select_output(out, self.output, self.pair)
+        dim = self.output_dim(chosen, k * (e - s))
         if self.pair:
-            chunk = tuple(to_samples_first(c, k, e - s, self.output_batch_dim) for c in chosen)
+            chunk = tuple(to_samples_first(c, k, e - s, dim) for c in chosen)
         else:
-            chunk = to_samples_first(chosen, k, e - s, self.output_batch_dim)
+            chunk = to_samples_first(chosen, k, e - s, dim)
         return self._finish(chunk, s, e)
 
     def vmap(self, s: int, e: int, k: int) -> Any:
@@ -147,10 +172,11 @@ class Runner:
         finally:
             if ctx is not None:
                 ctx.vmap_level, ctx.vmap_size = None, 0
+        dim = self.output_dim(out, e - s, vmapped=True)
         if self.pair:
-            chunk = tuple(vmapped_samples_first(c, e - s, self.output_batch_dim) for c in out)
+            chunk = tuple(vmapped_samples_first(c, e - s, dim) for c in out)
         else:
-            chunk = vmapped_samples_first(out, e - s, self.output_batch_dim)
+            chunk = vmapped_samples_first(out, e - s, dim)
         return self._finish(chunk, s, e)
 
     def run(self, strategy: str, s: int, e: int, k: int) -> Iterator[tuple[int, int, Any]]:
