@@ -68,6 +68,56 @@ def test_no_dropout_raises_a_clear_error() -> None:
         mcdrop.MCDropout(nn.LSTM(3, 3, num_layers=1))
 
 
+class AlwaysOn(nn.Module):
+    """Functional dropout not gated on ``self.training``: random in eval mode too."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "positional":
+            return F.dropout(self.fc(x), 0.3, True)
+        if self.how == "keyword":
+            return torch.nn.functional.dropout(self.fc(x), p=0.3, training=True)
+        if self.how == "default":
+            return _drop(self.fc(x))
+        return torch.dropout(self.fc(x), 0.3, True)
+
+
+def _drop(x: torch.Tensor) -> torch.Tensor:
+    return F.dropout1d(x.unsqueeze(-1), 0.3).squeeze(-1)  # training= defaults to True
+
+
+@pytest.mark.parametrize(
+    "how, call",
+    [
+        ("positional", r"F\.dropout\(\.\.\., training=True\) in AlwaysOn\.forward"),
+        ("keyword", r"F\.dropout\(\.\.\., training=True\)"),
+        ("default", r"F\.dropout1d\(\.\.\.\) without training= \(its default is True\) in _drop"),
+        ("torch.dropout", r"torch\.dropout\(\.\.\., train=True\)"),
+    ],
+    ids=["F.dropout(x, p, True)", "training=True", "default-training", "torch.dropout"],
+)
+def test_always_on_functional_dropout_is_named_not_called_no_randomness(how: str, call: str) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), AlwaysOn(how)).eval()
+    x = torch.randn(4, 3)
+    assert not torch.equal(model(x), model(x))  # random in eval mode: it is there, and always on
+    with pytest.raises(NoDropoutError, match=rf"always on.*1: {call}.*training=self\.training") as caught:
+        mcdrop.MCDropout(model)
+    assert "no source of dropout randomness" not in str(caught.value)
+
+
+def test_functional_dropout_switched_off_by_a_constant_is_not_called_always_on() -> None:
+    class Off(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(F.alpha_dropout(x, 0.3), 0.3, training=False)  # alpha_dropout: off by default
+
+    with pytest.raises(NoDropoutError, match="no source of dropout randomness"):
+        mcdrop.MCDropout(nn.Sequential(nn.Linear(3, 3), Off()))
+
+
 # ------------------------------------------------------------------- functional gates: reads of self.training
 class ReadsTrainingOutsideForward(nn.Module):
     """Reads ``self.training`` only in a configuration method no forward pass calls."""

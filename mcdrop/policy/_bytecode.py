@@ -9,7 +9,11 @@ checkpointing, or set or pass the mode on, do not count. Results are cached per 
 
 from __future__ import annotations
 
+import ast
+import builtins
 import dis
+import inspect
+import textwrap
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -122,6 +126,19 @@ def class_code(cls: type) -> tuple[bool, frozenset[str]]:
     cached = _CLASS_CODE_CACHE.get(cls)
     if cached is not None:
         return cached
+    codes = _reachable_codes(cls)
+    reads = any(_code_reads_training(code) for code, _, _ in codes)
+    names = {used for code, _, own in codes if own for inner in _iter_codes(code) for used in inner.co_names}
+    result = (reads, frozenset(names))
+    _CLASS_CODE_CACHE[cls] = result
+    return result
+
+
+def _reachable_codes(cls: type) -> list[tuple[types.CodeType, dict[str, Any], bool]]:
+    """The code a forward pass of ``cls`` can run (see :func:`class_code`), with its globals.
+
+    Each is ``(code, globals, own)``, ``own`` false for module-level helper functions.
+    """
     members: dict[str, list[tuple[types.CodeType, dict[str, Any]]]] = {}
     for klass in cls.__mro__:
         if klass is nn.Module or klass is object or is_torch_class(klass):
@@ -129,21 +146,17 @@ def class_code(cls: type) -> tuple[bool, frozenset[str]]:
         for attr_name, attr in vars(klass).items():
             if attr_name not in _MODE_SETTERS and attr_name != "__init__":
                 members.setdefault(attr_name, []).extend(_function_codes(attr))
-    reads = False
-    names: set[str] = set()
     pending: list[tuple[types.CodeType, dict[str, Any], bool]] = [
         (code, namespace, True) for name in _FORWARD_ROOTS for code, namespace in members.get(name, ())
     ]
     visited_members: set[str] = {name for name in _FORWARD_ROOTS if name in members}
     visited_helpers: set[int] = set()
+    reached = []
     while pending:
         code, namespace, own = pending.pop()
-        if not reads and _code_reads_training(code):
-            reads = True
+        reached.append((code, namespace, own))
         for inner in _iter_codes(code):
             for used in inner.co_names:
-                if own:
-                    names.add(used)
                 if used in members and used not in visited_members:
                     visited_members.add(used)
                     pending.extend((c, g, True) for c, g in members[used])
@@ -152,9 +165,76 @@ def class_code(cls: type) -> tuple[bool, frozenset[str]]:
                 if helper is not None and id(helper) not in visited_helpers and len(visited_helpers) < 256:
                     visited_helpers.add(id(helper))
                     pending.extend((c, g, False) for c, g in _function_codes(helper))
-    result = (reads, frozenset(names))
-    _CLASS_CODE_CACHE[cls] = result
-    return result
+    return reached
+
+
+def _dropout_functions() -> dict[Any, tuple[str, str, int, bool | None]]:
+    """The dropout functions of torch: ``(shown name, mode argument, its position, its default)``."""
+    import torch
+    import torch.nn.functional as F
+
+    found: dict[Any, tuple[str, str, int, bool | None]] = {}
+    for name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"):
+        func = getattr(F, name, None)
+        if func is not None:
+            found[func] = (f"F.{name}", "training", 2, "alpha" not in name)  # alpha ones default to off
+    for name in ("dropout", "dropout_", "alpha_dropout", "feature_dropout", "feature_alpha_dropout"):
+        func = getattr(torch, name, None)
+        if func is not None:
+            found[func] = (f"torch.{name}", "train", 2, None)  # no default
+    return found
+
+
+def _resolve(node: ast.expr, namespace: dict[str, Any]) -> Any:
+    """The object a name or dotted name (``F.dropout``, ``torch.nn.functional.dropout``) refers to."""
+    if isinstance(node, ast.Name):
+        return namespace.get(node.id, getattr(builtins, node.id, None))
+    if isinstance(node, ast.Attribute):
+        base = _resolve(node.value, namespace)
+        if isinstance(base, types.ModuleType):
+            return getattr(base, node.attr, None)
+    return None
+
+
+def always_on_dropout_calls(cls: type) -> list[str]:
+    """Calls of torch's dropout functions that a forward pass of ``cls`` makes always on.
+
+    That is with the mode argument a constant true (``F.dropout(x, 0.3, True)``,
+    ``training=True``) or left out where it defaults to true (``F.dropout(x, 0.3)``): such dropout
+    draws new masks in eval mode too, whatever the module's ``training`` flag. The code read is
+    what :func:`class_code` reads, from its source (code without source is not read); a mode
+    given by any other expression (``training=self.training``) is not listed.
+
+    Returns:
+        One description per call, such as ``"F.dropout(..., training=True) in Net.forward"``.
+    """
+    functions = _dropout_functions()
+    found: list[str] = []
+    for code, namespace, _ in _reachable_codes(cls):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(code)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            try:
+                known = functions.get(_resolve(node.func, namespace))
+            except TypeError:  # an unhashable object under that name
+                known = None
+            if known is None:
+                continue
+            shown, mode, position, default = known
+            given = [k.value for k in node.keywords if k.arg == mode]
+            if len(node.args) > position:
+                given.append(node.args[position])
+            where = f"in {code.co_qualname if hasattr(code, 'co_qualname') else code.co_name}"
+            if not given:
+                if default:
+                    found.append(f"{shown}(...) without {mode}= (its default is True) {where}")
+            elif isinstance(given[0], ast.Constant) and given[0].value:
+                found.append(f"{shown}(..., {mode}={given[0].value!r}) {where}")
+    return found
 
 
 def class_reads_training(cls: type) -> bool:

@@ -33,6 +33,7 @@ from mcdrop.errors import (
     NoRandomnessWarning,
     UnsupportedModelError,
 )
+from mcdrop.policy._bytecode import always_on_dropout_calls, is_torch_class
 from mcdrop.policy.classify import (
     INCLUDED_NOTE,
     StochasticSite,
@@ -428,6 +429,23 @@ def _release(modules: list[tuple[str, nn.Module]]) -> None:
 def _no_dropout_message(model: nn.Module, sites: list[StochasticSite]) -> str:
     found = ", ".join(f"{s.path or '<model>'} ({s.kind}: {s.note})" for s in sites)
     found_text = f" Found but not sampled: {found}." if sites else ""
+    always_on = [
+        f"{path or '<model>'}: {call}"
+        for path, module in model.named_modules()
+        if not is_torch_class(type(module))
+        for call in always_on_dropout_calls(type(module))
+    ]
+    if always_on:
+        return (
+            f"{type(model).__name__} has dropout that is always on, whatever the training flags say: "
+            f"{'; '.join(always_on[:5])}{'; ...' if len(always_on) > 5 else ''}. It draws new masks in "
+            "eval mode too, so every forward pass is already random; but mcdrop switches dropout on and "
+            "off through the modules' training flags, which this dropout ignores, so it cannot sample it "
+            "as a site, change its rate or switch it off (the model's eval outputs are random as well)."
+            f"{found_text} To fix it, make it follow the module's mode, F.dropout(x, p, "
+            "training=self.training) (or use an nn.Dropout): then MC dropout samples it, and eval mode "
+            "is deterministic again."
+        )
     return (
         f"{type(model).__name__} has no source of dropout randomness for MC dropout to sample: no "
         "dropout layer, no attention or RNN dropout, and no custom module whose forward reads "
