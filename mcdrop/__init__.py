@@ -11,6 +11,7 @@ Example:
 """
 
 from mcdrop import metrics, nn
+from mcdrop.engine.checks import checking
 from mcdrop.errors import (
     GateRandomnessWarning,
     InvalidInputError,
@@ -57,6 +58,7 @@ __all__ = [
     "register_stochastic",
     "register_deterministic",
     "describe",
+    "checking",
     "add_dropout",
     "set_dropout_rate",
     "RateChange",

@@ -17,6 +17,7 @@ alone would leave them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import warnings
@@ -828,3 +829,77 @@ def test_a_lazy_module_initialised_in_the_first_pass_keeps_random_weights():
     net = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2)).eval()
     mcdrop.MCDropout(net, n_samples=4, seed=0, task="regression").predict(torch.randn(8, 6))
     assert net[0].weight.unique().numel() == net[0].weight.numel()
+
+
+# --------------------------------------------------------------------------- checks leave the model alone
+class LooksUpIds(nn.Module):
+    """Ids -> ``nn.Embedding(max_norm=1)`` (which renormalises the rows it looks up, in place) -> dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.drop, self.out = nn.Embedding(10, 8, max_norm=1.0), nn.Dropout(0.3), nn.Linear(8, 3)
+        with torch.no_grad():
+            self.emb.weight.mul_(5)  # every row longer than max_norm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(self.emb(ids)))
+
+
+def test_check_passes_leave_an_embedding_with_max_norm_as_the_users_passes_leave_it():
+    """Regression (issue 18, item 3): for a lone row the row check ran an invented neighbouring id,
+    whose embedding row was renormalised although the user never looked it up."""
+    net = LooksUpIds().eval()
+    before = net.emb.weight.detach().clone()
+    mcdrop.MCDropout(net, n_samples=8, seed=0).predict(torch.tensor([5]))
+    assert (net.emb.weight != before).any(1).nonzero().flatten().tolist() == [5]  # the user's id only
+
+
+class MaxAbsObserver(nn.Module):
+    """An eval-time observer: a buffer holding the largest ``|x|`` seen, updated in one of three ways."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.register_buffer("max_abs", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seen = torch.maximum(self.max_abs, x.detach().abs().max())
+        if self.how == "in place":
+            self.max_abs.copy_(seen)
+        elif self.how == "re-assigned":
+            self.max_abs = seen
+        else:
+            self.max_abs.data = seen
+        return x
+
+
+@pytest.mark.parametrize("observer", ["in place", "re-assigned", "data swapped", "FakeQuantize"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_check_passes_leave_observers_as_the_users_passes_leave_them(observer, rows):
+    """Regression (issue 18, item 3): the check's invented row (``1.25 x + 0.5`` of a lone row, or of
+    identical rows) was recorded by eval-time observers, changing every later eval output."""
+    torch.manual_seed(0)
+    if observer == "FakeQuantize":
+        obs: nn.Module = torch.ao.quantization.FakeQuantize()
+    else:
+        obs = MaxAbsObserver(observer)
+    net = nn.Sequential(obs, nn.Linear(4, 16), nn.Dropout(0.3), nn.Linear(16, 2)).eval()
+    x = torch.tensor([[1.0, -0.5, 0.25, 2.0]]).expand(rows, 4)  # the invented row reaches 3.0
+    users = copy.deepcopy(net)
+    with torch.no_grad():
+        users(x)  # what the user's own passes show the observer (the input itself)
+    mcdrop.MCDropout(net, n_samples=8, seed=0).predict(x)
+    for (name, got), want in zip(net.state_dict().items(), users.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+
+
+def test_checking_is_public_and_tells_the_check_passes_of_a_call_apart():
+    assert mcdrop.checking is checking and "checking" in mcdrop.__all__
+    net = trunk_mlp()
+    seen: list[tuple[bool, int]] = []
+    net.register_forward_hook(lambda m, args, out: seen.append((mcdrop.checking(), out.shape[0])))
+    mcdrop.MCDropout(net, n_samples=6, seed=0, strategy="replicate").predict(torch.randn(3, 6))
+    assert {check for check, _ in seen} == {True, False}
+    assert sum(rows for check, rows in seen if not check) == 6 * 3  # the samples' rows, replicas included
+    assert not mcdrop.checking()

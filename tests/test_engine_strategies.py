@@ -14,12 +14,14 @@ sizes used by a wide margin. Dropout rates are checked at 5 binomial standard er
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import pytest
 import torch
 from torch import nn
-from zoo import Tagged, head_cnn, trunk_mlp
+from zoo import SAMPLING_LOGGER, Tagged, head_cnn, strategy_of, trunk_mlp
 
 import mcdrop
 from mcdrop.engine.checks import checking
@@ -148,3 +150,116 @@ def test_mixed_precision_runs_the_model_in_low_precision_and_returns_float32(dty
     assert float((pred.probs - full.probs).abs().max()) < 0.05
     assert low.sample(x).dtype == torch.float32
     assert next(net.parameters()).dtype == torch.float32  # the model is not cast
+
+
+# --------------------------------------------------------------------------- tensors a model or hook keeps
+def plain(t: torch.Tensor) -> bool:
+    """Not a functorch wrapper (a dead one raises on every use once its vmap has returned)."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t) and (t + 1).shape == t.shape
+
+
+class KeepsEmbedding(nn.Module):
+    """A deterministic trunk worth hoisting; the forward keeps the tensor after its dropout on itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.drop, self.head = nn.Linear(6, 32), nn.Dropout(0.3), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_embedding = self.drop(torch.tanh(self.trunk(x)))
+        return self.head(self.last_embedding)
+
+
+def test_a_tensor_the_forward_keeps_on_the_model_is_plain_and_vmap_is_not_used(caplog):
+    """Regression (issue 18, item 4): with vmap chosen, ``model.last_embedding`` was a dead BatchedTensor."""
+    caplog.set_level(logging.DEBUG, SAMPLING_LOGGER)
+    net = KeepsEmbedding().eval()
+    mcdrop.MCDropout(net, n_samples=16, seed=0).predict(torch.randn(8, 6))
+    assert plain(net.last_embedding)
+    assert strategy_of(caplog) == "replicate"
+    assert (
+        "vmap rejected" in caplog.text
+        and "kept a tensor computed inside vmap (<model>.last_embedding)" in caplog.text
+    )
+    with pytest.raises(mcdrop.UnsupportedModelError, match="last_embedding"):
+        mcdrop.MCDropout(net, n_samples=16, seed=0, strategy="vmap").predict(torch.randn(8, 6))
+    assert plain(net.last_embedding)
+
+
+CAPTURED: dict[str, torch.Tensor] = {}
+
+
+def capture_in_a_global(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    CAPTURED["out"] = out
+
+
+class Recorder:
+    """A callable hook object keeping what it sees."""
+
+    def __init__(self) -> None:
+        self.outs: list[torch.Tensor] = []
+
+    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self.outs.append(out)
+
+
+def hoisted_mlp() -> nn.Sequential:
+    """16 -> 64 -> 3 with dropout after the hidden layer: the trunk holds 84% of the FLOPs, so auto picks vmap."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Dropout(0.3), nn.Linear(64, 3)).eval()
+
+
+@pytest.mark.parametrize("how", ["closure list", "nonlocal", "global", "callable object", "partial"])
+def test_a_tensor_a_forward_hook_captures_is_plain(how, caplog):
+    """Regression (issue 18, item 4): hooks on a module after the first dropout captured dead tensors."""
+    caplog.set_level(logging.DEBUG, SAMPLING_LOGGER)
+    net = hoisted_mlp()
+    kept: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []  # what the nonlocal variable holds at the end
+    if how == "closure list":
+        hook = lambda m, args, out: kept.append(out)  # noqa: E731
+    elif how == "nonlocal":
+        latest = None
+
+        def hook(m, args, out):
+            nonlocal latest
+            latest = out
+
+        def read() -> None:
+            last.append(latest)
+    elif how == "global":
+        hook = capture_in_a_global
+    elif how == "callable object":
+        hook = Recorder()
+        kept = hook.outs
+    else:
+        hook = functools.partial(lambda store, m, args, out: store.append(out), kept)
+    net[2].register_forward_hook(hook)
+    mcdrop.MCDropout(net, n_samples=16, seed=0).predict(torch.randn(8, 16))
+    if how == "nonlocal":
+        read()
+        kept = last
+    elif how == "global":
+        kept = [CAPTURED.pop("out")]
+    assert kept and all(plain(t) for t in kept)
+    assert strategy_of(caplog) == "replicate" and "kept a tensor computed inside vmap" in caplog.text
+
+
+def test_a_hook_added_after_vmap_was_chosen_gets_plain_tensors_and_the_choice_is_made_again(caplog):
+    caplog.set_level(logging.DEBUG, SAMPLING_LOGGER)
+    net = hoisted_mlp()
+    x = torch.randn(8, 16)
+    mc = mcdrop.MCDropout(net, n_samples=16, seed=0)
+    mc.predict(x)
+    assert strategy_of(caplog) == "vmap"
+    kept: list[torch.Tensor] = []
+    net[2].register_forward_hook(lambda m, args, out: None if checking() else kept.append(out))
+    caplog.clear()
+    pred = mc.predict(x)  # the remembered vmap decision: its first pass is dropped, the rest looped
+    assert "vmap given up for the rest of the call" in caplog.text
+    assert kept and all(plain(t) for t in kept)
+    assert sum(t.shape[0] for t in kept) == 16 * 8 and bool(pred.probs.isfinite().all())
+    caplog.clear()
+    mc.predict(x)  # decided afresh: vmap's trial is refused
+    assert strategy_of(caplog) == "replicate"

@@ -8,6 +8,7 @@ One module per concern, lowest first:
 * :mod:`~mcdrop.engine.inputs` -- preparing, slicing and replicating inputs; copies; generators.
 * :mod:`~mcdrop.engine.outputs` -- choosing the output; samples-first reshaping; finite checks.
 * :mod:`~mcdrop.engine.plan` -- every sizing rule and constant, as pure functions.
+* :mod:`~mcdrop.engine.state` -- the model's state across passes: what checks write, what vmap leaves.
 * :mod:`~mcdrop.engine.strategies` -- vmap, replicate, loop: running work items.
 * :mod:`~mcdrop.engine.choose` -- the probe pass and trials, returning a decision.
 * :mod:`~mcdrop.engine.checks` -- the gate check and the row check, on one harness.

@@ -67,6 +67,7 @@ from mcdrop.engine.outputs import OutputSelector, row_gap, rows_first, select_ou
 from mcdrop.engine.plan import CHECK_MARGIN, check_row_count, gate_check_measures_a_row
 from mcdrop.engine.probe import PeakBytesMode
 from mcdrop.engine.rng import cuda_devices, rng_untouched
+from mcdrop.engine.state import parameters_untouched
 from mcdrop.engine.strategies import Runner, autocast_context
 from mcdrop.errors import GateRandomnessWarning, ModelStateError
 
@@ -120,9 +121,33 @@ def eager_module(model: nn.Module) -> nn.Module:
 
 
 def checking() -> bool:
-    """Whether this thread is running one of mcdrop's check passes (every dropout op the identity).
+    """Whether this thread is running one of mcdrop's check passes rather than a sample.
 
-    For models and tests that count their forward passes and want to tell the checks apart.
+    Before it samples inputs of a new signature, :class:`~mcdrop.MCDropout` runs the model a few
+    more times to check it (``docs/reliability.md``): whether modules it puts in train mode switch
+    only randomness, and whether a row's output depends on the other rows of its pass. These
+    passes are not samples. In most of them every dropout operation is the identity and torch's
+    random draws are constants; they run on a few rows, in modes of their own, and for a batch of
+    one row (or of identical rows) also on a changed copy of that row, which the user never
+    passed. Every parameter and buffer they write is put back afterwards, but anything else a
+    model or a forward hook does in them happens: code that counts passes, stores activations or
+    logs can skip them with ``if mcdrop.checking(): ...``.
+
+    Returns:
+        ``True`` inside one of mcdrop's check passes on this thread, else ``False``.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2))
+        >>> sampled = []  # the outputs of the sampling passes only
+        >>> hook = net.register_forward_hook(
+        ...     lambda module, args, out: None if mcdrop.checking() else sampled.append(out)
+        ... )
+        >>> pred = mcdrop.MCDropout(net.eval(), n_samples=6, seed=0).predict(torch.randn(3, 4))
+        >>> sum(out.shape[0] for out in sampled)  # 6 samples of 3 rows, however they were batched
+        18
+        >>> mcdrop.checking()
+        False
     """
     return getattr(_STATE, "depth", 0) > 0
 
@@ -531,7 +556,9 @@ def rows_mix(
     def no_verdict(why: str) -> None:
         log.debug("mcdrop: row-independence check gives no verdict: %s.", why)
 
+    untouched = contextlib.ExitStack()  # parameters and buffers the passes write are put back
     try:
+        untouched.enter_context(parameters_untouched(passes.model))
         if ctx is not None:
             ctx.enabled = False  # the engine's faster dropout would ignore eval mode
         low = CHECK_QUANTILES[0]
@@ -581,6 +608,7 @@ def rows_mix(
         no_verdict(f"the model fails on the check rows ({type(err).__name__}: {err})")
         return None, measured
     finally:
+        untouched.close()
         if ctx is not None and enabled is not None:
             ctx.enabled = enabled
 
@@ -625,16 +653,19 @@ def check_gates_on(
     passes = CheckPasses(
         model, output=output, output_batch_dim=0, pair=pair, autocast_dtype=autocast_dtype, device=device
     )
-    row_bytes = passes.row_bytes(inputs) if gate_check_measures_a_row(inputs, max_batch_size) else None
-    if holds_objects(inputs):  # a KV cache's batch cannot be sliced: the batch of a sampling pass
-        count = min(inputs.batch_size, max_batch_size or inputs.batch_size)
-    else:
-        count = check_row_count(inputs, max_batch_size, memory_budget, n_samples, row_bytes)
-    rows = slice_batch(inputs, 0, count)
-    # Generators given as inputs advance from pass to pass (as across seeds), and are put
-    # back afterwards: the check's passes are not samples.
-    with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs):
-        notes, deterministic, outside_torch = check_gates(model, gates, lambda: passes.forward(rows), passes.cuda)
+    with parameters_untouched(passes.model):  # parameters and buffers the passes write are put back
+        row_bytes = passes.row_bytes(inputs) if gate_check_measures_a_row(inputs, max_batch_size) else None
+        if holds_objects(inputs):  # a KV cache's batch cannot be sliced: the batch of a sampling pass
+            count = min(inputs.batch_size, max_batch_size or inputs.batch_size)
+        else:
+            count = check_row_count(inputs, max_batch_size, memory_budget, n_samples, row_bytes)
+        rows = slice_batch(inputs, 0, count)
+        # Generators given as inputs advance from pass to pass (as across seeds), and are put
+        # back afterwards: the check's passes are not samples.
+        with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs):
+            notes, deterministic, outside_torch = check_gates(
+                model, gates, lambda: passes.forward(rows), passes.cuda
+            )
 
     def exclude_hint(paths: list[str]) -> str:
         names = [p for p in paths if p in gates]

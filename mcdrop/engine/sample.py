@@ -124,4 +124,6 @@ def sample_chunks(
             apply_verdict(runner, decision.rows_verdict, strategy, max_batch_size)
             plan = plan_for(runner, decision, max_batch_size, memory_budget, probed=False)
             yield from runner.run_plan(decision.strategy, plan, first_is_head=True)
+        if runner.vmap_refused is not None and cache is not None:
+            cache.pop(key, None)  # the next call decides afresh (and its vmap trial is refused)
     runner.raise_if_bad_rows()

@@ -17,6 +17,7 @@ strategy to use is decided in :mod:`mcdrop.engine.choose`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +39,9 @@ from mcdrop.engine.outputs import (
 )
 from mcdrop.engine.probe import ProbeMode
 from mcdrop.engine.rng import RngState, rng_restore, rng_snapshot
+from mcdrop.engine.state import EscapedTensorsError, HeldTensors
+
+_log = logging.getLogger("mcdrop.sampling")
 
 #: The sampling strategies (see :func:`mcdrop.engine.sample.sample_chunks`).
 STRATEGIES = ("auto", "vmap", "replicate", "loop")
@@ -99,6 +103,9 @@ class Runner:
         # Off the CPU, bad rows are flagged on the device and checked once after the last chunk,
         # so the loop never waits for the device (no host-device synchronisation per chunk).
         self.bad_rows: list[torch.Tensor] = []
+        #: Why vmap was given up during this call (a pass left functorch tensors on the model or
+        #: its hooks), else ``None``; its work items then run one pass per sample.
+        self.vmap_refused: str | None = None
 
     def output_dim(self, out: Any, rows: int, *, vmapped: bool = False) -> int:
         """The batch dimension of the selected output ``out`` (or pair) of a pass of ``rows`` rows.
@@ -154,7 +161,12 @@ class Runner:
         return self._finish(chunk, s, e)
 
     def vmap(self, s: int, e: int, k: int) -> Any:
-        """``k`` samples of rows ``s:e`` from one ``vmap`` over samples of the unreplicated rows."""
+        """``k`` samples of rows ``s:e`` from one ``vmap`` over samples of the unreplicated rows.
+
+        Raises:
+            EscapedTensorsError: The pass left functorch tensors in the model's or its hooks'
+                state (found by :class:`~mcdrop.engine.state.HeldTensors`, and put back as it was).
+        """
         part = slice_batch(self.inputs, s, e)
         # One pass of the model (run once for the k samples): copies of every input, as replicate makes.
         args, kwargs = part.map(lambda t, d: t.clone(), fresh=True)
@@ -166,12 +178,17 @@ class Runner:
                 ctx.vmap_level, ctx.vmap_size = torch._C._functorch.maybe_current_level(), k
             return select_output(self.model(*args, **kwargs), self.output, self.pair)
 
+        held = HeldTensors(self.model)
         try:
             with self.autocast():
                 out = torch.func.vmap(one_sample, randomness="different")(torch.zeros(k))
+        except BaseException:
+            held.escaped()  # put back what the failed pass left
+            raise
         finally:
             if ctx is not None:
                 ctx.vmap_level, ctx.vmap_size = None, 0
+        held.check()
         dim = self.output_dim(out, e - s, vmapped=True)
         if self.pair:
             chunk = tuple(vmapped_samples_first(c, e - s, dim) for c in out)
@@ -180,10 +197,22 @@ class Runner:
         return self._finish(chunk, s, e)
 
     def run(self, strategy: str, s: int, e: int, k: int) -> Iterator[tuple[int, int, Any]]:
-        """Yield the chunks of work item ``(s, e, k)`` drawn with ``strategy``."""
-        if strategy == "vmap" and k > 1:
-            yield s, e, self.vmap(s, e, k)
-        elif strategy == "loop":
+        """Yield the chunks of work item ``(s, e, k)`` drawn with ``strategy``.
+
+        A vmap pass that leaves functorch tensors on the model or its hooks (a model or hook that
+        began to store them after the decision) is dropped, and this and the remaining vmap work
+        items run one pass per sample (:attr:`vmap_refused` says why).
+        """
+        if strategy == "vmap" and k > 1 and self.vmap_refused is None:
+            try:
+                chunk = self.vmap(s, e, k)
+            except EscapedTensorsError as err:
+                self.vmap_refused = str(err)
+                _log.debug("mcdrop: vmap given up for the rest of the call, one pass per sample: %s.", err)
+            else:
+                yield s, e, chunk
+                return
+        if strategy == "loop" or (strategy == "vmap" and k > 1):
             for _ in range(k):
                 yield s, e, self.replicate(s, e, 1)
         else:
