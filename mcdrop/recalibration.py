@@ -93,6 +93,22 @@ def _mean_true_class_nll(z: torch.Tensor, labels: torch.Tensor, temperature: flo
     return float(total / n)
 
 
+def _bound_reached(
+    objective: Any, best_t: float, best_nll: float, low: float, high: float
+) -> str | None:
+    """``"lower"`` or ``"upper"`` where a fitted temperature lies at that bound, else ``None``.
+
+    At a bound means within 1% of the bounds' log-range of it (at most 5%: a temperature of 95
+    among the default ``(0.01, 100)``), or no better than the bound itself (the NLL still falls
+    towards the bound, or is flat there, as 0 is for a perfectly separated set).
+    """
+    tolerance = min(0.05, 0.01 * math.log(high / low))
+    for side, bound in (("lower", low), ("upper", high)):
+        if abs(math.log(best_t / bound)) <= tolerance or objective(math.log(bound)) <= best_nll:
+            return side
+    return None
+
+
 class TemperatureScaling:
     r"""Temperature scaling of classification logits (Guo et al. 2017).
 
@@ -175,7 +191,11 @@ class TemperatureScaling:
 
         Warns:
             McdropWarning: The fitted temperature's NLL is higher than that of ``T = 1`` (possible
-                only when ``bounds`` exclude 1).
+                only when ``bounds`` exclude 1). Or the fitted temperature lies at a bound (the NLL
+                still falls, or is flat, towards it): at the lower bound usually probabilities
+                passed as logits, or a validation set classified all right with a margin; at the
+                upper bound, labels that do not match the logits, or a set classified (almost) all
+                wrong.
 
         Example:
             >>> import math, torch
@@ -209,7 +229,8 @@ class TemperatureScaling:
         )
         nll_one = _mean_true_class_nll(z, y, 1.0)
         best_t, best_nll = math.exp(float(result.x)), float(result.fun)
-        if not best_nll < nll_one and low <= 1.0 <= high:
+        kept_one = not best_nll < nll_one and low <= 1.0 <= high
+        if kept_one:
             best_t, best_nll = 1.0, nll_one
         self.temperature_, self.nll_before_, self.nll_after_ = best_t, nll_one, best_nll
         if best_nll > nll_one:
@@ -217,6 +238,26 @@ class TemperatureScaling:
                 f"TemperatureScaling: the best temperature within bounds=({low:g}, {high:g}) is {best_t:.4g}, "
                 f"whose NLL ({best_nll:.4g}) is higher than that of the unscaled logits ({nll_one:.4g}); "
                 "the bounds exclude T = 1. Widen them to include 1 unless a temperature in them is required.",
+                McdropWarning,
+                stacklevel=2,
+            )
+        # T = 1 kept inside the bounds: nothing was better (constant logits), no bound was reached
+        side = None if best_nll > nll_one or (kept_one and low < 1.0 < high) else _bound_reached(
+            objective, best_t, best_nll, low, high
+        )
+        if side is not None:
+            likely = (
+                "probabilities passed as logits (pass logits, or probs.log()), or a validation set "
+                "that the model classifies all right with a margin (its NLL falls towards 0 as T does: "
+                "it determines no temperature)"
+                if side == "lower"
+                else "labels that do not match the logits (shifted, or in another class order), or a "
+                "validation set that the model classifies (almost) all wrong"
+            )
+            warnings.warn(
+                f"TemperatureScaling: the fitted temperature {best_t:.4g} lies at the {side} bound of "
+                f"bounds=({low:g}, {high:g}): the NLL does not rise again within them, so no temperature "
+                f"calibrates these inputs. This usually means {likely}. Check the inputs before using it.",
                 McdropWarning,
                 stacklevel=2,
             )

@@ -91,7 +91,8 @@ def test_monte_carlo_logits_are_scaled_before_averaging() -> None:
 def test_all_correct_predictions_push_the_temperature_down() -> None:
     # the NLL decreases towards 0 as T -> 0; below T ~ 0.06 it is 0 in float64
     logits = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, -1.0]])
-    ts = TemperatureScaling(bounds=(0.05, 20.0)).fit(logits, np.array([0, 1, 0]))
+    with pytest.warns(McdropWarning, match="lower bound.*classifies all right"):  # a degenerate set
+        ts = TemperatureScaling(bounds=(0.05, 20.0)).fit(logits, np.array([0, 1, 0]))
     assert 0.05 <= ts.temperature_ < 0.1
     assert ts.nll_after_ < 1e-12 < ts.nll_before_
 
@@ -113,6 +114,34 @@ def test_bounds_that_exclude_one_can_raise_the_nll_and_fit_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert TemperatureScaling().fit(logits, labels).nll_after_ <= ts.nll_before_
+
+
+def _probabilities(n: int = 200, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities of a model that is always right, with a probability of 0.15 on the true class."""
+    labels = torch.arange(n) % k
+    probs = torch.full((n, k), 0.85 / (k - 1))
+    probs[torch.arange(n), labels] = 0.15
+    return probs, labels
+
+
+def test_a_temperature_at_the_lower_bound_warns_of_probabilities_given_as_logits() -> None:
+    probs, labels = _probabilities()
+    with pytest.warns(McdropWarning, match=r"0\.01 lies at the lower bound.*probabilities passed as logits"):
+        ts = TemperatureScaling().fit(probs, labels)
+    assert ts.temperature_ == pytest.approx(0.01, rel=1e-4)
+    with pytest.warns(McdropWarning, match="lower bound"):  # MC samples of probabilities too
+        TemperatureScaling().fit(torch.stack([probs, probs]), labels)
+    logits, labels = _tempered_data(400, 3, true_t=0.5, seed=1)  # over-confident, not degenerate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert 0.01 * 1.5 < TemperatureScaling().fit(logits, labels).temperature_ < 1.0
+
+
+def test_a_temperature_at_the_upper_bound_warns_of_labels_that_do_not_match() -> None:
+    probs, labels = _probabilities()
+    with pytest.warns(McdropWarning, match=r"upper bound of bounds=\(0\.01, 100\).*labels that do not match"):
+        ts = TemperatureScaling().fit(probs.log(), (labels + 1) % 10)
+    assert ts.temperature_ > 90
 
 
 def test_temperature_scaling_errors() -> None:
