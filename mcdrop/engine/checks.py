@@ -39,7 +39,7 @@ import random
 import statistics
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -703,3 +703,16 @@ def check_gates_on(
         )
         notes.update({p: "draws from numpy's or Python's RNG in train mode" for p in outside_torch if p in gates})
     return notes
+
+
+@contextlib.contextmanager
+def check_pass() -> Iterator[None]:
+    """Mark the passes run inside as check passes (:func:`checking` is true), dropout left as it is.
+
+    For checks that need the model's own randomness (run-time discovery, :mod:`mcdrop.engine.discover`).
+    """
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
