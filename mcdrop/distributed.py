@@ -58,9 +58,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mcdrop._checks import check_choice, check_int
+from mcdrop._checks import check_bool, check_choice, check_int
 from mcdrop.errors import InvalidInputError, InvalidTypeError, McdropWarning
-from mcdrop.loop import collect, stream_metrics
+from mcdrop.loop import check_loader, collect, stream_metrics
 from mcdrop.metrics.streaming import StreamingMetrics
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction
 from mcdrop.wrapper import MCDropout
@@ -246,6 +246,11 @@ def shard_loader(
     Returns:
         The ``DataLoader``.
 
+    Raises:
+        InvalidTypeError: ``dataset`` is not map-style (an ``IterableDataset``, or an object without
+            ``__getitem__`` and ``__len__``), or an argument of the wrong type.
+        InvalidInputError: ``batch_size`` below 1, or a negative ``seed``.
+
     Example:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
@@ -254,8 +259,21 @@ def shard_loader(
         >>> [len(batch[0]) for batch in loader]
         [4, 4, 2]
     """
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+    if isinstance(dataset, IterableDataset) or not (
+        hasattr(type(dataset), "__getitem__") and hasattr(type(dataset), "__len__")
+    ):
+        raise InvalidTypeError(
+            "dataset must be a map-style data set (with __getitem__ and __len__, e.g. a TensorDataset) "
+            f"for DistributedSampler to shard; got {type(dataset).__name__}. An iterable data set (or "
+            "a loader) cannot be sharded by index: give each rank its own part and pass a loader over "
+            "it to predict_loader."
+        )
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
+    check_bool(shuffle, "shuffle")
+    check_bool(drop_last, "drop_last")
     sampler = DistributedSampler(
         dataset,
         num_replicas=get_world_size(),
@@ -768,6 +786,7 @@ def predict_loader(
     """
     if not isinstance(mc, MCDropout):
         raise InvalidTypeError(f"mc must be an mcdrop.MCDropout; got {type(mc).__name__}.")
+    check_loader(loader)
     keep = check_choice(keep, ("predictions", "metrics"), "keep")
     if metrics is not None:
         keep = "metrics"

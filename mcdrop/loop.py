@@ -33,13 +33,36 @@ from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionP
 if TYPE_CHECKING:
     from mcdrop.wrapper import MCDropout
 
-__all__ = ["checkpoint_fingerprint", "collect", "iter_predictions", "select_rows", "stream_metrics"]
+__all__ = ["check_loader", "checkpoint_fingerprint", "collect", "iter_predictions", "select_rows", "stream_metrics"]
 
 Unpack = Callable[[Any], tuple[Any, Any]]
 #: ``row_filter(rows)``: called once per batch of the loader, in order (evaluated or skipped), with
 #: the batch's row count (``None`` for a skipped batch); a bool mask of the rows to count, or ``None``
 #: for all.
 RowFilter = Callable[[int | None], torch.Tensor | None]
+
+
+def check_loader(loader: Any) -> None:
+    """Refuse a ``loader`` that cannot yield batches, before anything is read from it.
+
+    A loader is anything iterable (a ``DataLoader``, a list of batches, a generator); a string or
+    path (a file name given where its data were meant) is not.
+
+    Args:
+        loader: What was passed as the loader.
+
+    Raises:
+        InvalidTypeError: ``loader`` is not iterable, or is a string, bytes or a path.
+    """
+    kind = type(loader)
+    if isinstance(loader, (str, bytes, os.PathLike)) or not (
+        hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")
+    ):
+        raise InvalidTypeError(
+            f"loader must be an iterable of batches (a torch DataLoader, a list of batches, a "
+            f"generator); got {loader!r:.80} of type {kind.__name__}. To predict one batch, call "
+            "predict(inputs)."
+        )
 
 
 def iter_predictions(

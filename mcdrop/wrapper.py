@@ -34,7 +34,7 @@ from mcdrop.engine.outputs import OutputSelector
 from mcdrop.engine.rng import SeededStream, rng_access
 from mcdrop.engine.sample import sample_chunks
 from mcdrop.errors import InvalidInputError, InvalidTypeError, NoRandomnessWarning
-from mcdrop.loop import collect, stream_metrics
+from mcdrop.loop import check_loader, collect, stream_metrics
 from mcdrop.metrics.streaming import StreamingMetrics
 from mcdrop.options import SamplingOptions
 from mcdrop.policy.activate import StochasticPolicy
@@ -345,6 +345,8 @@ class MCDropout:
             :class:`~mcdrop.metrics.streaming.StreamingMetrics`; ``.summary()`` gives the metrics.
 
         Raises:
+            InvalidTypeError: ``loader`` is not an iterable of batches (e.g. a number, or a file
+                name), or a batch cannot be unpacked.
             InvalidInputError: An empty loader, targets that do not match, an unknown ``keep``,
                 ``keep="metrics"`` without targets, or a checkpoint from another configuration.
 
@@ -364,6 +366,7 @@ class MCDropout:
             ...     pred.probs, pred.targets)) < 1e-12
             True
         """
+        check_loader(loader)
         keep = check_choice(keep, ("predictions", "metrics"), "keep")
         if metrics is not None:
             if not isinstance(metrics, StreamingMetrics):

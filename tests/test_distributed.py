@@ -36,7 +36,7 @@ from zoo import mlp
 import mcdrop
 from mcdrop import distributed
 from mcdrop import metrics as M
-from mcdrop.errors import InvalidInputError
+from mcdrop.errors import InvalidInputError, InvalidTypeError
 from mcdrop.metrics.streaming import StreamingClassificationMetrics, StreamingRegressionMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,6 +385,31 @@ def test_derive_seed():
     assert len(seeds) == 50 and all(0 <= s < 2**63 for s in seeds)
     with pytest.raises(InvalidInputError):
         distributed.derive_seed(-1, 0)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(torch.arange(4.0))
+
+
+@pytest.mark.parametrize("data", [5, iter([[1.0], [2.0]]), _Stream()], ids=["int", "iterator", "IterableDataset"])
+def test_shard_loader_refuses_what_it_cannot_shard_by_name(data):
+    with pytest.raises(InvalidTypeError, match=r"dataset must be a map-style data set.*__getitem__ and __len__"):
+        distributed.shard_loader(data)
+
+
+def test_shard_loader_refuses_bad_batch_sizes_by_name():
+    with pytest.raises(InvalidInputError, match="batch_size must be at least 1; got 0"):
+        distributed.shard_loader(dataset(), batch_size=0)
+    with pytest.raises(InvalidTypeError, match="batch_size must be an integer"):
+        distributed.shard_loader(dataset(), batch_size=2.5)
+    with pytest.raises(InvalidTypeError, match="shuffle must be True or False"):
+        distributed.shard_loader(dataset(), shuffle="yes")
+
+
+def test_distributed_predict_loader_refuses_what_is_not_a_loader():
+    with pytest.raises(InvalidTypeError, match="loader must be an iterable of batches"):
+        distributed.predict_loader(wrapper(0.3, n_samples=2), 5, progress=False)
 
 
 def test_gather_predictions_orders_and_deduplicates():

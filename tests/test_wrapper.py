@@ -451,6 +451,14 @@ def test_predict_loader_errors():
         mc.predict_loader([(randn_rows(b=2), torch.tensor([0, 1, 2]))], progress=False)
 
 
+@pytest.mark.parametrize("loader", [5, 2.5, None, "data/test.pt"])
+def test_predict_loader_refuses_what_is_not_a_loader_by_name(loader):
+    mc = MCDropout(mlp(4, 3), n_samples=2)
+    for keep in ("predictions", "metrics"):
+        with pytest.raises(InvalidTypeError, match=r"loader must be an iterable of batches.*DataLoader.*predict\(inputs\)"):
+            mc.predict_loader(loader, progress=False, keep=keep)
+
+
 # --------------------------------------------------------------------------- misc public surface
 
 
