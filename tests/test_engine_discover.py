@@ -252,3 +252,27 @@ def test_draw_kinds():
     assert draw_kind(ops.bernoulli_.float, torch.zeros(4)) == "mask"
     assert draw_kind(ops.randperm.default, torch.zeros(4)) == "integers"
     assert draw_kind(ops.mm.default, torch.zeros(4)) is None
+
+
+class RenormsAndHidesDropout(nn.Module):
+    """Hidden dropout after an Embedding(max_norm=1), which renormalises the rows it looks up, in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8, max_norm=1.0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dropout_utils.apply_dropout(self, self.emb(ids).mean(1))
+
+
+def test_discovery_passes_leave_parameters_as_the_users_own_passes_would():
+    torch.manual_seed(0)
+    model = nn.Sequential(RenormsAndHidesDropout(), nn.Dropout(0.1), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].emb.weight.mul_(3.0)  # every row beyond max_norm
+    ids = torch.tensor([[1, 2]])  # one row: the row check also runs an invented row of other ids
+    with torch.no_grad():
+        model(ids)  # the user's own pass renormalises rows 1 and 2 of the table, and only those
+    expected = model[0].emb.weight.detach().clone()
+    mcdrop.MCDropout(model, n_samples=3, seed=0).predict(ids)
+    assert torch.equal(model[0].emb.weight, expected)  # discovery, gate and row checks wrote nothing else

@@ -51,6 +51,7 @@ from mcdrop.engine.inputs import (
 from mcdrop.engine.outputs import OutputSelector
 from mcdrop.engine.plan import check_row_count
 from mcdrop.engine.rng import rng_untouched
+from mcdrop.engine.state import parameters_untouched
 
 __all__ = ["Findings", "discover", "discover_on", "draw_kind"]
 
@@ -288,7 +289,8 @@ def discover_on(
     else:
         count = check_row_count(inputs, max_batch_size, memory_budget, n_samples, None)
     rows = slice_batch(inputs, 0, count)
-    with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs):
+    # Parameters and buffers the passes write (an Embedding's max_norm, an observer) are put back.
+    with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs), parameters_untouched(model):
         return discover(
             model,  # its paths are the policy's (a compiled model's run through its eager original)
             candidates=candidates,
