@@ -185,6 +185,23 @@ _SAFE_LOAD_HINT = (
 )
 
 
+def _load_tensors(path: Path, map_location: Any) -> Any:
+    """``torch.load(path, weights_only=True)``, with torch's warnings shown only if it loads.
+
+    A plain pickle makes torch warn about its pickle protocol before refusing it; mcdrop's own
+    one-line error then says what went wrong, so the warning (two more lines) is dropped. After a
+    load that works, torch's warnings are shown as they were.
+    """
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = torch.load(str(path), map_location=map_location, weights_only=True)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
+
+
 def _first_line(err: BaseException) -> str:
     """``Type: message`` of an exception, in one short line (torch's messages can span a screen).
 
@@ -276,7 +293,7 @@ def _load_model(args: argparse.Namespace) -> Any:
         if not wpath.exists():
             raise CliError(f"weights file {wpath} not found")
         try:
-            state = torch.load(str(wpath), map_location=args.device, weights_only=True)
+            state = _load_tensors(wpath, args.device)
             model.load_state_dict(state)
         except Exception as err:  # noqa: BLE001
             raise CliError(f"could not load weights {wpath}: {_first_line(err)}{_SAFE_LOAD_HINT}") from None
@@ -378,7 +395,7 @@ def _load_data(path_text: str, args: argparse.Namespace, need_target: bool) -> t
             raise CliError(f"could not read {path} as .npz: {err}") from None
     elif suffix in (".pt", ".pth"):
         try:
-            store = torch.load(str(path), map_location="cpu", weights_only=True)
+            store = _load_tensors(path, "cpu")
         except Exception as err:  # noqa: BLE001
             raise CliError(
                 f"could not read {path} as a tensor dict: {_first_line(err)}{_SAFE_LOAD_HINT}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +338,25 @@ def test_factory_that_fails_exits_2(
         ), err
     else:
         assert message in err, err
+
+
+@pytest.mark.parametrize("where", ["--data", "--weights"])
+def test_a_plain_pickle_gets_mcdrops_one_line_and_no_torch_warning(
+    tmp_path: Path, npz_data: Path, monkeypatch, capsys, where: str
+) -> None:
+    pickled = tmp_path / "pickled.pt"
+    with pickled.open("wb") as f:  # pickle.dump, not torch.save: torch warns of its protocol first
+        pickle.dump({"x": np.zeros((4, 5), np.float32), "model": nn.Linear(5, 3)}, f)
+    (tmp_path / "cli_pickle_factory.py").write_text(
+        "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Dropout(0.2))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data, extra = (pickled, ()) if where == "--data" else (npz_data, ("--weights", str(pickled)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        err = _fails(_report_args(tmp_path, "cli_pickle_factory:make", data, *extra), capsys)
+    assert len(err.strip().splitlines()) == 1 and "weights_only=True refuses" in err, err
+    assert [str(w.message) for w in caught] == []
 
 
 @pytest.fixture()
