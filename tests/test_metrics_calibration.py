@@ -369,3 +369,12 @@ def test_cuda_inputs_give_the_cpu_result() -> None:
         assert classwise_calibration_error(
             torch.from_numpy(probs).cuda(), torch.from_numpy(labels).cuda()
         ) == (pytest.approx(classwise_calibration_error(probs, labels), abs=1e-12))
+
+
+def test_half_precision_positive_class_probabilities_are_complemented_in_float64() -> None:
+    # 1 - 0.498 is 0.5 in bfloat16: the confidence of class 0 would be rounded before binning
+    positive = torch.tensor([0.498, 0.7, 0.2, 0.35], dtype=torch.bfloat16)
+    labels = torch.tensor([0, 1, 0, 1])
+    exact = positive.double()  # the same values, complemented exactly
+    for metric in (expected_calibration_error, classwise_calibration_error):
+        assert metric(positive, labels, n_bins=4) == pytest.approx(metric(exact, labels, n_bins=4), abs=1e-12)

@@ -87,6 +87,20 @@ def test_binary_accuracy_threshold_and_ties() -> None:
     assert accuracy([[0.8, 0.2], [0.5, 0.5], [0.49, 0.51]], [0, 0, 1]) == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_brier_of_half_precision_probabilities_is_computed_in_float64(dtype) -> None:
+    probs = torch.tensor([[0.625, 0.25, 0.125]], dtype=dtype)  # exact in either dtype
+    assert brier_score(probs, [0]) == 0.21875  # 0.390625 + 0.0625 + 0.015625 - 1.25 + 1
+    g = torch.Generator().manual_seed(0)
+    many = torch.softmax(3 * torch.randn(200, 7, generator=g), -1).to(dtype)
+    labels = torch.randint(0, 7, (200,), generator=g)
+    by_hand = ((many.double() - torch.eye(7, dtype=torch.float64)[labels]) ** 2).sum(1).mean()
+    assert brier_score(many, labels) == pytest.approx(float(by_hand), abs=1e-12)
+    binary = (many[:, 0] / (many[:, 0] + many[:, 1])).to(dtype)
+    by_hand = (2 * (binary.double() - labels % 2) ** 2).mean()
+    assert brier_score(binary, labels % 2) == pytest.approx(float(by_hand), abs=1e-12)
+
+
 def test_results_are_python_floats() -> None:
     probs, labels = _data(50, 3, seed=0)
     for fn in (brier_score, negative_log_likelihood, accuracy):

@@ -273,3 +273,13 @@ def test_regression_input_errors() -> None:
         mc_log_likelihood(np.zeros((2, 5)), np.zeros(5), tau=0.0)
     with pytest.raises(InvalidInputError, match="samples-first"):
         predictive_moments(np.zeros(5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_predictive_moments_of_half_precision_samples_are_rounded_once(dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    samples = (3 * torch.randn(50, 40, generator=g) + 10).to(dtype)
+    mean, std = predictive_moments(samples, tau=3.0)
+    var, exact_mean = torch.var_mean(samples.double(), 0, correction=0)  # the same values, in float64
+    assert mean.dtype == std.dtype == dtype
+    assert torch.equal(mean, exact_mean.to(dtype)) and torch.equal(std, (var + 1 / 3).sqrt().to(dtype))

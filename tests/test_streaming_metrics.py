@@ -752,3 +752,10 @@ def test_a_data_set_twenty_times_the_memory_budget_streams_in_constant_memory():
     assert close(s["Brier"], M.brier_score(pred.probs, pred.targets))
     assert close(s["NLL"], M.negative_log_likelihood(pred.probs, pred.targets))
     assert s["accuracy"] == M.accuracy(pred.probs, pred.targets)
+
+
+def test_streaming_brier_of_bfloat16_probabilities_is_computed_in_float64():
+    probs = torch.tensor([[0.625, 0.25, 0.125], [0.125, 0.25, 0.625]], dtype=torch.bfloat16)
+    acc = StreamingClassificationMetrics()
+    acc.update(probs, torch.tensor([0, 1]))
+    assert acc.summary()["Brier"] == (0.21875 + 0.96875) / 2

@@ -54,8 +54,7 @@ def brier_score(probs: ArrayLike, labels: ArrayLike) -> float:
     else:
         assert data.probs is not None
         # sum_k (p_k - [y = k])^2 = sum_k p_k^2 - 2 p_y + 1, without building a one-hot matrix
-        squares = torch.linalg.vector_norm(data.probs, dim=1) ** 2
-        per_sample = to_f64(squares) - 2 * to_f64(data.true_class_prob()) + 1
+        per_sample = data.sum_of_squares() - 2 * to_f64(data.true_class_prob()) + 1
     return float(per_sample.mean())
 
 

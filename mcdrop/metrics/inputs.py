@@ -9,6 +9,10 @@ Copies are kept to what is needed: numpy arrays are wrapped without a copy (``to
 tensors are only detached, and the large ``(n, K)`` probability matrices are validated and reduced
 in their own dtype on their own device; only the ``(n,)`` per-sample quantities derived from them are
 cast to float64 for exact accumulation. MPS has no float64, so those reductions move to the CPU there.
+Float16 and bfloat16 inputs are the exception: their own precision would round every sum over a row
+(a Brier score of 0.2168 for 0.21875) and every ``1 - p``, so what is summed or complemented is
+taken in float64 first (:func:`for_sums`); selections (a row's maximum, its true-class entry) stay
+exact in any dtype.
 """
 
 from __future__ import annotations
@@ -92,6 +96,16 @@ def work_device(t: torch.Tensor) -> torch.device:
 def to_f64(t: torch.Tensor) -> torch.Tensor:
     """Cast a (small, per-sample) tensor to float64 on its work device; never modify the result."""
     return t.to(device=work_device(t), dtype=F64)
+
+
+def for_sums(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ready to be summed: float16/bfloat16 in float64 (on the work device), else as it is.
+
+    Summed in their own precision, half-precision values are rounded to 8 or 11 bits on the way
+    (squares, partial sums, a norm), which shifts the result; float32 and float64 tensors are
+    reduced in their own dtype, without a float64 copy of a large matrix.
+    """
+    return to_f64(t) if t.is_floating_point() and t.dtype.itemsize < 4 else t
 
 
 def as_float(t: torch.Tensor) -> torch.Tensor:
@@ -223,13 +237,15 @@ class Classification:
         return self.n_classes == 2
 
     def top_label(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-label confidence (input dtype, clamped to [0, 1]) and whether the top label is right.
+        """Top-label confidence (clamped to [0, 1]) and whether the top label is right.
 
-        Ties go to the lowest class index (as ``argmax``); a binary positive-class probability of
-        exactly 0.5 predicts class 0.
+        The confidence is in the input dtype, except for ``(n,)`` positive-class probabilities held
+        in float16/bfloat16, whose complement ``1 - p`` is taken in float64 (see
+        :meth:`true_class_prob`). Ties go to the lowest class index (as ``argmax``); a binary
+        positive-class probability of exactly 0.5 predicts class 0.
         """
         if self.positive is not None:
-            p = self.positive
+            p = for_sums(self.positive)
             pred_pos = p > 0.5
             conf = torch.where(pred_pos, p, 1 - p)
             correct = pred_pos == (self.labels == 1)
@@ -245,9 +261,9 @@ class Classification:
         return p.clamp(0.0, 1.0), self.labels == 1
 
     def column(self, k: int) -> torch.Tensor:
-        """Predicted probability of class ``k`` for every sample (input dtype)."""
+        """Predicted probability of class ``k`` for every sample (input dtype; see :meth:`top_label`)."""
         if self.positive is not None:
-            return self.positive if k == 1 else 1 - self.positive
+            return self.positive if k == 1 else 1 - for_sums(self.positive)
         assert self.probs is not None
         return self.probs[:, k]
 
@@ -257,6 +273,12 @@ class Classification:
             return (self.positive > 0.5).long()
         assert self.probs is not None
         return self.probs.argmax(dim=1)
+
+    def sum_of_squares(self) -> torch.Tensor:
+        """The sum of the squared probabilities of every row of ``probs``, in float64 (see :func:`for_sums`)."""
+        assert self.probs is not None
+        p = for_sums(self.probs)
+        return to_f64(torch.linalg.vecdot(p, p, dim=1))
 
     def true_class_prob(self) -> torch.Tensor:
         """Predicted probability of each sample's true class (input dtype; float64 for ``(n,)`` inputs).

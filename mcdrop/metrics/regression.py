@@ -38,6 +38,7 @@ from mcdrop.metrics.inputs import (
     as_float,
     check_finite,
     check_nonempty,
+    for_sums,
     levels_vector,
     like_input,
     parse_regression,
@@ -91,7 +92,8 @@ def predictive_moments(samples: ArrayLike, tau: float | None = None) -> tuple[Ar
 
     Returns:
         ``(mean, std)``, each of shape ``samples.shape[1:]``, as tensors (same device and floating
-        dtype) if ``samples`` is a tensor, else as numpy arrays.
+        dtype) if ``samples`` is a tensor, else as numpy arrays. Float16 and bfloat16 samples are
+        reduced in float64 and the results rounded to their dtype once.
 
     Raises:
         InvalidInputError: Fewer than 1 sample dimension, empty input or ``tau <= 0``.
@@ -113,11 +115,13 @@ def predictive_moments(samples: ArrayLike, tau: float | None = None) -> tuple[Ar
         )
     check_nonempty(s, "samples")
     check_finite(s, "samples")
-    var, mean = torch.var_mean(s, dim=0, correction=0)
+    var, mean = torch.var_mean(for_sums(s), dim=0, correction=0)  # float16/bfloat16: in float64
     if tau is not None:
         tau = check_real(tau, "tau", low=0.0, low_open=True)
         var = var + 1.0 / tau
-    return like_input(mean, samples), like_input(var.sqrt(), samples)
+    std = var.sqrt()
+    mean, std = (t.to(device=s.device, dtype=s.dtype) for t in (mean, std))  # rounded once, at the end
+    return like_input(mean, samples), like_input(std, samples)
 
 
 def mc_log_likelihood(samples: ArrayLike, targets: ArrayLike, tau: float) -> float:

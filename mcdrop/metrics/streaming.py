@@ -707,8 +707,7 @@ class StreamingClassificationMetrics(StreamingMetrics):
             dtype = data.positive.dtype
         else:
             assert data.probs is not None
-            squares = torch.linalg.vector_norm(data.probs, dim=1) ** 2
-            brier = to_f64(squares) - 2 * to_f64(data.true_class_prob()) + 1
+            brier = data.sum_of_squares() - 2 * to_f64(data.true_class_prob()) + 1
             dtype = data.probs.dtype
         nll = -torch.log(to_f64(data.true_class_prob()).clamp(min=torch.finfo(dtype).eps))
         wrong = ~hit
