@@ -40,6 +40,21 @@ def aleatoric_variances(second: torch.Tensor, aleatoric: str | None) -> torch.Te
     return var
 
 
+def _probability_rows(x: torch.Tensor, dim: int, dtype: torch.dtype) -> bool:
+    """Whether every row of ``x`` along ``dim`` is non-negative and sums to 1 to float rounding.
+
+    The tolerance is that of a softmax rounded to ``dtype`` (the model's output precision, float32
+    at best: half an ulp per probability, so half an ulp on their sum) and summed here in ``x``'s:
+    ``eps(dtype) + (16 + sqrt(K)) eps(x)``: 2.4e-6 for ten float32 classes, 6e-6 for a thousand,
+    so real logits that pass are practically impossible (every row, every pass).
+    """
+    k = x.shape[dim]
+    precision = torch.finfo(dtype).eps if torch.finfo(dtype).bits < 64 else torch.finfo(torch.float32).eps
+    tolerance = precision + (16 + k**0.5) * torch.finfo(x.dtype).eps
+    rows = (x.amin(dim) >= 0) & ((x.sum(dim) - 1).abs() <= tolerance)
+    return bool(rows.numel()) and bool(rows.all())
+
+
 def _check_real_dtype(t: torch.Tensor) -> None:
     if not t.is_floating_point():
         kind = "complex" if t.is_complex() else "integer"
@@ -132,9 +147,13 @@ class ClassificationStats:
         output_type: ``"logits"``, ``"probs"`` or ``"log_probs"``.
         class_dim: Class dimension of one model output ``(b, ...)`` (so 1 for ``(b, K)``).
         prob_tolerance: Allowed deviation of declared probabilities from summing to 1.
+        detect_probs: Watch logits (``output_type`` not given, so ``"logits"`` by default) for rows
+            that are probabilities; :meth:`check_reading` then refuses them.
     """
 
-    def __init__(self, output_type: str, class_dim: int, prob_tolerance: float = 1e-3) -> None:
+    def __init__(
+        self, output_type: str, class_dim: int, prob_tolerance: float = 1e-3, *, detect_probs: bool = False
+    ) -> None:
         self.output_type = output_type
         self.class_dim = class_dim
         self.prob_tolerance = prob_tolerance
@@ -142,6 +161,8 @@ class ClassificationStats:
         self.entropy = RunningMoments()
         self.votes: torch.Tensor | None = None
         self.binary = False
+        # None: nothing seen yet; True while every row seen is a probability vector (see check_reading).
+        self.looks_like_probs: bool | None = None if detect_probs and output_type == "logits" else False
 
     def to_probs(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample probabilities and log-probabilities, class dimension last."""
@@ -205,6 +226,25 @@ class ClassificationStats:
                 "logits, use output_type='logits'."
             )
 
+    def check_reading(self) -> None:
+        """Refuse logits that were probabilities: every row of every pass non-negative, summing to 1.
+
+        Read as logits they would go through a second softmax (a model ending in ``nn.Softmax``),
+        which flattens every distribution. Only with ``detect_probs`` (``output_type`` not given).
+
+        Raises:
+            InvalidInputError: Every row seen in this call was a probability vector.
+        """
+        if self.looks_like_probs:
+            raise InvalidInputError(
+                "The model's outputs look like probabilities, not logits: in every pass every row is "
+                f"non-negative and sums to 1 over class_dim={self.class_dim} (e.g. the model ends in "
+                "nn.Softmax). Read as logits (output_type's default) they would go through a second "
+                "softmax, and every probability and uncertainty would be wrong. Pass "
+                "output_type='probs' (or 'log_probs' for log-probabilities); if these really are "
+                "logits, pass output_type='logits' to say so."
+            )
+
     def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
         """Merge a chunk of raw model outputs for rows ``start:stop``."""
         if self._update_logits(start, stop, chunk, batch_size):
@@ -244,6 +284,8 @@ class ClassificationStats:
                 "A model output row has every logit at -inf (every class masked), so its class "
                 "probabilities are undefined. Leave at least one class unmasked per input."
             )
+        if self.looks_like_probs is not False:
+            self.looks_like_probs = _probability_rows(x, dim, chunk.dtype)
         logp = torch.log_softmax(x, dim)
         p = logp.exp()
         # -inf log-probabilities (masked classes) have p = 0: clamped, they add 0, not NaN.
@@ -302,21 +344,81 @@ class RegressionStats:
         self.noise.update(start, stop, var, batch_size)
 
 
-def resolve_task(task: str, aleatoric: str | None, output_type: str, chunk: Any) -> str:
-    """The task of a call: as given, or for ``"auto"`` read from the options and the first chunk.
+def resolve_reading(
+    task: str,
+    aleatoric: str | None,
+    output_type: str | None,
+    class_dim: int | None,
+    chunk: Any,
+    *,
+    num_labels: int | None = None,
+    problem_type: str | None = None,
+) -> tuple[str, int]:
+    """How a call reads its output: the task and, for classification, the class dimension.
 
-    Regression when ``aleatoric`` is set or one output per input comes out (a chunk of shape
-    ``(k, b)`` or ``(k, b, 1)``); classification when ``output_type`` is not ``"logits"`` or more
-    outputs per input come out.
+    Read from the options and the first chunk ``(k, b, ...)``; ``output_type`` and ``class_dim``
+    are ``None`` where the user did not give them, ``num_labels`` and ``problem_type`` what a
+    Hugging Face-style ``model.config`` says of the logits (``None``: nothing). The first rule that
+    applies decides (docs/outputs.md, "How an output is read").
+
+    The task, for ``task="auto"``: regression when ``aleatoric`` is set; classification when
+    ``output_type`` is ``"probs"`` or ``"log_probs"``; regression for one value per input (a chunk
+    ``(k, b)`` or ``(k, b, 1)``) or a config whose ``problem_type`` is ``"regression"``;
+    classification otherwise, where the class dimension below can be told.
+
+    The class dimension of one output ``(b, ...)`` when ``class_dim`` is not given: the one
+    non-batch dimension whose size is ``num_labels``; else 1 for ``(b, K)`` and for three or more
+    non-batch dimensions ``(b, K, d1, d2, ...)`` (PyTorch's layout of dense predictions, as
+    ``nn.CrossEntropyLoss`` takes them). Two non-batch dimensions ``(b, A, L)`` are refused:
+    ``(b, K, L)``, ``(b, L, K)`` (token classification) and ``(b, H, W)`` (a map) are all common.
+
+    Returns:
+        ``("classification", class_dim)`` or ``("regression", 1)`` (the class dimension unused).
+
+    Raises:
+        InvalidInputError: The class dimension cannot be told (the message names ``class_dim=``
+            and ``task=``).
     """
-    if task != "auto":
-        return task
-    if aleatoric is not None or output_type != "logits":
-        return "regression" if aleatoric is not None else "classification"
-    per_input = chunk.shape[2:]
-    if len(per_input) == 0 or (len(per_input) == 1 and per_input[0] == 1):
-        return "regression"
-    return "classification"
+    if task == "regression" or (task == "auto" and aleatoric is not None):
+        return "regression", 1
+    if task == "auto" and output_type not in ("probs", "log_probs"):
+        per_input = tuple(chunk.shape[2:])
+        if per_input in ((), (1,)) or problem_type == "regression":
+            return "regression", 1
+    if class_dim is not None:
+        return "classification", class_dim
+    return "classification", _class_dim_of(tuple(chunk.shape[2:]), num_labels, task)
+
+
+def _class_dim_of(per_input: tuple[int, ...], num_labels: int | None, task: str) -> int:
+    """The class dimension of one output ``(b, *per_input)`` when ``class_dim`` was not given."""
+    if len(per_input) <= 1:
+        return 1
+    named = [d + 1 for d, size in enumerate(per_input) if size == num_labels]
+    if len(named) == 1:
+        return named[0]
+    if len(per_input) >= 3 and (not named or 1 in named):
+        return 1
+    shape = ", ".join(["batch", *map(str, per_input)])
+    if len(named) > 1:
+        why = (
+            f"the model's config says num_labels={num_labels}, which is the size of dimensions "
+            f"{named}, so the class dimension is not known"
+        )
+    else:
+        why = "nothing says which dimension holds the classes"
+        if num_labels is not None:
+            why += f" (the model's config says num_labels={num_labels}, the size of none)"
+        why += ": (batch, K, length), (batch, length, K) as in token classification, and (batch, H, W) "
+        why += "maps are all common"
+    whether = ", or whether it holds classes at all (task='auto')" if task == "auto" else ""
+    raise InvalidInputError(
+        f"The model's output has shape ({shape}) and {why}{whether}. Say how to read it: "
+        "class_dim=-1 for classes last (batch, length, K), class_dim=1 for (batch, K, ...), "
+        "task='regression' for real values (a forecast, a regression map); for one logit per "
+        "position (a squeezed binary segmentation map (batch, H, W)), "
+        "output=lambda out: out.unsqueeze(1) with class_dim=1."
+    )
 
 
 def negligible_spread(variance: torch.Tensor, mean: torch.Tensor) -> bool:

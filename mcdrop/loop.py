@@ -88,8 +88,37 @@ def iter_predictions(
                 pred = mc.predict(*inputs)
             else:
                 pred = mc.predict(inputs)
+            check_task_against_targets(mc, pred, target)
             bar.update()
             yield pred, target
+
+
+def check_task_against_targets(mc: MCDropout, pred: Prediction, target: Any) -> None:
+    """Refuse classes that ``task="auto"`` read where the loader's targets are regression targets.
+
+    Only when nothing declared classes (``task="auto"``, neither ``output_type`` nor ``class_dim``
+    given): floating-point targets of the very shape of the class probabilities with a value
+    outside [0, 1] are real values (a forecaster's ``(batch, 24)``), not class labels, one-hot or
+    soft labels.
+
+    Raises:
+        InvalidInputError: Such targets beside a classification the options did not ask for.
+    """
+    o = mc.options
+    if o.task != "auto" or o.output_type is not None or o.class_dim is not None:
+        return
+    if not isinstance(pred, ClassificationPrediction) or not isinstance(target, torch.Tensor):
+        return
+    if not target.is_floating_point() or tuple(target.shape) != tuple(pred.probs.shape):
+        return
+    if bool(((target < 0) | (target > 1)).any()):
+        raise InvalidInputError(
+            f"task='auto' read the model's output of shape {tuple(pred.probs.shape)} as {pred.n_classes} "
+            "classes, but the loader's targets have that shape and real values outside [0, 1] "
+            f"(min {float(target.min()):.4g}, max {float(target.max()):.4g}): the targets of a "
+            "regression (e.g. a forecast of several steps), not class labels. Pass task='regression'; "
+            "if the model does classify, pass task='classification'."
+        )
 
 
 def collect(
@@ -327,6 +356,17 @@ def accumulate(
 
 
 def default_unpack(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch in one of the usual layouts.
+
+    A tensor is the inputs alone; a dict gives its :data:`TARGET_KEYS` entry as the targets and the
+    rest as keyword inputs; a tuple or list ``(inputs,)`` or ``(inputs, targets)`` as it says. A
+    tuple of three or more (a ``TensorDataset(input_ids, attention_mask, labels)``) is refused:
+    which elements are inputs and which the targets is the user's to say, with ``unpack=``.
+
+    Raises:
+        InvalidInputError: An empty tuple, or one of more than two elements.
+        InvalidTypeError: Any other type of batch.
+    """
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, Mapping):
@@ -338,6 +378,18 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
             raise InvalidInputError("The loader yielded an empty batch tuple.")
         if len(batch) == 1:
             return batch[0], None
+        if len(batch) > 2:
+            kinds = ", ".join(type(part).__name__ for part in batch)
+            raise InvalidInputError(
+                f"The loader yielded a batch of {len(batch)} elements ({kinds}); only (inputs,) and "
+                "(inputs, targets) are read without being told, since which of more elements are "
+                "inputs and which the targets differs from one data set to the next. Pass unpack= "
+                "to say it, e.g. for (input_ids, attention_mask, labels): "
+                "unpack=lambda batch: ((batch[0], batch[1]), batch[2]) (the model is then called as "
+                "model(batch[0], batch[1]) and batch[2] are the targets), or "
+                "unpack=lambda batch: ({'input_ids': batch[0], 'attention_mask': batch[1]}, batch[2]) "
+                "for keyword inputs."
+            )
         return batch[0], batch[1]
     raise InvalidTypeError(
         f"Cannot unpack a batch of type {type(batch).__name__}; pass unpack=lambda batch: (inputs, targets)."

@@ -51,7 +51,10 @@ class SamplingOptions:
     ``batch_dim`` when that is an int, or to the one batch dimension a ``batch_dim`` mapping gives
     (its ``"*"`` default 0 included); a mapping that gives several stays ``None``, and each call
     infers it (the dimension every batched input has, else the output's only dimension of the
-    batch's size) or refuses.
+    batch's size) or refuses. ``output_type=None`` and ``class_dim=None`` mean
+    "not given" and stay ``None``: logits (:attr:`read_output_type`), and the class dimension read
+    from each call's output (docs/outputs.md); a wrapper refuses outputs that contradict a default
+    it was not told.
 
     Raises:
         InvalidTypeError: An option of the wrong type.
@@ -66,9 +69,9 @@ class SamplingOptions:
 
     n_samples: int = 50
     task: str = "auto"
-    output_type: str = "logits"
+    output_type: str | None = None
     aleatoric: str | None = None
-    class_dim: int = 1
+    class_dim: int | None = None
     batch_dim: int | Mapping[Any, int | None] = 0
     output_batch_dim: int | None = None
     output: OutputSelector = None
@@ -88,14 +91,16 @@ class SamplingOptions:
 
         put("n_samples", check_int(self.n_samples, "n_samples", minimum=1))
         check_choice(self.task, TASKS, "task")
-        check_choice(self.output_type, OUTPUT_TYPES, "output_type")
+        if self.output_type is not None:
+            check_choice(self.output_type, OUTPUT_TYPES, "output_type")
         if self.aleatoric is not None:
             check_choice(self.aleatoric, ALEATORIC, "aleatoric")
             if self.task == "classification":
                 raise InvalidInputError(
                     "aleatoric= applies to regression; it cannot be used with task='classification'."
                 )
-        put("class_dim", check_int(self.class_dim, "class_dim"))
+        if self.class_dim is not None:
+            put("class_dim", check_int(self.class_dim, "class_dim"))
         if not isinstance(self.batch_dim, Mapping):
             check_int(self.batch_dim, "batch_dim")
         output_batch_dim = self.output_batch_dim
@@ -126,6 +131,11 @@ class SamplingOptions:
     def pair(self) -> bool:
         """Whether the model outputs a ``(mean, variance)`` pair (``aleatoric`` is set)."""
         return self.aleatoric is not None
+
+    @property
+    def read_output_type(self) -> str:
+        """What the model's classification output is read as: ``output_type``, else ``"logits"``."""
+        return "logits" if self.output_type is None else self.output_type
 
     @property
     def budget(self) -> int | None:
@@ -172,7 +182,10 @@ class SamplingOptions:
         How the passes are drawn and read: another setting would mix two sets of draws in one result.
         Callables are described by their code (:func:`describe_option`); ``batch_dim`` ``0``, ``{}``
         and ``{"*": 0}`` read the same. The keys and formats are those of every earlier version, so
-        their checkpoints resume.
+        their checkpoints resume: ``output_type`` and ``class_dim`` not given are written as the old
+        defaults ``"logits"`` and 1. (So a checkpoint written with ``class_dim=1`` given resumes
+        without it, where a model config's ``num_labels`` may name another class dimension: only
+        an output that ``class_dim=1`` read wrongly.)
 
         Returns:
             A dict of options by name.
@@ -185,9 +198,9 @@ class SamplingOptions:
         return {
             "n_samples": self.n_samples,
             "task": self.task,
-            "output_type": self.output_type,
+            "output_type": self.read_output_type,
             "aleatoric": self.aleatoric,
-            "class_dim": self.class_dim,
+            "class_dim": 1 if self.class_dim is None else self.class_dim,
             "seed": self.seed,
             "max_batch_size": self.max_batch_size,
             "memory_budget": self.memory_budget_bytes,

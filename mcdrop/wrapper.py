@@ -26,7 +26,7 @@ from mcdrop._statistics import (
     SampleStore,
     aleatoric_variances,
     negligible_spread,
-    resolve_task,
+    resolve_reading,
 )
 from mcdrop.engine.checks import check_gates_on
 from mcdrop.engine.inputs import Inputs, model_device_dtype, prepare_inputs, signature
@@ -56,17 +56,29 @@ class MCDropout:
         model: A trained ``nn.Module`` (its device and floating dtype are used for the inputs).
         n_samples: Number of stochastic forward passes N per input (≥ 1).
         task: ``"classification"``, ``"regression"`` or ``"auto"``. ``"auto"`` picks regression when
-            ``aleatoric`` is set or one output per input comes out (shape ``(batch,)`` or
-            ``(batch, 1)``), classification otherwise; say ``task="regression"`` for a multi-output
-            regression model and ``task="classification"`` for a one-logit binary classifier.
-        output_type: For classification, what the model returns: ``"logits"`` (default),
-            ``"probs"`` or ``"log_probs"``. One output per input means a binary classifier's
-            positive class (sigmoid of the logit).
+            ``aleatoric`` is set, one output per input comes out (shape ``(batch,)`` or
+            ``(batch, 1)``) or a Hugging Face config says ``problem_type="regression"``,
+            classification otherwise, and refuses an output whose class dimension it cannot tell
+            (``(batch, A, L)``, see ``class_dim``); say ``task="regression"`` for a multi-output
+            regression model (a forecaster's ``(batch, 24)`` reads as 24 classes otherwise) and
+            ``task="classification"`` for a one-logit binary classifier. The exact rules are in
+            ``docs/outputs.md``.
+        output_type: For classification, what the model returns: ``"logits"``, ``"probs"`` or
+            ``"log_probs"``. One output per input means a binary classifier's positive class
+            (sigmoid of the logit). Not given (``None``), outputs are read as logits, and a call
+            whose outputs are all probabilities (every row of every pass non-negative and summing
+            to 1, e.g. a model ending in ``nn.Softmax``) is refused naming ``output_type="probs"``;
+            ``output_type="logits"`` given reads them as logits all the same.
         aleatoric: For regression models that also predict their noise: ``"variance"`` or
             ``"log_variance"``. The model must then output ``(mean, variance)`` as a pair of tensors,
             or one tensor whose last dim holds the two halves.
-        class_dim: Class dimension of the model output, batch first (default 1, PyTorch's
-            convention; ``(batch, K, H, W)`` segmentation maps work as they are).
+        class_dim: Class dimension of the model output, batch first (negative counts from the
+            end). Not given (``None``), it is read from the output: the one dimension whose size is
+            a Hugging Face ``model.config.num_labels`` (token classification logits
+            ``(batch, T, K)``: the last), else 1 for ``(batch, K)`` and for ``(batch, K, H, W, ...)``
+            maps (PyTorch's convention); an output ``(batch, A, L)`` with nothing to tell
+            ``(batch, K, L)`` from ``(batch, L, K)`` or a ``(batch, H, W)`` map is refused, naming
+            this option.
         batch_dim: Batch dimension of the inputs: an int for all of them, or a mapping from argument
             names / dict keys / positional indices to an int, or ``None`` for a tensor that is not
             batched (shared by all rows); ``"*"`` gives the default for the rest.
@@ -135,9 +147,9 @@ class MCDropout:
         n_samples: int = 50,
         *,
         task: str = "auto",
-        output_type: str = "logits",
+        output_type: str | None = None,
         aleatoric: str | None = None,
-        class_dim: int = 1,
+        class_dim: int | None = None,
         batch_dim: int | Mapping[Any, int | None] = 0,
         output_batch_dim: int | None = None,
         output: OutputSelector = None,
@@ -321,12 +333,16 @@ class MCDropout:
         rounding. For several processes or GPUs see :func:`mcdrop.distributed.predict_loader`.
 
         Args:
-            loader: Yields batches: a tensor; a tuple/list ``(inputs, targets, ...)``; or a dict of
-                model keyword inputs, from which the keys ``labels``, ``label``, ``targets``,
-                ``target`` and ``y`` are taken out as targets.
+            loader: Yields batches: a tensor; a tuple/list ``(inputs,)`` or ``(inputs, targets)``
+                (``inputs`` itself a tuple of positional inputs, or a dict of keyword inputs); or a
+                dict of model keyword inputs, from which the keys ``labels``, ``label``,
+                ``targets``, ``target`` and ``y`` are taken out as targets. A tuple of three or more
+                elements (``TensorDataset(input_ids, attention_mask, labels)``) is refused: say
+                which are inputs with ``unpack=``.
             unpack: ``unpack(batch) -> (inputs, targets)`` for other batch layouts; ``inputs`` is a
                 tensor, a tuple of positional inputs or a dict of keyword inputs; ``targets`` may be
-                ``None``.
+                ``None``. For ``(input_ids, attention_mask, labels)`` batches:
+                ``unpack=lambda b: ((b[0], b[1]), b[2])``.
             progress: Show a tqdm progress bar.
             keep: ``"predictions"`` (default) or ``"metrics"`` (needs targets in every batch).
             metrics: An accumulator to add to, e.g. ``StreamingClassificationMetrics(n_bins=20)`` for
@@ -347,8 +363,11 @@ class MCDropout:
         Raises:
             InvalidTypeError: ``loader`` is not an iterable of batches (e.g. a number, or a file
                 name), or a batch cannot be unpacked.
-            InvalidInputError: An empty loader, targets that do not match, an unknown ``keep``,
-                ``keep="metrics"`` without targets, or a checkpoint from another configuration.
+            InvalidInputError: An empty loader, a tuple batch of more than two elements without
+                ``unpack=``, targets that do not match, an unknown ``keep``, ``keep="metrics"``
+                without targets, a checkpoint from another configuration, or ``task="auto"``
+                reading classes where the targets are real values of the output's shape (pass
+                ``task="regression"``).
 
         Example:
             >>> import torch, mcdrop
@@ -470,6 +489,24 @@ class MCDropout:
         self.policy.record_notes(notes)
         self._gates_checked.add(key)
 
+    def _config_hints(self) -> dict[str, Any]:
+        """What a Hugging Face-style ``model.config`` says of the logits: ``num_labels``, ``problem_type``.
+
+        Only where the analysed output is the logits (``output=None`` or ``"logits"``); empty without
+        such a config.
+        """
+        if self.options.output not in (None, "logits"):
+            return {}
+        config = getattr(self.model, "config", None)
+        num_labels = getattr(config, "num_labels", None)
+        problem_type = getattr(config, "problem_type", None)
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int):
+            num_labels = None
+        return {
+            "num_labels": num_labels,
+            "problem_type": problem_type if isinstance(problem_type, str) else None,
+        }
+
     def _predict_one(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prediction:
         o = self.options
         inputs = self._prepare(args, kwargs)
@@ -478,9 +515,11 @@ class MCDropout:
         store = SampleStore(o.n_samples) if o.keep_samples else None
         for start, stop, chunk in self._chunks(inputs):
             if stats is None:
-                task = resolve_task(o.task, o.aleatoric, o.output_type, chunk)
+                task, class_dim = resolve_reading(
+                    o.task, o.aleatoric, o.output_type, o.class_dim, chunk, **self._config_hints()
+                )
                 stats = (
-                    ClassificationStats(o.output_type, o.class_dim)
+                    ClassificationStats(o.read_output_type, class_dim, detect_probs=o.output_type is None)
                     if task == "classification"
                     else RegressionStats(o.aleatoric)
                 )
@@ -489,7 +528,8 @@ class MCDropout:
                 store.update(start, stop, chunk[0] if isinstance(chunk, tuple) else chunk, inputs.batch_size)
         assert stats is not None
         if isinstance(stats, ClassificationStats):
-            pred: Prediction = ClassificationPrediction.from_stats(stats, o.n_samples, store, o.class_dim)
+            stats.check_reading()
+            pred: Prediction = ClassificationPrediction.from_stats(stats, o.n_samples, store, stats.class_dim)
             moments = stats.probs
         else:
             pred = RegressionPrediction.from_stats(stats, o.n_samples, store)

@@ -159,7 +159,8 @@ def _convnext(T: ModuleType) -> Entry:
 def _vision(depth: type) -> Callable[[ModuleType | None], Entry]:
     def build(_: Any) -> Entry:
         model = vision_like(depth, drop_path=RATE, attn_drop=RATE, drop=RATE)
-        return Entry(model, args=(STYLE_X,), options={"drop_path": True})
+        # token features (batch, tokens, dim): not classes, and task="auto" refuses to guess
+        return Entry(model, args=(STYLE_X,), options={"drop_path": True, "task": "regression"})
 
     return build
 

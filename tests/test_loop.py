@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from zoo import mlp
 
@@ -67,6 +68,74 @@ def test_default_unpack_reads_the_usual_batch_layouts():
         loop.default_unpack(())
     with pytest.raises(InvalidTypeError, match="unpack="):
         loop.default_unpack("text")
+
+
+class MaskedMean(nn.Module):
+    """Token ids and an optional attention mask (as Hugging Face models take them) -> 3 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.drop(self.embed(input_ids))
+        if attention_mask is None:
+            return self.head(h.mean(1))
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1).clamp(min=1))
+
+
+def test_a_tuple_batch_of_more_than_two_elements_is_never_split_silently():
+    """Issue 18, item 7: (input_ids, attention_mask, labels) called the model without the mask and
+    kept the mask as the targets."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (10, 6), generator=gen)
+    mask = (torch.arange(6) < torch.randint(2, 7, (10, 1), generator=gen)).long()
+    labels = torch.randint(0, 3, (10,), generator=gen)
+    loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=4)
+    torch.manual_seed(0)
+    model = MaskedMean().eval()
+    with pytest.raises(
+        InvalidInputError,
+        match=r"3 elements.*unpack=lambda batch: \(\(batch\[0\], batch\[1\]\), batch\[2\]\)",
+    ):
+        mcdrop.MCDropout(model, n_samples=4, seed=0).predict_loader(loader, progress=False)
+    with pytest.raises(InvalidInputError, match="unpack="):
+        loop.default_unpack([ids, mask, labels])
+    pred = mcdrop.MCDropout(model, n_samples=4, seed=0).predict_loader(
+        loader, unpack=lambda batch: ((batch[0], batch[1]), batch[2]), progress=False
+    )
+    mc = mcdrop.MCDropout(model, n_samples=4, seed=0)
+    expected = torch.cat([mc.predict(ids[i : i + 4], mask[i : i + 4]).probs for i in range(0, 10, 4)])
+    assert torch.equal(pred.probs, expected) and torch.equal(pred.targets, labels)
+
+
+def test_task_auto_reading_classes_where_the_targets_are_real_values_is_refused():
+    """Issue 18, item 6c: a 24-step forecaster's (batch, 24) output read as 24 classes, found by the
+    loader's targets (real values of the output's shape)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 5, generator=gen), 3 * torch.randn(8, 24, generator=gen)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    forecaster = mlp(5, 24)
+    with pytest.raises(InvalidInputError, match=r"as 24 classes.*task='regression'"):
+        mcdrop.MCDropout(forecaster, n_samples=3, seed=0).predict_loader(loader, progress=False)
+    with pytest.raises(InvalidInputError, match="task='regression'"):
+        mcdrop.MCDropout(forecaster, n_samples=3, seed=0).predict_loader(
+            loader, progress=False, keep="metrics"
+        )
+    pred = mcdrop.MCDropout(forecaster, n_samples=3, seed=0, task="regression").predict_loader(
+        loader, progress=False
+    )
+    assert pred.task == "regression" and torch.equal(pred.targets, y)
+    # one-hot or soft labels of a classifier are not real values: read as classes, as before
+    soft = torch.softmax(torch.randn(8, 24, generator=gen), -1)
+    loader = DataLoader(TensorDataset(x, soft), batch_size=4)
+    assert (
+        mcdrop.MCDropout(forecaster, n_samples=3, seed=0).predict_loader(loader, progress=False).n_classes
+        == 24
+    )
 
 
 def test_checkpoint_fingerprint_names_the_model_options_and_sampled_sites():

@@ -102,6 +102,27 @@ def test_the_fingerprint_keeps_the_keys_earlier_checkpoints_were_written_with():
     )  # two lambdas share a qualified name: told apart by their code
 
 
+def test_output_type_and_class_dim_remember_whether_they_were_given():
+    """Issue 18, item 6: a default the user did not give may be contradicted by the output (refused);
+    one the user gave is obeyed. Not given, they stay ``None`` through ``replace`` and ``as_kwargs``
+    (a per-rank copy refuses what the original refuses) and are fingerprinted as the old defaults,
+    so earlier checkpoints resume."""
+    default = SamplingOptions()
+    assert (default.output_type, default.class_dim, default.read_output_type) == (None, None, "logits")
+    assert default.replace(seed=1).output_type is None and default.replace(seed=1).class_dim is None
+    given = SamplingOptions(output_type="logits", class_dim=1)
+    assert (given.output_type, given.class_dim) == ("logits", 1) and given != default
+    assert default.fingerprint() == given.fingerprint()  # what earlier versions wrote for the defaults
+    assert SamplingOptions(output_type="probs", class_dim=-1).fingerprint()["class_dim"] == -1
+    mc = mcdrop.MCDropout(mlp(), n_samples=3)
+    assert (mc.output_type, mc.class_dim) == (None, None)
+    assert mcdrop.MCDropout(mc.model, **mc.options.as_kwargs()).options == mc.options
+    with pytest.raises(InvalidInputError, match="output_type"):
+        SamplingOptions(output_type="softmax")
+    with pytest.raises(InvalidTypeError, match="class_dim"):
+        SamplingOptions(class_dim=1.0)
+
+
 def test_rng_state_round_trip_reproduces_the_draws():
     mc = mcdrop.MCDropout(mlp(), n_samples=5, seed=2)
     mc.sample(X)

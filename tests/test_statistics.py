@@ -138,6 +138,87 @@ def test_classification_stats_votes_do_not_depend_on_chunking():
         torch.testing.assert_close(stats.probs.mean, logits.softmax(-1).mean(0), atol=1e-6, rtol=0)
 
 
+# --------------------------------------------------------------------------- how an output is read
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("k", [2, 10, 1000])
+def test_probabilities_given_as_logits_are_told_apart_from_logits(dtype, k):
+    """Issue 18, item 6a: rows that are probabilities in every pass are refused, real logits never."""
+    gen = torch.Generator().manual_seed(k)
+    logits = (3 * torch.randn(4, 6, k, generator=gen, dtype=torch.float64)).to(dtype)
+    # a model's nn.Softmax, computed in float32 at least and rounded to the model's dtype
+    softmax = logits.to(torch.promote_types(dtype, torch.float32)).softmax(-1).to(dtype)
+    stats = ClassificationStats("logits", -1, detect_probs=True)
+    stats.update(0, 6, softmax, 6)
+    with pytest.raises(mcdrop.InvalidInputError, match="output_type='probs'"):
+        stats.check_reading()
+    not_told = ClassificationStats("logits", -1)  # output_type given: read as logits, as said
+    not_told.update(0, 6, softmax, 6)
+    not_told.check_reading()
+    relu = torch.relu(logits)  # non-negative logits: their rows do not sum to 1
+    near = torch.cat([softmax[:, :5], logits[:, 5:]], 1)  # one row of logits among probabilities
+    scaled = softmax.double().mul(1.05 if dtype in (torch.float16, torch.bfloat16) else 1.0001).to(dtype)
+    for real in (logits, relu, near, scaled):
+        stats = ClassificationStats("logits", -1, detect_probs=True)
+        stats.update(0, 6, real, 6)
+        stats.check_reading()
+    # probabilities of the first chunk, logits in the second: not probabilities
+    stats = ClassificationStats("logits", -1, detect_probs=True)
+    stats.update(0, 3, softmax[:, :3], 6)
+    stats.update(3, 6, logits[:, 3:], 6)
+    stats.check_reading()
+
+
+def test_probabilities_of_a_segmentation_map_are_found_along_its_class_dim():
+    maps = torch.randn(3, 2, 4, 5, 6).softmax(2)  # (k, b, K, H, W)
+    stats = ClassificationStats("logits", 1, detect_probs=True)
+    stats.update(0, 2, maps, 2)
+    with pytest.raises(mcdrop.InvalidInputError, match=r"class_dim=1.*output_type='probs'"):
+        stats.check_reading()
+
+
+@pytest.mark.parametrize(
+    ("options", "shape", "config", "expected"),
+    [
+        # task="auto": regression for one value per input, aleatoric, a config that says so
+        ({}, (5,), {}, ("regression", 1)),
+        ({}, (5, 1), {}, ("regression", 1)),
+        ({"aleatoric": "variance"}, (5, 4), {}, ("regression", 1)),
+        ({}, (5, 3), {"problem_type": "regression", "num_labels": 3}, ("regression", 1)),
+        # classification; declared probabilities stay classes whatever the shape
+        ({}, (5, 3), {}, ("classification", 1)),
+        ({"output_type": "probs"}, (5, 1), {}, ("classification", 1)),
+        ({}, (5, 3), {"problem_type": "single_label_classification", "num_labels": 3}, ("classification", 1)),
+        # the class dimension: given, named by the config, PyTorch's (b, K, d1, d2, ...)
+        ({"class_dim": -1}, (5, 7, 4), {}, ("classification", -1)),
+        ({"class_dim": 1}, (5, 7, 4), {"num_labels": 4}, ("classification", 1)),
+        ({}, (5, 7, 4), {"num_labels": 4}, ("classification", 2)),
+        ({}, (5, 4, 7), {"num_labels": 4}, ("classification", 1)),
+        ({}, (5, 3, 8, 8), {}, ("classification", 1)),
+        ({}, (5, 8, 8, 3), {"num_labels": 3}, ("classification", 3)),
+        ({}, (5, 8, 8, 8), {"num_labels": 8}, ("classification", 1)),
+        ({}, (5, 4, 8, 4), {"num_labels": 4}, ("classification", 1)),
+        ({"task": "regression"}, (5, 7, 4), {}, ("regression", 1)),
+        # refused: two non-batch dims with nothing to tell, or a config naming two of them
+        ({}, (5, 7, 4), {}, r"\(batch, 7, 4\).*whether it holds classes.*class_dim=-1.*task='regression'"),
+        ({"task": "classification"}, (5, 7, 4), {}, r"nothing says.*class_dim=-1"),
+        ({}, (5, 7, 4), {"num_labels": 2}, r"num_labels=2, the size of none"),
+        ({}, (5, 4, 4), {"num_labels": 4}, r"num_labels=4, which is the size of dimensions \[1, 2\]"),
+        ({}, (5, 8, 4, 4), {"num_labels": 4}, r"dimensions \[2, 3\]"),
+    ],
+)
+def test_how_an_output_is_read(options, shape, config, expected):
+    """Issue 18, items 6b and 6c: the rules of docs/outputs.md, "How an output is read"."""
+    from mcdrop._statistics import resolve_reading
+
+    given = {"task": "auto", "aleatoric": None, "output_type": None, "class_dim": None, **options}
+    chunk = torch.zeros(2, *shape)
+    if isinstance(expected, str):
+        with pytest.raises(mcdrop.InvalidInputError, match=expected):
+            resolve_reading(*given.values(), chunk, **config)
+    else:
+        assert resolve_reading(*given.values(), chunk, **config) == expected
+
+
 # --------------------------------------------------------------------------- memory does not grow with N
 def peak_bytes(fn) -> int:
     with LiveTensorBytes() as meter:

@@ -540,6 +540,112 @@ def test_sample_returns_variances_for_either_aleatoric_output(aleatoric):
     torch.testing.assert_close(mc.predict(x).aleatoric_variance, variances.mean(0), rtol=1e-6, atol=0)
 
 
+# --------------------------------------------------------------------------- how outputs are read
+def softmax_mlp() -> nn.Module:
+    """A classifier that ends in nn.Softmax: it returns probabilities."""
+    return mlp(4, 3, head=nn.Softmax(-1))
+
+
+def test_probabilities_read_as_logits_by_default_are_refused_naming_output_type():
+    """Issue 18, item 6a: a softmax of probabilities flattened every distribution, silently."""
+    x = randn_rows(8)
+    with pytest.raises(InvalidInputError, match=r"look like probabilities.*output_type='probs'"):
+        MCDropout(softmax_mlp(), n_samples=10, seed=0).predict(x)
+    probs = MCDropout(softmax_mlp(), n_samples=10, seed=0, output_type="probs", keep_samples=True).predict(x)
+    torch.testing.assert_close(probs.probs, probs.samples.mean(0), atol=1e-6, rtol=0)
+    # said explicitly, they are read as logits: the user's call
+    logits = MCDropout(softmax_mlp(), n_samples=10, seed=0, output_type="logits").predict(x)
+    assert float(logits.confidence.mean()) < float(probs.confidence.mean())
+    # one call whose rows are not all probabilities is read as logits, as it says
+    ok = MCDropout(mlp(4, 3, head=nn.ReLU()), n_samples=10, seed=0).predict(x)  # non-negative logits
+    assert ok.task == "classification"
+
+
+@pytest.fixture
+def token_classifier(T):
+    """A tiny Hugging Face token classifier: logits (batch, T, num_labels), num_labels=5."""
+
+    def build(seq: int = 8) -> tuple[nn.Module, torch.Tensor]:
+        torch.manual_seed(0)
+        config = T.BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            num_labels=5,
+            hidden_dropout_prob=0.3,
+        )
+        return T.BertForTokenClassification(config).eval(), torch.randint(0, 64, (3, seq))
+
+    return build
+
+
+def test_token_classification_logits_take_their_class_dim_from_the_config(token_classifier):
+    """Issue 18, item 6b: class_dim=1 took a softmax over the positions of (batch, T, K) logits."""
+    model, ids = token_classifier()
+    pred = MCDropout(model, n_samples=6, seed=0, keep_samples=True).predict(input_ids=ids)
+    assert pred.probs.shape == (3, 8, 5) and pred.predictive_entropy.shape == (3, 8)
+    torch.testing.assert_close(pred.probs, pred.samples.softmax(-1).mean(0), atol=1e-6, rtol=0)
+    # the old explicit value keeps its meaning
+    old = MCDropout(model, n_samples=6, seed=0, class_dim=1, keep_samples=True).predict(input_ids=ids)
+    torch.testing.assert_close(old.probs, old.samples.softmax(2).mean(0), atol=1e-6, rtol=0)
+
+
+def test_token_classification_logits_whose_class_dim_is_ambiguous_are_refused(token_classifier):
+    model, ids = token_classifier(seq=5)  # T == num_labels: the config names both dimensions
+    with pytest.raises(InvalidInputError, match=r"num_labels=5.*class_dim=-1"):
+        MCDropout(model, n_samples=3, seed=0).predict(input_ids=ids)
+    pred = MCDropout(model, n_samples=3, seed=0, class_dim=-1).predict(input_ids=ids)
+    assert pred.probs.shape == (3, 5, 5) and pred.class_dim == 2
+
+
+def test_a_hugging_face_regression_head_is_read_as_regression(T):
+    torch.manual_seed(0)
+    config = T.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        problem_type="regression",
+        hidden_dropout_prob=0.3,
+    )
+    model = T.BertForSequenceClassification(config).eval()
+    pred = MCDropout(model, n_samples=4, seed=0).predict(input_ids=torch.randint(0, 64, (2, 6)))
+    assert pred.task == "regression" and pred.mean.shape == (2, 3)
+
+
+class SqueezedMap(nn.Module):
+    """A binary segmentation head whose one logit per pixel is squeezed: (batch, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Dropout2d(0.3), nn.Conv2d(8, 1, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)
+
+
+def test_task_auto_never_reads_an_output_with_two_non_batch_dims_as_classes_silently():
+    """Issue 18, item 6c: a (batch, H, W) map got a softmax over its rows."""
+    torch.manual_seed(0)
+    model, x = SqueezedMap().eval(), torch.randn(2, 3, 6, 7)
+    with pytest.raises(InvalidInputError, match=r"\(batch, 6, 7\).*class_dim=.*task='regression'.*unsqueeze"):
+        MCDropout(model, n_samples=4, seed=0).predict(x)
+    with pytest.raises(InvalidInputError, match="class_dim="):  # classification, but where?
+        MCDropout(model, n_samples=4, seed=0, task="classification").predict(x)
+    assert MCDropout(model, n_samples=4, seed=0, task="regression").predict(x).mean.shape == (2, 6, 7)
+    per_pixel = MCDropout(model, n_samples=4, seed=0, output=lambda out: out.unsqueeze(1), class_dim=1)
+    assert per_pixel.predict(x).probs.shape == (2, 2, 6, 7)  # one binary classifier per pixel
+    # a (batch, K, H, W) map keeps PyTorch's convention, with nothing to say
+    maps = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Dropout2d(0.3), nn.Conv2d(8, 4, 1)).eval()
+    assert MCDropout(maps, n_samples=4, seed=0).predict(x).probs.shape == (2, 4, 6, 7)
+
+
 # --------------------------------------------------------------------------- property test
 
 
