@@ -29,11 +29,12 @@ from mcdrop._statistics import (
     resolve_reading,
 )
 from mcdrop.engine.checks import check_gates_on
+from mcdrop.engine.discover import discover_on
 from mcdrop.engine.inputs import Inputs, model_device_dtype, prepare_inputs, signature
 from mcdrop.engine.outputs import OutputSelector
 from mcdrop.engine.rng import SeededStream, rng_access
 from mcdrop.engine.sample import sample_chunks
-from mcdrop.errors import InvalidInputError, InvalidTypeError, NoRandomnessWarning
+from mcdrop.errors import InvalidInputError, InvalidTypeError, NoRandomnessWarning, TrainModeRandomnessWarning
 from mcdrop.loop import check_loader, collect, stream_metrics
 from mcdrop.metrics.streaming import StreamingMetrics
 from mcdrop.options import SamplingOptions
@@ -190,6 +191,7 @@ class MCDropout:
         self._stream = None if self.options.seed is None else SeededStream(self.options.seed)
         self._decisions: dict[Any, Any] = {}  # the engine's, per input signature
         self._gates_checked: set[Any] = set()
+        self._discovery_done: set[Any] = set()
         if not self.policy.has_randomness:
             warnings.warn(
                 "Every sampled dropout site has rate 0, so all MC samples will be identical and every "
@@ -270,6 +272,7 @@ class MCDropout:
         store2 = SampleStore(self.n_samples) if self.aleatoric else None
         with self._session():
             inputs = self._prepare(args, kwargs)
+            self._discover(inputs)
             self._check_gates(inputs)
             for start, stop, chunk in self._chunks(inputs):
                 if store2 is not None:
@@ -463,6 +466,59 @@ class MCDropout:
             cache=self._decisions,
         )
 
+    def _discover(self, inputs: Inputs) -> None:
+        """Look once per input signature for train-gated randomness the policy did not see.
+
+        See :mod:`mcdrop.engine.discover`: dropout found there is sampled from this call on (and
+        named in ``describe()``); other train-gated randomness gets a
+        :class:`~mcdrop.errors.TrainModeRandomnessWarning` naming the ``include=``/``exclude=``
+        that settles it. Runs inside the policy's activation.
+        """
+        candidates = self.policy.unclassified_modules()
+        gates = self.policy.gates_to_check()
+        if (not candidates and not gates) or inputs.batch_size == 0:
+            return
+        key = (signature(inputs), tuple(candidates), tuple(gates))
+        if key in self._discovery_done:
+            return
+        o = self.options
+        findings = discover_on(
+            self.model,
+            inputs,
+            candidates=candidates,
+            gates=gates,
+            sampled={s.path for s in self.policy.sampled_sites},
+            output=o.output,
+            pair=o.pair,
+            autocast_dtype=o.dtype,
+            max_batch_size=o.max_batch_size,
+            memory_budget=o.budget,
+            n_samples=o.n_samples,
+        )
+        name = type(self.model).__name__
+        for where, settle, what, sampled in findings.report:
+            shown = where or "<model>"
+            if sampled:
+                message = (
+                    f"{name}: in train mode, {shown} draws {what}, which is not dropout; mcdrop samples it as "
+                    "it is, so every MC sample carries it and the uncertainty includes it. Keep it in eval "
+                    f"mode with exclude={settle!r}, or confirm it should be sampled with include={settle!r}."
+                )
+            else:
+                message = (
+                    f"{name}: in train mode, {shown} draws {what}, which mcdrop does not sample: the scan of "
+                    "the code did not see the `.training` read that switches it on, and it is not dropout mcdrop "
+                    f"can sample safely. To sample it, pass include={settle!r}; to keep it off and silence "
+                    f"this, exclude={settle!r}."
+                )
+            warnings.warn(message, TrainModeRandomnessWarning, stacklevel=user_stacklevel())
+        self._discovery_done.add(key)
+        if findings.sample:
+            self.policy.record_discovered(findings.sample)
+            # what the next call of this signature will see: the found modules are sites now
+            after = (key[0], tuple(self.policy.unclassified_modules()), tuple(self.policy.gates_to_check()))
+            self._discovery_done.add(after)
+
     def _check_gates(self, inputs: Inputs) -> None:
         """Check once per input signature that functional gates switch only randomness.
 
@@ -510,6 +566,7 @@ class MCDropout:
     def _predict_one(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prediction:
         o = self.options
         inputs = self._prepare(args, kwargs)
+        self._discover(inputs)
         self._check_gates(inputs)
         stats: ClassificationStats | RegressionStats | None = None
         store = SampleStore(o.n_samples) if o.keep_samples else None
