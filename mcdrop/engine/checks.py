@@ -55,7 +55,6 @@ from mcdrop.engine.inputs import (
     Inputs,
     all_rows_alike,
     concat_rows,
-    holds_objects,
     input_generators_untouched,
     model_device_dtype,
     other_row,
@@ -649,23 +648,17 @@ def check_gates_on(
     Raises:
         ModelStateError: A gate's train mode changes the output deterministically.
     """
-    device, _ = model_device_dtype(model)
-    passes = CheckPasses(
-        model, output=output, output_batch_dim=0, pair=pair, autocast_dtype=autocast_dtype, device=device
-    )
-    with parameters_untouched(passes.model):  # parameters and buffers the passes write are put back
-        row_bytes = passes.row_bytes(inputs) if gate_check_measures_a_row(inputs, max_batch_size) else None
-        if holds_objects(inputs):  # a KV cache's batch cannot be sliced: the batch of a sampling pass
-            count = min(inputs.batch_size, max_batch_size or inputs.batch_size)
-        else:
-            count = check_row_count(inputs, max_batch_size, memory_budget, n_samples, row_bytes)
-        rows = slice_batch(inputs, 0, count)
-        # Generators given as inputs advance from pass to pass (as across seeds), and are put
-        # back afterwards: the check's passes are not samples.
-        with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs):
-            notes, deterministic, outside_torch = check_gates(
-                model, gates, lambda: passes.forward(rows), passes.cuda
-            )
+    with check_rows(
+        model,
+        inputs,
+        output=output,
+        pair=pair,
+        autocast_dtype=autocast_dtype,
+        max_batch_size=max_batch_size,
+        memory_budget=memory_budget,
+        n_samples=n_samples,
+    ) as (passes, rows):
+        notes, deterministic, outside_torch = check_gates(model, gates, lambda: passes.forward(rows), passes.cuda)
 
     def exclude_hint(paths: list[str]) -> str:
         names = [p for p in paths if p in gates]
@@ -716,3 +709,53 @@ def check_pass() -> Iterator[None]:
         yield
     finally:
         _STATE.depth -= 1
+
+
+@contextlib.contextmanager
+def check_rows(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    output: OutputSelector,
+    pair: bool,
+    autocast_dtype: torch.dtype | None,
+    max_batch_size: int | None,
+    memory_budget: int | None,
+    n_samples: int,
+    measure_row: bool = True,
+) -> Iterator[tuple[CheckPasses, Inputs]]:
+    """The harness and the rows of a check on a call's inputs (the gate check, run-time discovery).
+
+    At most :data:`~mcdrop.engine.plan.CHECK_ROWS` rows, no more than a sampling pass may hold
+    (``max_batch_size``) and than fit ``memory_budget`` (as measured on one row, with
+    ``measure_row``); the whole batch when the inputs hold an object such as a KV cache (see
+    :func:`~mcdrop.engine.plan.check_row_count`). Inside the block, parameters and buffers the
+    passes write are put back afterwards (:func:`~mcdrop.engine.state.parameters_untouched`), so
+    are the generators given as inputs, which advance from pass to pass meanwhile (as across
+    seeds: the check's passes are not samples), and a failure on a split batch names the input
+    object it no longer matches.
+
+    Args:
+        model: The model.
+        inputs: The call's prepared inputs.
+        output: Which part of the model output is analysed.
+        pair: The analysed output is a ``(mean, variance)`` pair.
+        autocast_dtype: The call's autocast dtype, or ``None``.
+        max_batch_size: Most rows per pass, or ``None``.
+        memory_budget: Bytes one pass may use (``None``: the default).
+        n_samples: Samples per row of the call.
+        measure_row: Measure what one row holds before choosing the rows.
+
+    Yields:
+        ``(passes, rows)``: the :class:`CheckPasses` and the check rows.
+    """
+    device, _ = model_device_dtype(model)
+    passes = CheckPasses(
+        model, output=output, output_batch_dim=0, pair=pair, autocast_dtype=autocast_dtype, device=device
+    )
+    with parameters_untouched(passes.model):
+        measured = measure_row and gate_check_measures_a_row(inputs, max_batch_size)
+        row_bytes = passes.row_bytes(inputs) if measured else None
+        rows = slice_batch(inputs, 0, check_row_count(inputs, max_batch_size, memory_budget, n_samples, row_bytes))
+        with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs):
+            yield passes, rows

@@ -39,19 +39,12 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mcdrop.engine.checks import CheckPasses, check_gates, check_pass
+from mcdrop.engine.checks import check_gates, check_pass, check_rows
 from mcdrop.engine.inputs import (
     Inputs,
-    holds_objects,
-    input_generators_untouched,
-    model_device_dtype,
-    slice_batch,
-    split_errors_named,
 )
 from mcdrop.engine.outputs import OutputSelector
-from mcdrop.engine.plan import check_row_count
 from mcdrop.engine.rng import rng_untouched
-from mcdrop.engine.state import parameters_untouched
 
 __all__ = ["Findings", "discover", "discover_on", "draw_kind"]
 
@@ -280,17 +273,17 @@ def discover_on(
     Returns:
         The :class:`Findings`.
     """
-    device, _ = model_device_dtype(model)
-    passes = CheckPasses(
-        model, output=output, output_batch_dim=0, pair=pair, autocast_dtype=autocast_dtype, device=device
-    )
-    if holds_objects(inputs):  # a KV cache's batch cannot be sliced: the batch of a sampling pass
-        count = min(inputs.batch_size, max_batch_size or inputs.batch_size)
-    else:
-        count = check_row_count(inputs, max_batch_size, memory_budget, n_samples, None)
-    rows = slice_batch(inputs, 0, count)
-    # Parameters and buffers the passes write (an Embedding's max_norm, an observer) are put back.
-    with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs), parameters_untouched(model):
+    with check_rows(
+        model,
+        inputs,
+        output=output,
+        pair=pair,
+        autocast_dtype=autocast_dtype,
+        max_batch_size=max_batch_size,
+        memory_budget=memory_budget,
+        n_samples=n_samples,
+        measure_row=False,
+    ) as (passes, rows):
         return discover(
             model,  # its paths are the policy's (a compiled model's run through its eager original)
             candidates=candidates,
