@@ -759,3 +759,32 @@ def test_streaming_brier_of_bfloat16_probabilities_is_computed_in_float64():
     acc = StreamingClassificationMetrics()
     acc.update(probs, torch.tensor([0, 1]))
     assert acc.summary()["Brier"] == (0.21875 + 0.96875) / 2
+
+
+def test_a_refused_batch_leaves_the_classification_accumulator_as_it_was():
+    """Regression: the calibration counts (and the number of classes) were added before entropy and
+    mutual_information were checked, so a refused batch left counts without their sums (n=2,
+    accuracy 1.0, NLL 0)."""
+    acc = StreamingClassificationMetrics()
+    acc.update(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 1]), mutual_information=torch.zeros(2))
+    before = acc.state_dict()
+    probs, labels = torch.tensor([[0.6, 0.4], [0.3, 0.7]]), torch.tensor([0, 0])
+    with pytest.raises(InvalidInputError, match="entropy must have one value per input"):
+        acc.update(probs, labels, entropy=torch.zeros(3), mutual_information=torch.zeros(2))
+    with pytest.raises(InvalidInputError, match="mutual_information contains NaN"):
+        acc.update(probs, labels, mutual_information=torch.tensor([0.0, float("nan")]))
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    assert same(acc.state_dict(), before)
+    fresh = StreamingClassificationMetrics()
+    with pytest.raises(InvalidInputError):
+        fresh.update(probs, labels, entropy=torch.zeros(3))
+    assert fresh.n == 0 and fresh.n_classes is None

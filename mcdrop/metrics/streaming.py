@@ -628,25 +628,26 @@ class StreamingClassificationMetrics(StreamingMetrics):
         """Number of inputs accumulated so far."""
         return int(self.count.sum())
 
-    def _score_bins(self, scores: torch.Tensor) -> torch.Tensor:
+    def _score_bins(self, scores: torch.Tensor, n_classes: int) -> torch.Tensor:
         """Bin of every score: bin 0 exact zeros, then log-spaced bins up to ln K (left-closed)."""
-        assert self.n_classes is not None
-        if self._edges is None or self._edges[0] != self.n_classes:
-            edges = score_edges(math.log(self.n_classes), self.n_score_bins, _SCORE_RANGE)
-            self._edges = (self.n_classes, edges)
+        if self._edges is None or self._edges[0] != n_classes:
+            edges = score_edges(math.log(n_classes), self.n_score_bins, _SCORE_RANGE)
+            self._edges = (n_classes, edges)
         return bin_index(scores.cpu(), self._edges[1], "left")
 
-    def _histogram(self, hist: torch.Tensor, scores: ArrayLike, wrong: torch.Tensor, name: str) -> None:
-        s = to_tensor(scores, name)
-        if s.shape != wrong.shape:
+    def _histogram_counts(
+        self, hist: torch.Tensor, scores: torch.Tensor, wrong: torch.Tensor, name: str, n_classes: int
+    ) -> torch.Tensor:
+        """The counts a batch's scores add to ``hist`` (validated; ``hist`` is not changed here)."""
+        if scores.shape != wrong.shape:
             raise InvalidInputError(
-                f"{name} must have one value per input, shape {tuple(wrong.shape)}; got {tuple(s.shape)}."
+                f"{name} must have one value per input, shape {tuple(wrong.shape)}; got {tuple(scores.shape)}."
             )
-        s = to_f64(s).cpu()
+        s = scores.cpu()
         if not bool(torch.isfinite(s).all()):
             raise InvalidInputError(f"{name} contains NaN or infinite values; expected finite scores.")
-        index = self._score_bins(s) + wrong.cpu().long() * (self.n_score_bins + 1)
-        hist.view(-1).add_(torch.bincount(index, minlength=hist.numel()))
+        index = self._score_bins(s, n_classes) + wrong.cpu().long() * (self.n_score_bins + 1)
+        return torch.bincount(index, minlength=hist.numel()).view(hist.shape)
 
     def update(
         self,
@@ -679,17 +680,15 @@ class StreamingClassificationMetrics(StreamingMetrics):
             >>> acc.n, acc.summary()["accuracy"]
             (2, 0.5)
         """
+        # Everything is computed and validated first, then added: a batch that is refused leaves the
+        # accumulator as it was.
         data = parse_classification(probs, labels)
-        if self.n_classes is None:
-            self.n_classes = data.n_classes
-        elif data.n_classes != self.n_classes:
+        if self.n_classes is not None and data.n_classes != self.n_classes:
             raise InvalidInputError(
                 f"this accumulator has seen {self.n_classes} classes; the new batch has {data.n_classes}."
             )
         has_mi = mutual_information is not None
-        if self.has_mutual_information is None:
-            self.has_mutual_information = has_mi
-        elif self.has_mutual_information != has_mi and self.n > 0:
+        if self.has_mutual_information is not None and self.has_mutual_information != has_mi and self.n > 0:
             raise InvalidInputError(
                 "mutual_information must be given in every update or in none; "
                 f"earlier updates {'had' if self.has_mutual_information else 'had no'} it."
@@ -697,9 +696,6 @@ class StreamingClassificationMetrics(StreamingMetrics):
         # calibration bins: the code of expected_calibration_error itself
         conf, hit = data.top_label()
         bins = binned_sums(conf, hit, self.n_bins, "uniform")
-        self.count += bins.count.cpu().round().long()
-        self.hits += bins.hit_sum.cpu().round().long()
-        self.conf_sum += bins.conf_sum.cpu()
         # Brier score and NLL: the per-sample terms of brier_score and negative_log_likelihood
         y = data.labels
         if data.positive is not None:
@@ -715,15 +711,24 @@ class StreamingClassificationMetrics(StreamingMetrics):
             p = data.probs if data.probs is not None else torch.stack([1 - data.positive, data.positive], 1)  # type: ignore[operator]
             entropy = torch.special.entr(to_f64(p).clamp(min=0)).sum(1)
         entropy_t = to_f64(to_tensor(entropy, "entropy"))
-        self._histogram(self.entropy_hist, entropy_t, wrong, "entropy")
+        entropy_counts = self._histogram_counts(self.entropy_hist, entropy_t, wrong, "entropy", data.n_classes)
         mi_sum = 0.0
+        mi_counts = None
         if mutual_information is not None:
             mi_t = to_f64(to_tensor(mutual_information, "mutual_information"))
-            self._histogram(self.mi_hist, mi_t, wrong, "mutual_information")
+            mi_counts = self._histogram_counts(self.mi_hist, mi_t, wrong, "mutual_information", data.n_classes)
             mi_sum = float(mi_t.sum())
-        self.sums += torch.tensor(
-            [float(brier.sum()), float(nll.sum()), float(entropy_t.sum()), mi_sum], dtype=F64
-        )
+        sums = torch.tensor([float(brier.sum()), float(nll.sum()), float(entropy_t.sum()), mi_sum], dtype=F64)
+        self.n_classes = data.n_classes
+        if self.has_mutual_information is None or self.n == 0:
+            self.has_mutual_information = has_mi
+        self.count += bins.count.cpu().round().long()
+        self.hits += bins.hit_sum.cpu().round().long()
+        self.conf_sum += bins.conf_sum.cpu()
+        self.entropy_hist += entropy_counts
+        if mi_counts is not None:
+            self.mi_hist += mi_counts
+        self.sums += sums
 
     def _bins(self) -> Bins:
         return Bins.from_sums(
