@@ -780,7 +780,7 @@ def test_a_refused_batch_leaves_the_classification_accumulator_as_it_was():
         if isinstance(a, dict):
             return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
         if isinstance(a, (list, tuple)):
-            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
         return a == b
 
     assert same(acc.state_dict(), before)
