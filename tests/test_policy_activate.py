@@ -267,3 +267,20 @@ def test_scripted_modules_that_are_not_frozen_are_still_sampled() -> None:
     for model in (_scripted_mlp(), gate, nn.Sequential(nn.Linear(4, 4), gate)):
         samples = mcdrop.MCDropout(model, n_samples=4, seed=0).sample(torch.randn(3, 4))
         assert not torch.equal(samples[0], samples[1])
+
+
+def test_an_activation_that_finds_nothing_to_sample_leaves_the_policy_whole():
+    """Regression: a NoDropoutError from activate() (every rate set to 0 since) left ``sites`` and
+    ``sampled_sites`` updated but the paths it switches stale."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    policy = mcdrop.StochasticPolicy(net)
+    net[1].p = 0.0
+    with pytest.raises(mcdrop.NoDropoutError):
+        with policy.activate():
+            pass
+    assert [s.path for s in policy.sampled_sites] == ["1"] and policy.sampled_sites[0].rate == 0.5
+    assert net.training and net[1].training  # a fresh nn.Sequential is in train mode: untouched
+    net[1].p = 0.3
+    with policy.activate():
+        assert net[1].training and not net[0].training
+    assert [s.rate for s in policy.sampled_sites] == [0.3]

@@ -177,14 +177,14 @@ class StochasticPolicy:
         ]
 
     def _find_sites(self) -> None:
-        self.sites = self.current_sites()
-        self.sampled_sites = [s for s in self.sites if s.sampled]
-        if not self.sampled_sites:
-            raise NoDropoutError(_no_dropout_message(self.model, self.sites))
-        self._sampled_paths = {s.path for s in self.sampled_sites}
-        self._gate_paths = {
-            s.path for s in self.sampled_sites if s.kind in ("functional", "custom", "attention_dropout")
-        }
+        # All or nothing: a search that finds nothing sampled raises and leaves the last decision whole.
+        sites = self.current_sites()
+        sampled = [s for s in sites if s.sampled]
+        if not sampled:
+            raise NoDropoutError(_no_dropout_message(self.model, sites))
+        self.sites, self.sampled_sites = sites, sampled
+        self._sampled_paths = {s.path for s in sampled}
+        self._gate_paths = {s.path for s in sampled if s.kind in ("functional", "custom", "attention_dropout")}
 
     @property
     def has_randomness(self) -> bool:
