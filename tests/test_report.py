@@ -41,6 +41,8 @@ from mcdrop.report import UncertaintyReport, compare, figures  # noqa: E402
 from mcdrop.report._render import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_COLUMNS = ["metric", "value", "ci_low", "ci_high", "definition", "higher_is_better", "flag"]
+OVERLAP = "intervals_overlap"
 
 
 @pytest.fixture(autouse=True)
@@ -191,14 +193,14 @@ def test_classification_summary_equals_metrics(cls, cls_report):
     }
     _assert_values(cls_report, expected)
     summary = cls_report.summary
-    assert list(summary.columns) == ["metric", "value", "definition", "higher_is_better"]
+    assert list(summary.columns) == SUMMARY_COLUMNS
     assert summary["value"].dtype == np.float64
     assert all(isinstance(d, str) and len(d) > 10 for d in summary["definition"])
     better = dict(zip(summary["metric"], summary["higher_is_better"], strict=True))
     assert better["accuracy"] is True and better["ECE"] is False and better["n_inputs"] is None
     assert better["OOD AUROC (MI)"] is True and better["OOD FPR@95TPR (MI)"] is False
     assert cls_report.metrics["ECE"] == expected["ECE"]
-    assert cls_report.notes == []
+    assert [n for n in cls_report.notes if "reliability bins hold fewer" not in n] == []
     assert (
         repr(cls_report)
         == "UncertaintyReport(task='classification', n_inputs=120, n_samples=8, n_ood=60, metrics=22)"
@@ -223,7 +225,7 @@ def test_reliability_table_is_the_metrics_table(cls, cls_report):
     table = metrics.reliability_table(cls["pred"].probs, cls["labels"], n_bins=15)
     expected = table.to_frame()
     rel = cls_report.reliability
-    assert list(rel.columns) == ["bin", *expected.columns, "weight"]
+    assert list(rel.columns) == ["bin", *expected.columns, "weight", "few_inputs"]
     pd.testing.assert_frame_equal(rel[expected.columns], expected)
     np.testing.assert_array_equal(rel["bin"], np.arange(15))
     np.testing.assert_allclose(rel["weight"], table.weight)
@@ -288,7 +290,8 @@ def test_undefined_metric_is_nan_with_a_note(cls):
     assert math.isnan(values["misclassification AUROC (entropy)"]) and math.isnan(
         values["misclassification AUROC (MI)"]
     )
-    assert len(rep.notes) == 2 and "misclassification AUROC (entropy) is undefined" in rep.notes[0]
+    notes = [n for n in rep.notes if "reliability bins hold fewer" not in n]
+    assert len(notes) == 2 and "misclassification AUROC (entropy) is undefined" in notes[0]
     assert "n/a" in rep.to_markdown() and "undefined" in rep.to_markdown()
 
 
@@ -601,10 +604,12 @@ def test_to_markdown_needs_no_tabulate(cls_report, monkeypatch):
     text = cls_report.to_markdown()
     lines = text.splitlines()
     assert lines[0] == "# cls <&> test"
-    assert "## Summary" in lines and "| metric | value | better | definition |" in lines
+    assert "## Summary" in lines and "| metric | value | 95% interval | better | definition |" in lines
     for metric in cls_report.summary["metric"]:
         assert f"| {metric} |" in text
-    assert "| ECE | " + f"{_values(cls_report)['ECE']:.4f}" + " | ↓ |" in text
+    ece = cls_report.summary.set_index("metric").loc["ECE"]
+    interval = f"[{ece.ci_low:.4f}, {ece.ci_high:.4f}]"
+    assert f"| ECE | {ece.value:.4f} | {interval} | ↓ |" in text
     assert "| n_inputs | 120 |" in text
     assert "## Stochastic sites" in text and "`reliability.png`" in text
     header = next(line for line in lines if line.startswith("| input | predicted"))
@@ -647,7 +652,7 @@ def saved(cls_report, tmp_path_factory):
 def test_save_writes_every_file(cls_report, saved):
     assert {p.name for p in saved.iterdir()} == CLS_FILES
     summary = pd.read_csv(saved / "summary.csv")
-    assert list(summary.columns) == ["metric", "value", "definition", "higher_is_better"]
+    assert list(summary.columns) == SUMMARY_COLUMNS
     np.testing.assert_allclose(summary["value"], cls_report.summary["value"], rtol=1e-12)
     per_input = pd.read_csv(saved / "per_input.csv", index_col="input")
     assert list(per_input.index) == list(cls_report.per_input.index)
@@ -771,17 +776,17 @@ def test_regression_report_saves(reg_report, tmp_path):
 def test_compare_layout(cls, cls_report):
     small = mcdrop.report(cls["pred"], cls["labels"], title="no ood")
     table = compare([small, cls_report], names=["N=8", "with OOD"])
-    assert list(table.columns) == ["N=8", "with OOD"] and table.index.name == "metric"
+    assert list(table.columns) == ["N=8", "with OOD", OVERLAP] and table.index.name == "metric"
     assert list(table.index) == list(cls_report.summary["metric"])  # union, in order
     assert table.loc["ECE", "N=8"] == table.loc["ECE", "with OOD"] == _values(cls_report)["ECE"]
     assert math.isnan(table.loc["OOD AUROC (entropy)", "N=8"])
-    assert table.dtypes.tolist() == [np.float64, np.float64]
+    assert table.dtypes.tolist() == [np.float64, np.float64, object]
     by_title = compare([small, cls_report])
-    assert list(by_title.columns) == ["no ood", "cls <&> test"]
+    assert list(by_title.columns) == ["no ood", "cls <&> test", OVERLAP]
     same_title = compare([small, small])
-    assert list(same_title.columns) == ["report 1", "report 2"]
+    assert list(same_title.columns) == ["report 1", "report 2", OVERLAP]
     mapping = compare({"a": small, "b": cls_report})
-    assert list(mapping.columns) == ["a", "b"]
+    assert list(mapping.columns) == ["a", "b", OVERLAP]
 
 
 def test_compare_errors(cls_report, reg_report):
@@ -797,3 +802,114 @@ def test_compare_errors(cls_report, reg_report):
         compare([cls_report, cls_report.summary])
     with pytest.raises(InvalidInputError, match="not both"):
         compare({"a": cls_report}, names=["b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# bootstrap intervals (issue 19, item 3)
+# ----------------------------------------------------------------------------------------------
+def _ci(rep: UncertaintyReport) -> pd.DataFrame:
+    return rep.summary.set_index("metric")[["value", "ci_low", "ci_high"]]
+
+
+def test_intervals_are_the_percentiles_of_the_metrics_on_the_resamples(cls, cls_report):
+    probs, labels = cls["pred"].probs, cls["labels"]
+    h, mi = cls["pred"].predictive_entropy, cls["pred"].mutual_information
+    scores = {"entropy": h, "MI": mi}
+    boot = metrics.bootstrap_classification(probs, labels, scores, scores, n_bins=15)
+    ood = metrics.bootstrap_ood(h, cls["ood"].predictive_entropy)
+    ci = _ci(cls_report)
+    for metric, values in (
+        ("ECE", boot["ECE"]),
+        ("MCE", boot["MCE"]),
+        ("AURC", boot["AURC (entropy)"]),
+        ("misclassification AUROC (MI)", boot["misclassification AUROC (MI)"]),
+        ("mean mutual information", boot["mean (MI)"]),
+        ("OOD AUROC (entropy)", ood["AUROC"]),
+    ):
+        assert (ci.loc[metric, "ci_low"], ci.loc[metric, "ci_high"]) == metrics.percentile_interval(values)
+    counts = ci.loc[["n_inputs", "n_samples", "n_ood"]]
+    assert counts[["ci_low", "ci_high"]].isna().all().all()
+    rest = ci.drop(["n_inputs", "n_samples", "n_ood"])
+    assert rest[["ci_low", "ci_high"]].notna().all().all()
+    assert (rest["ci_low"] <= rest["ci_high"]).all()
+    inside = (rest["ci_low"] <= rest["value"]) & (rest["value"] <= rest["ci_high"])
+    assert inside.mean() > 0.9  # the point value is almost always inside its percentile interval
+
+
+def test_intervals_are_reproducible_and_the_values_unchanged(cls, cls_report):
+    again = mcdrop.report(cls["pred"], cls["labels"], ood=cls["ood"])
+    pd.testing.assert_frame_equal(_ci(again), _ci(cls_report))
+    other = mcdrop.report(cls["pred"], cls["labels"], ood=cls["ood"], seed=1, n_resamples=300, ci_level=0.8)
+    assert (other.seed, other.n_resamples, other.ci_level) == (1, 300, 0.8)
+    pd.testing.assert_series_equal(_ci(other)["value"], _ci(cls_report)["value"])
+    assert (_ci(other)["ci_low"] != _ci(cls_report)["ci_low"]).any()
+    none = mcdrop.report(cls["pred"], cls["labels"], n_resamples=0)
+    assert none.summary[["ci_low", "ci_high"]].isna().all().all()
+    assert "95% interval" not in none.to_markdown() and "n_resamples=0" in none.to_markdown()
+    with pytest.raises(InvalidInputError):
+        mcdrop.report(cls["pred"], cls["labels"], ci_level=1.0)
+
+
+def test_regression_intervals(reg, reg_report):
+    ci = _ci(reg_report)
+    for metric in (
+        "RMSE",
+        "Gaussian NLL",
+        "PICP (90%)",
+        "MPIW (90%)",
+        "MACE",
+        "mean aleatoric std",
+        "OOD AUROC (epistemic std)",
+    ):
+        assert ci.loc[metric, "ci_low"] <= ci.loc[metric, "ci_high"], metric
+    pred = reg_report.prediction
+    boot = metrics.bootstrap_regression(pred.mean, pred.total_std, reg_report.targets, level=0.9)
+    assert (ci.loc["PICP (90%)", "ci_low"], ci.loc["PICP (90%)", "ci_high"]) == metrics.percentile_interval(
+        boot["PICP"]
+    )
+
+
+def test_small_bins_and_the_mce_resting_on_one_are_flagged(cls_report):
+    rel = cls_report.reliability
+    expected = (rel["count"] > 0) & (rel["count"] < 20)
+    assert rel["few_inputs"].tolist() == expected.tolist() and expected.any()
+    nonempty = rel[rel["count"] > 0]
+    worst = nonempty.loc[nonempty["gap"].abs().idxmax()]
+    flags = dict(zip(cls_report.summary["metric"], cls_report.summary["flag"], strict=True))
+    assert worst["count"] < 20 and f"holds {int(worst['count'])} inputs" in flags["MCE"]
+    assert all(flag == "" for metric, flag in flags.items() if metric != "MCE")
+    assert any("reliability bins hold fewer than 20 inputs" in note for note in cls_report.notes)
+    page = cls_report._repr_html_()
+    assert "⚠" in page and "fewer than 20" in page and "percentile bootstrap over the inputs" in page
+
+
+def test_no_flag_when_every_bin_is_large(cls):
+    rep = mcdrop.report(cls["pred"], cls["labels"], n_bins=1)  # one bin of all 120 inputs
+    assert rep.summary["flag"].tolist() == [""] * len(rep.summary)
+    assert not rep.reliability["few_inputs"].any()
+    assert not any("reliability bins" in note for note in rep.notes) and "⚠" not in rep.to_markdown()
+
+
+def test_summary_json_and_csv_carry_the_intervals(cls_report, saved):
+    info = json.loads((saved / "summary.json").read_text(encoding="utf-8"))
+    assert info["bootstrap"]["n_resamples"] == 1000 and info["bootstrap"]["seed"] == 0
+    assert info["bootstrap"]["level"] == 0.95 and info["bootstrap"]["min_bin_inputs"] == 20
+    ci = _ci(cls_report)
+    assert info["intervals"]["ECE"] == [ci.loc["ECE", "ci_low"], ci.loc["ECE", "ci_high"]]
+    assert info["intervals"]["n_inputs"] == [None, None]
+    row = next(r for r in info["summary"] if r["metric"] == "MCE")
+    assert row["flag"] and row["ci_low"] <= row["ci_high"]
+    csv = pd.read_csv(saved / "summary.csv")
+    np.testing.assert_allclose(csv["ci_low"], cls_report.summary["ci_low"], rtol=1e-12)
+
+
+def test_compare_says_whether_the_intervals_overlap(cls, cls_report):
+    right = mcdrop.report(cls["pred"], cls["pred"].predicted, title="all right")
+    table = compare([cls_report, right], names=["noisy labels", "all right"])
+    assert table.loc["accuracy", OVERLAP] is False  # 1.0 against ~0.7 on 120 inputs
+    assert table.loc["mean predictive entropy", OVERLAP] is True  # the same predictions
+    assert table.loc["n_inputs", OVERLAP] is None
+    assert table.loc["OOD AUROC (entropy)", OVERLAP] is None  # only one report has it
+    assert compare([cls_report, cls_report]).loc["ECE", OVERLAP] is True
+    with pytest.raises(InvalidInputError, match="intervals_overlap"):
+        compare([cls_report, right], names=[OVERLAP, "x"])

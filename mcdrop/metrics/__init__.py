@@ -13,6 +13,7 @@ Families:
 * :mod:`mcdrop.metrics.ood`: OOD AUROC, AUPR, FPR at a TPR.
 * :mod:`mcdrop.metrics.regression`: Gaussian NLL, CRPS, RMSE, MAE, sharpness, PICP, MPIW, calibration
   curves and errors, check and interval scores, the MC dropout test log-likelihood.
+* :mod:`mcdrop.metrics.bootstrap`: percentile bootstrap intervals over inputs, vectorised over resamples.
 
 Example:
     >>> import torch
@@ -25,6 +26,15 @@ Example:
     0.6667
 """
 
+from mcdrop.metrics.bootstrap import (
+    BootstrapInterval,
+    bootstrap_classification,
+    bootstrap_indices,
+    bootstrap_interval,
+    bootstrap_ood,
+    bootstrap_regression,
+    percentile_interval,
+)
 from mcdrop.metrics.calibration import (
     ReliabilityTable,
     classwise_calibration_error,
@@ -96,4 +106,12 @@ __all__ = [
     "rmse",
     "root_mean_squared_calibration_error",
     "sharpness",
+    # bootstrap confidence intervals
+    "BootstrapInterval",
+    "bootstrap_classification",
+    "bootstrap_indices",
+    "bootstrap_interval",
+    "bootstrap_ood",
+    "bootstrap_regression",
+    "percentile_interval",
 ]

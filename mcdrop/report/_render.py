@@ -30,6 +30,9 @@ class ReportView(Protocol):
     n_bins: int
     level: float
     sort_by: str
+    n_resamples: int
+    seed: int
+    ci_level: float
     notes: list[str]
     summary: pd.DataFrame
     reliability: pd.DataFrame
@@ -213,16 +216,42 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def format_interval(metric: str, low: Any, high: Any) -> str:
+    """A bootstrap interval for display, ``[low, high]`` as :func:`format_value`; blank without one."""
+    if low is None or high is None or math.isnan(float(low)) or math.isnan(float(high)):
+        return ""
+    return f"[{format_value(metric, low)}, {format_value(metric, high)}]"
+
+
 def _summary_display(report: ReportView) -> pd.DataFrame:
     summary = report.summary
-    return pd.DataFrame(
-        {
-            "metric": summary["metric"],
-            "value": [format_value(m, v) for m, v in zip(summary["metric"], summary["value"], strict=True)],
-            "better": [better_arrow(b) for b in summary["higher_is_better"]],
-            "definition": summary["definition"],
-        }
-    )
+    columns = {
+        "metric": summary["metric"],
+        "value": [
+            format_value(m, v) + (" ⚠" if f else "")
+            for m, v, f in zip(summary["metric"], summary["value"], summary["flag"], strict=True)
+        ],
+    }
+    if report.n_resamples > 0:
+        columns[f"{report.ci_level * 100:g}% interval"] = [
+            format_interval(m, lo, hi)
+            for m, lo, hi in zip(summary["metric"], summary["ci_low"], summary["ci_high"], strict=True)
+        ]
+    columns["better"] = [better_arrow(b) for b in summary["higher_is_better"]]
+    columns["definition"] = [
+        d + (f" ⚠ {f}" if f else "") for d, f in zip(summary["definition"], summary["flag"], strict=True)
+    ]
+    return pd.DataFrame(columns)
+
+
+def _interval_text(report: ReportView) -> str:
+    if report.n_resamples <= 0:
+        return "No bootstrap intervals (n_resamples=0)."
+    return (
+        f"Intervals: {report.ci_level * 100:g}% percentile bootstrap over the inputs ({report.n_resamples:,} "
+        f"resamples, seed {report.seed}); they show how much a metric would move on another sample of "
+        "inputs, not the Monte Carlo noise of the dropout passes."
+    ) + (" ⚠: the value rests on fewer than 20 inputs." if (report.summary["flag"] != "").any() else "")
 
 
 def _reliability_display(report: ReportView) -> tuple[pd.DataFrame, str]:
@@ -259,7 +288,7 @@ def to_markdown(report: ReportView) -> str:
     out.append("")
     if report.notes:
         out += ["> **Notes**", ">"] + [f"> - {_md_escape(n)}" for n in report.notes] + [""]
-    out += ["## Summary", "", markdown_table(_summary_display(report)), ""]
+    out += ["## Summary", "", markdown_table(_summary_display(report)), "", _interval_text(report), ""]
     rel, caption = _reliability_display(report)
     heading = "Reliability (per confidence bin)" if report.task == "classification" else "Calibration curve"
     if len(rel):
@@ -339,6 +368,7 @@ def body_html(report: ReportView, images: dict[str, bytes]) -> str:
         parts.append(f'<div class="notes"><b>Notes</b><ul>{items}</ul></div>')
     parts.append("<h2>Summary</h2>")
     parts.append(html_table(_summary_display(report), classes={"value": "num", "definition": "def"}))
+    parts.append(f'<p class="intervals">{_esc(_interval_text(report))}</p>')
     if images:
         parts.append("<h2>Figures</h2>")
         captions = report.figure_captions

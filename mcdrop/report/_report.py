@@ -70,15 +70,21 @@ class UncertaintyReport:
             ``(0, 1)``; the interval and residual figures use it too.
         sort_by: How :attr:`per_input` is sorted, in words (e.g. ``"total_std (largest first)"``
             or ``"input order"``); shown in the HTML page and saved in ``summary.json``.
+        intervals: How the summary's bootstrap intervals were computed (an internal ``Intervals``
+            record: ``n_resamples``, ``seed``, ``level``); default: 1000 resamples, seed 0, 95%.
 
     Attributes:
         title: The report's title.
         task: ``"classification"`` or ``"regression"``.
-        summary: One row per metric, columns ``metric, value, definition, higher_is_better``
-            (``higher_is_better`` is ``None`` for descriptive rows such as counts).
+        summary: One row per metric, columns ``metric, value, ci_low, ci_high, definition,
+            higher_is_better, flag``: ``ci_low``/``ci_high`` the percentile bootstrap interval over
+            inputs (NaN for counts, undefined values, or without intervals); ``higher_is_better`` is
+            ``None`` for descriptive rows such as counts; ``flag`` says why a value is fragile (an
+            MCE resting on a bin of fewer than 20 inputs), else ``""``.
         per_input: One row per input, most uncertain first by default (index: the input's position).
         reliability: Classification: the per-bin reliability table (``bin, lower, upper, count,
-            confidence, accuracy, gap, weight``). Regression: the calibration curve
+            confidence, accuracy, gap, weight, few_inputs``; ``few_inputs``: a non-empty bin of fewer
+            than 20 inputs). Regression: the calibration curve
             (``expected, observed, gap``) of central intervals at 100 levels.
         sites: The stochastic sites of the model (``MCDropout.describe()``), or ``None``.
         notes: Warnings about the data, e.g. a metric that is undefined (reported as NaN).
@@ -89,6 +95,9 @@ class UncertaintyReport:
         n_bins: Number of confidence bins (as given to :func:`mcdrop.report`).
         level: Nominal coverage of the regression intervals (as given to :func:`mcdrop.report`).
         sort_by: How :attr:`per_input` is sorted, in words.
+        n_resamples: Bootstrap resamples of the summary's intervals (0: no intervals).
+        seed: Seed of the bootstrap resamples.
+        ci_level: Nominal coverage of the summary's intervals.
         version: The mcdrop version that built the report.
 
     Example:
@@ -101,7 +110,7 @@ class UncertaintyReport:
         >>> rep
         UncertaintyReport(task='classification', n_inputs=40, n_samples=10, n_ood=20, metrics=22)
         >>> list(rep.summary.columns)
-        ['metric', 'value', 'definition', 'higher_is_better']
+        ['metric', 'value', 'ci_low', 'ci_high', 'definition', 'higher_is_better', 'flag']
         >>> rep.figure_names
         ('reliability', 'confidence', 'uncertainty', 'risk_coverage', 'ood')
         >>> rep.sort_by, rep.n_bins, rep.level
@@ -120,7 +129,9 @@ class UncertaintyReport:
         n_bins: int,
         level: float,
         sort_by: str,
+        intervals: _tables.Intervals | None = None,
     ) -> None:
+        intervals = intervals or _tables.Intervals()
         self.title = title
         self.task = prediction.task
         self.prediction = prediction
@@ -134,6 +145,9 @@ class UncertaintyReport:
         self.n_bins = n_bins
         self.level = level
         self.sort_by = sort_by
+        self.n_resamples = intervals.n_resamples
+        self.seed = intervals.seed
+        self.ci_level = intervals.level
         self.created = datetime.now().astimezone()
         self.version = _version()
         self._data = tables.data
@@ -395,8 +409,11 @@ class UncertaintyReport:
             {
                 "metric": str(r.metric),
                 "value": clean(float(r.value)),
+                "ci_low": clean(float(r.ci_low)),
+                "ci_high": clean(float(r.ci_high)),
                 "definition": str(r.definition),
                 "higher_is_better": None if r.higher_is_better is None else bool(r.higher_is_better),
+                "flag": str(r.flag),
             }
             for r in self.summary.itertuples(index=False)
         ]
@@ -412,7 +429,15 @@ class UncertaintyReport:
             "n_bins": self.n_bins,
             "level": self.level,
             "sort_by": self.sort_by,
+            "bootstrap": {
+                "n_resamples": self.n_resamples,
+                "seed": self.seed,
+                "level": self.ci_level,
+                "over": "inputs (the MC samples of each input held fixed)",
+                "min_bin_inputs": _tables.MIN_BIN_INPUTS,
+            },
             "metrics": {row["metric"]: row["value"] for row in rows},
+            "intervals": {row["metric"]: [row["ci_low"], row["ci_high"]] for row in rows},
             "summary": rows,
             "notes": self.notes,
             "figures": self.figure_captions,
@@ -629,6 +654,9 @@ def report(
     level: float = 0.95,
     sort_by: str | None = None,
     output: int | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    ci_level: float = 0.95,
 ) -> UncertaintyReport:
     """Build the uncertainty report of a prediction: metrics, per-input table, calibration, figures.
 
@@ -644,6 +672,14 @@ def report(
     sharpness, the mean epistemic std (and mean aleatoric std with an aleatoric head), counts;
     with ``ood``: OOD AUROC, AUPR-In and FPR@95TPR by the std (and by the epistemic std alone with
     an aleatoric head). A multi-output model is reported one output at a time (``output=j``).
+
+    Every metric row but the counts has a percentile bootstrap interval over the inputs
+    (``ci_low``, ``ci_high``): the inputs are resampled with replacement ``n_resamples`` times
+    (OOD inputs apart from the others), the metric is recomputed on each resample with the same
+    function as its value (:mod:`mcdrop.metrics.bootstrap`, all resamples at once), and the interval
+    is the ``(1 - ci_level)/2`` and ``(1 + ci_level)/2`` quantiles. It is over inputs, not over MC
+    samples. The MCE is flagged when its bin holds fewer than 20 inputs, and so are such bins of
+    the reliability table (``few_inputs``).
 
     Every value comes from :mod:`mcdrop.metrics`; every row states its exact definition. A metric
     that is undefined for the data (e.g. misclassification AUROC when every prediction is right) is
@@ -663,6 +699,9 @@ def report(
             smallest first; ``"input"`` keeps the input order). Default: most uncertain first,
             ``predictive_entropy`` (classification) or ``total_std`` (regression).
         output: For multi-output regression, the index of the output to report.
+        n_resamples: Bootstrap resamples of the intervals (default 1000); 0 for no intervals.
+        seed: Seed of the bootstrap resamples (default 0: the same report every time).
+        ci_level: Nominal coverage of the intervals, in ``(0, 1)`` (default 0.95).
 
     Returns:
         An :class:`UncertaintyReport`.
@@ -686,6 +725,9 @@ def report(
         ['mean', 'std', 'total_std']
         >>> bool(rep.per_input["total_std"].is_monotonic_decreasing)  # most uncertain first
         True
+        >>> row = rep.summary.set_index("metric").loc["RMSE"]
+        >>> bool(row.ci_low <= row.value <= row.ci_high)  # 95% bootstrap interval over the inputs
+        True
     """
     from mcdrop.wrapper import MCDropout
 
@@ -698,6 +740,11 @@ def report(
         raise InvalidTypeError(f"title must be a str; got {type(title).__name__}.")
     n_bins = check_int(n_bins, "n_bins", minimum=1)
     level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
+    intervals = _tables.Intervals(
+        n_resamples=check_int(n_resamples, "n_resamples", minimum=0),
+        seed=check_int(seed, "seed", minimum=0),
+        level=check_real(ci_level, "ci_level", low=0.0, high=1.0, low_open=True, high_open=True),
+    )
     if output is not None:
         output = check_int(output, "output", minimum=0)
     if ood is not None and not isinstance(ood, type(prediction)):
@@ -727,7 +774,7 @@ def report(
                     f"ood has {ood_pred.n_classes} classes but prediction has {pred.n_classes}; both must come "
                     "from the same model."
                 )
-        tables = _tables.classification_tables(pred, target, ood_pred, n_bins)
+        tables = _tables.classification_tables(pred, target, ood_pred, n_bins, intervals)
         default_sort = "predictive_entropy"
         # per_input labels as integers (metrics accepted integer-valued floats)
         target = target.long()
@@ -736,7 +783,7 @@ def report(
         if ood_pred is not None:
             ood_pred, _ = _tables.select_output(ood_pred, None, output, "ood")  # type: ignore[arg-type]
         assert target is not None
-        tables = _tables.regression_tables(pred, target, ood_pred, level)  # type: ignore[arg-type]
+        tables = _tables.regression_tables(pred, target, ood_pred, level, intervals)  # type: ignore[arg-type]
         default_sort = "total_std"
     tables.per_input, sort_text = _sort_per_input(tables.per_input, sort_by, default_sort)
     return UncertaintyReport(
@@ -749,6 +796,7 @@ def report(
         n_bins=n_bins,
         level=level,
         sort_by=sort_text,
+        intervals=intervals,
     )
 
 
@@ -760,7 +808,11 @@ def compare(
 
     Use it for before/after recalibration, N = 10 against N = 100 samples, two models, ... Rows
     keep the order of the first report, then any metric only later reports have; a metric a report
-    lacks (e.g. OOD rows) is NaN in its column.
+    lacks (e.g. OOD rows) is NaN in its column. The last column, ``intervals_overlap``, says whether
+    the reports' bootstrap intervals of the metric have a point in common (for two reports: whether
+    they overlap); ``None`` where a report has no interval for it. Overlapping intervals do not
+    show that two values are equal, and disjoint 95% intervals are a conservative sign of a
+    difference (the reports' inputs are resampled independently).
 
     Args:
         reports: Reports of the same task, as a sequence, or a mapping ``{name: report}``.
@@ -768,7 +820,8 @@ def compare(
             titles when they are distinct, else ``"report 1"``, ``"report 2"``, ...
 
     Returns:
-        A DataFrame indexed by ``metric`` with one float column per report.
+        A DataFrame indexed by ``metric`` with one float column per report and the object column
+        ``intervals_overlap`` (``True``, ``False`` or ``None``).
 
     Raises:
         InvalidInputError: No reports, reports of different tasks, or names of the wrong number or
@@ -781,8 +834,10 @@ def compare(
         >>> x, y = torch.randn(30, 2), torch.randint(0, 2, (30,))
         >>> reps = [mcdrop.report(mcdrop.MCDropout(net, n_samples=n, seed=0).predict(x), y) for n in (5, 50)]
         >>> table = mcdrop.compare(reps, names=["N=5", "N=50"])
-        >>> table.columns.tolist(), table.loc["n_samples"].tolist()
-        (['N=5', 'N=50'], [5.0, 50.0])
+        >>> table.columns.tolist(), table.loc["n_samples", ["N=5", "N=50"]].tolist()
+        (['N=5', 'N=50', 'intervals_overlap'], [5.0, 50.0])
+        >>> table.loc["accuracy", "intervals_overlap"], table.loc["n_samples", "intervals_overlap"]
+        (True, None)
     """
     if isinstance(reports, Mapping):
         if names is not None:
@@ -811,6 +866,10 @@ def compare(
         raise InvalidInputError(
             f"names has {len(names)} entries for {len(items)} reports; give one name per report."
         )
+    if "intervals_overlap" in names:
+        raise InvalidInputError(
+            "'intervals_overlap' is the column of the intervals; choose another report name."
+        )
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise InvalidInputError(
@@ -825,4 +884,21 @@ def compare(
     }
     frame = pd.DataFrame(columns, index=pd.Index(order, name="metric"))
     frame.columns.name = None
+    lows = pd.DataFrame(
+        {
+            n: rep.summary.set_index("metric")["ci_low"].astype(float).reindex(order)
+            for n, rep in zip(names, items, strict=True)
+        }
+    )
+    highs = pd.DataFrame(
+        {
+            n: rep.summary.set_index("metric")["ci_high"].astype(float).reindex(order)
+            for n, rep in zip(names, items, strict=True)
+        }
+    )
+    known = lows.notna().all(axis=1) & highs.notna().all(axis=1)
+    overlap = lows.max(axis=1) <= highs.min(axis=1)
+    frame["intervals_overlap"] = pd.Series(
+        [bool(o) if k else None for o, k in zip(overlap, known, strict=True)], index=frame.index, dtype=object
+    )
     return frame

@@ -19,8 +19,19 @@ from mcdrop import metrics
 from mcdrop.errors import InvalidInputError
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction
 
-SUMMARY_COLUMNS = ["metric", "value", "definition", "higher_is_better"]
+SUMMARY_COLUMNS = ["metric", "value", "ci_low", "ci_high", "definition", "higher_is_better", "flag"]
 COUNT_METRICS = ("n_inputs", "n_samples", "n_ood")
+#: a reliability bin, or an MCE, resting on fewer inputs than this is flagged
+MIN_BIN_INPUTS = 20
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """How the summary's bootstrap intervals are computed (``n_resamples = 0``: none)."""
+
+    n_resamples: int = metrics.bootstrap.DEFAULT_RESAMPLES
+    seed: int = metrics.bootstrap.DEFAULT_SEED
+    level: float = metrics.bootstrap.DEFAULT_LEVEL
 
 
 @dataclass
@@ -40,6 +51,8 @@ class _Rows:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.flags: dict[str, str] = {}
+        self.resamples: dict[str, np.ndarray] = {}
 
     def add(self, metric: str, value: float | int, definition: str, higher_is_better: bool | None) -> None:
         self.rows.append(
@@ -61,9 +74,24 @@ class _Rows:
             value = float("nan")
         self.add(metric, value, definition, higher_is_better)
 
+    def intervals(self, resamples: dict[str, np.ndarray], level: float) -> None:
+        """Percentile intervals of the rows named in ``resamples`` (each: its values on the resamples)."""
+        self.resamples.update(resamples)
+        for row in self.rows:
+            values = resamples.get(row["metric"])
+            if values is not None and np.isfinite(row["value"]):
+                row["ci_low"], row["ci_high"] = metrics.percentile_interval(values, level)
+
     def frame(self) -> pd.DataFrame:
-        frame = pd.DataFrame(self.rows, columns=SUMMARY_COLUMNS)
+        rows = [
+            {"ci_low": np.nan, "ci_high": np.nan, **row, "flag": self.flags.get(row["metric"], "")}
+            for row in self.rows
+        ]
+        frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
         frame["value"] = frame["value"].astype(np.float64)
+        frame["ci_low"] = frame["ci_low"].astype(np.float64)
+        frame["ci_high"] = frame["ci_high"].astype(np.float64)
+        frame["flag"] = frame["flag"].astype(object)
         frame["higher_is_better"] = frame["higher_is_better"].astype(object)
         return frame
 
@@ -168,8 +196,9 @@ def classification_tables(
     targets: torch.Tensor,
     ood: ClassificationPrediction | None,
     n_bins: int,
+    intervals: Intervals = Intervals(),
 ) -> Tables:
-    """Summary, per-input and reliability tables of a classifier."""
+    """Summary, per-input and reliability tables of a classifier, with bootstrap intervals."""
     if targets.dim() != 1:
         raise InvalidInputError(
             f"classification targets must be integer class labels of shape (n,); got shape "
@@ -284,12 +313,56 @@ def classification_tables(
         rows.add("n_ood", len(ood), "number of out-of-distribution inputs", None)
         data.update(ood_entropy=ent_out, ood_mi=mi_out)
 
+    if intervals.n_resamples > 0:
+        opts = {"n_resamples": intervals.n_resamples, "seed": intervals.seed}
+        scores = {"entropy": entropy, "MI": mi}
+        boot = metrics.bootstrap_classification(probs, labels, scores, scores, n_bins=m, **opts)
+        named = {
+            "AURC": boot["AURC (entropy)"],
+            "E-AURC": boot["E-AURC (entropy)"],
+            "mean predictive entropy": boot["mean (entropy)"],
+            "mean mutual information": boot["mean (MI)"],
+        }
+        if ood is not None:
+            for tag, s_in, s_out in (("entropy", entropy, ent_out), ("MI", mi, mi_out)):
+                o = metrics.bootstrap_ood(s_in, s_out, tpr=0.95, **opts)
+                named.update(
+                    {
+                        f"OOD AUROC ({tag})": o["AUROC"],
+                        f"OOD AUPR-In ({tag})": o["AUPR-In"],
+                        f"OOD FPR@95TPR ({tag})": o["FPR@TPR"],
+                    }
+                )
+        rows.intervals({**boot, **named}, intervals.level)
+
     per_input = replace(pred.cpu(), targets=labels, samples=None).to_frame()
     per_input.insert(per_input.columns.get_loc("correct") + 1, "error", errors.numpy())
     rel = reliability.to_frame()
     rel.insert(0, "bin", np.arange(len(rel)))
     rel["weight"] = reliability.weight
+    rel["few_inputs"] = (rel["count"] > 0) & (rel["count"] < MIN_BIN_INPUTS)
+    _flag_small_bins(rows, rel)
     return Tables(rows.frame(), per_input, rel, rows.notes, data)
+
+
+def _flag_small_bins(rows: _Rows, rel: pd.DataFrame) -> None:
+    """Flag the MCE when its bin holds fewer than MIN_BIN_INPUTS inputs, and note the small bins."""
+    small = rel[rel["few_inputs"]]
+    nonempty = rel[rel["count"] > 0]
+    if len(nonempty):
+        worst = nonempty.loc[nonempty["gap"].abs().idxmax()]
+        if worst["count"] < MIN_BIN_INPUTS:
+            rows.flags["MCE"] = (
+                f"rests on bin {int(worst['bin'])}, which holds {int(worst['count'])} inputs "
+                f"(fewer than {MIN_BIN_INPUTS})"
+            )
+    if len(small):
+        rows.notes.append(
+            f"{len(small)} of the {len(nonempty)} non-empty reliability bins hold fewer than {MIN_BIN_INPUTS} "
+            f"inputs (bins {', '.join(str(int(b)) for b in small['bin'])}; few_inputs in the reliability "
+            "table): their accuracy is a rough estimate"
+            + (", and the MCE rests on one of them." if "MCE" in rows.flags else ".")
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +373,7 @@ def regression_tables(
     targets: torch.Tensor,
     ood: RegressionPrediction | None,
     level: float,
+    intervals: Intervals = Intervals(),
 ) -> Tables:
     """Summary, per-input and calibration-curve tables of a regression model (one output)."""
     mean = _flat(pred.mean)
@@ -415,6 +489,28 @@ def regression_tables(
             )
         rows.add("n_ood", len(ood), "number of out-of-distribution inputs", None)
         data["ood_scores"] = {tag: (s_in, s_out) for tag, s_in, s_out in scores}
+
+    if intervals.n_resamples > 0:
+        opts = {"n_resamples": intervals.n_resamples, "seed": intervals.seed}
+        averaged = (
+            {"epistemic": epistemic}
+            if aleatoric is None
+            else {"epistemic": epistemic, "aleatoric": aleatoric}
+        )
+        boot = metrics.bootstrap_regression(mean, sigma if std_ok else None, y, averaged, level=level, **opts)
+        named = {f"PICP ({_pct(level)})": boot.get("PICP"), f"MPIW ({_pct(level)})": boot.get("MPIW")}
+        named.update({f"mean {tag} std": boot[f"mean ({tag})"] for tag in averaged})
+        if ood is not None:
+            for tag, s_in, s_out in scores:
+                o = metrics.bootstrap_ood(s_in, s_out, tpr=0.95, **opts)
+                named.update(
+                    {
+                        f"OOD AUROC ({tag})": o["AUROC"],
+                        f"OOD AUPR-In ({tag})": o["AUPR-In"],
+                        f"OOD FPR@95TPR ({tag})": o["FPR@TPR"],
+                    }
+                )
+        rows.intervals({**boot, **{k: v for k, v in named.items() if v is not None}}, intervals.level)
 
     per_input = replace(pred.cpu(), targets=torch.as_tensor(y), samples=None).to_frame(level=level)
     residual = y - mean
