@@ -5,6 +5,12 @@ accumulators here merge them into per-row running statistics with Chan et al.'s 
 the mean and the sum of squared deviations (M2), so memory does not grow with the number of
 samples and the result does not depend on how the samples were chunked. Statistics are kept in
 float32 (float64 when the model outputs float64), whatever precision the model ran in.
+
+For the Monte Carlo standard errors (``Prediction.standard_error``) the accumulators also stream,
+where asked, the third and fourth central moment sums M3 and M4 (Pébay's pairwise update, exact
+whatever the chunking, like M2), and per-row sums of the samples in ``JACKKNIFE_GROUPS`` groups
+(:class:`GroupedSums`: sample ``t`` of a row goes to group ``t mod G``) for the grouped jackknife of
+the entropy terms.
 """
 
 from __future__ import annotations
@@ -65,13 +71,32 @@ def _check_real_dtype(t: torch.Tensor) -> None:
         )
 
 
-class RunningMoments:
-    """Per-row running mean and M2 of chunks ``(k, b, *shape)`` written into rows ``start:stop``."""
+JACKKNIFE_GROUPS = 20
+"""Groups of the grouped (batch-means) jackknife of the entropy terms' standard errors.
 
-    def __init__(self) -> None:
+Memory: ``JACKKNIFE_GROUPS`` sums per row and class (and per row for the per-sample entropy), at
+any N. Sample ``t`` of a row (0-based, in drawing order) belongs to group ``t mod JACKKNIFE_GROUPS``.
+"""
+
+
+def _sqrt_tiny(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).tiny) ** 0.5
+
+
+class RunningMoments:
+    """Per-row running mean and M2 of chunks ``(k, b, *shape)`` written into rows ``start:stop``.
+
+    With ``higher=True`` also the third and fourth central moment sums ``m3`` and ``m4``
+    (Pébay 2008's pairwise formulas, exact whatever the chunking).
+    """
+
+    def __init__(self, *, higher: bool = False) -> None:
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
+        self.m3: torch.Tensor | None = None
+        self.m4: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
+        self.higher = higher
         self._seen = torch.zeros(0, dtype=torch.bool)
 
     def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
@@ -82,17 +107,33 @@ class RunningMoments:
             shape = (batch_size, *chunk.shape[2:])
             self.mean = chunk.new_zeros(shape)
             self.m2 = chunk.new_zeros(shape)
+            if self.higher:
+                self.m3 = chunk.new_zeros(shape)
+                self.m4 = chunk.new_zeros(shape)
             self.count = torch.zeros(batch_size, dtype=torch.int64, device=chunk.device)
             self._seen = torch.zeros(batch_size, dtype=torch.bool)  # on the host: no device sync
         assert self.m2 is not None and self.count is not None
         c_mean = chunk[0] if k == 1 else chunk.mean(0)
-        c_m2 = (chunk - c_mean).square_().sum(0) if k > 1 else None
+        c_m2 = c_m3 = c_m4 = None
+        if k > 1 and not self.higher:
+            c_m2 = (chunk - c_mean).square_().sum(0)
+        elif k > 1:
+            # Two chunk-sized buffers, reused in place (the chunk-sized passes are what cost).
+            dev = chunk - c_mean
+            dev2 = dev * dev
+            c_m2 = dev2.sum(0)
+            c_m3 = dev.mul_(dev2).sum(0)
+            c_m4 = dev2.square_().sum(0)
         seen = self._seen[start:stop]
         if not bool(seen.any()):
             # The first samples of these rows: the merge reduces to taking the chunk's moments.
             self.mean[start:stop] = c_mean
             if c_m2 is not None:
                 self.m2[start:stop] = c_m2
+            if self.higher and c_m3 is not None and c_m4 is not None:
+                assert self.m3 is not None and self.m4 is not None
+                self.m3[start:stop] = c_m3
+                self.m4[start:stop] = c_m4
             self.count[start:stop] += k
             seen.fill_(True)
             return
@@ -100,9 +141,12 @@ class RunningMoments:
         n = n_a + k
         view = (-1,) + (1,) * (chunk.dim() - 2)
         delta = c_mean - self.mean[start:stop]
+        all_seen = bool(seen.all())
+        if self.higher:
+            self._merge_higher(start, stop, delta, n_a.view(view), k, c_m2, c_m3, c_m4, all_seen)
         self.mean[start:stop] += delta * (k / n).view(view)
         weight = (n_a * k / n).view(view)
-        if bool(seen.all()):
+        if all_seen:
             cross = delta.square_().mul_(weight)
         else:
             # Rows seen for the first time take the chunk's M2 as it is: delta² · 0 would overflow to
@@ -112,12 +156,126 @@ class RunningMoments:
         self.count[start:stop] += k
         seen.fill_(True)
 
+    def _merge_higher(
+        self,
+        start: int,
+        stop: int,
+        delta: torch.Tensor,
+        n_a: torch.Tensor,
+        k: int,
+        c_m2: torch.Tensor | None,
+        c_m3: torch.Tensor | None,
+        c_m4: torch.Tensor | None,
+        all_seen: bool,
+    ) -> None:
+        """Pébay's merge of M3 and M4 (before M2 and the mean are updated: it reads the old M2, M3)."""
+        assert self.m2 is not None and self.m3 is not None and self.m4 is not None
+        m2a, m3a = self.m2[start:stop], self.m3[start:stop]
+        n = n_a + k
+        floor = _sqrt_tiny(delta.dtype)
+        # A difference of means below sqrt(tiny) would make denormal products (many times slower on
+        # CPUs) below the precision of any sum they join: it counts as 0 in M3 and M4.
+        delta = delta.masked_fill(delta.abs() < floor, 0)
+        d2 = delta.square()
+        zero = torch.zeros_like(delta)
+        m2b = zero if c_m2 is None else c_m2
+        m3b = zero if c_m3 is None else c_m3
+        m4b = zero if c_m4 is None else c_m4
+        cross4 = (
+            d2.square() * (n_a * k * (n_a.square() - n_a * k + k * k) / n**3)
+            + 6 * d2 * (n_a.square() * m2b + k * k * m2a) / n.square()
+            + 4 * delta * (n_a * m3b - k * m3a) / n
+        )
+        cross3 = d2 * delta * (n_a * k * (n_a - k) / n.square()) + 3 * delta * (n_a * m2b - k * m2a) / n
+        if not all_seen:  # rows seen for the first time: the chunk's sums as they are (see M2)
+            fresh = (n_a == 0).expand_as(delta)
+            cross4 = torch.where(fresh, zero, cross4)
+            cross3 = torch.where(fresh, zero, cross3)
+        self.m4[start:stop] += m4b + cross4
+        self.m3[start:stop] += m3b + cross3
+
     @property
     def variance(self) -> torch.Tensor:
         """Population variance (divides by N): the variance of the N samples themselves."""
         assert self.m2 is not None and self.count is not None
         view = (-1,) + (1,) * (self.m2.dim() - 1)
         return (self.m2 / self.count.to(self.m2.dtype).view(view)).clamp_(min=0)
+
+
+class GroupedSums:
+    """Per-row sums of the samples in ``groups`` groups: sample ``t`` of a row goes to ``t mod groups``.
+
+    ``sums`` has shape ``(groups, batch, *shape)``; the groups' sizes follow from the number of
+    samples alone (:func:`group_sizes`), so the result does not depend on the chunking.
+    """
+
+    def __init__(self, groups: int = JACKKNIFE_GROUPS) -> None:
+        self.groups = groups
+        self.sums: torch.Tensor | None = None
+        self._count = torch.zeros(0, dtype=torch.int64)  # on the host: no device sync
+
+    def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
+        """Add ``chunk`` (``k`` samples of rows ``start:stop``) to the rows' group sums."""
+        chunk = chunk.to(_acc_dtype(chunk))
+        k = chunk.shape[0]
+        if self.sums is None:
+            self.sums = chunk.new_zeros((self.groups, batch_size, *chunk.shape[2:]))
+            self._count = torch.zeros(batch_size, dtype=torch.int64)
+        counts = self._count[start:stop]
+        g = self.groups
+        first = int(counts[0])
+        # Sample j of the chunk joins group (count + j) mod G: one strided sum per group touched, in
+        # a fixed order, so the sums are deterministic on every device (no atomic adds).
+        if bool((counts == first).all()):
+            for j in range(min(k, g)):
+                part = chunk[j::g]
+                self.sums[(first + j) % g, start:stop] += part[0] if part.shape[0] == 1 else part.sum(0)
+        else:  # rows at different sample counts (a probe's pass of the first rows): rarely
+            for c in torch.unique(counts).tolist():
+                rows = torch.nonzero(counts == c).flatten().to(chunk.device)
+                for j in range(min(k, g)):
+                    self.sums[(c + j) % g, start + rows] += chunk[j::g][:, rows].sum(0)
+        counts += k
+
+
+def group_sizes(n_samples: int, groups: int = JACKKNIFE_GROUPS) -> list[int]:
+    """How many of ``n_samples`` samples each group holds (round-robin by sample index)."""
+    return [n_samples // groups + (g < n_samples % groups) for g in range(groups)]
+
+
+def grouped_jackknife_se(estimate: Any, sums: list[torch.Tensor], n_samples: int) -> torch.Tensor:
+    """Delete-a-group jackknife standard error of ``estimate(*means)`` from grouped sums.
+
+    ``sums`` holds ``(G, batch, ...)`` group sums of each streamed quantity; ``estimate`` maps their
+    means (full or leave-one-group-out) to the statistic. Groups may differ in size by one, so this
+    is the delete-m_g jackknife of Busing, Meijer and van der Leeden (1999): with ``h_g = N / m_g``,
+    pseudo-values ``ψ_g = h_g θ̂ − (h_g − 1) θ̂_(−g)``, ``θ_J = G' θ̂ − Σ_g (1 − m_g/N) θ̂_(−g)`` and
+    ``Var = (1/G') Σ_g (ψ_g − θ_J)² / (h_g − 1)`` over the ``G'`` non-empty groups (the textbook
+    ``(G−1)/G Σ (θ̂_(−g) − mean)²`` for equal groups). NaN for ``n_samples < 2``.
+    """
+    sizes = [m for m in group_sizes(n_samples, sums[0].shape[0]) if m > 0]
+    used = len(sizes)
+    first = sums[0]
+    if n_samples < 2:
+        return torch.full(
+            estimate(*[s[0] for s in sums]).shape, float("nan"), dtype=first.dtype, device=first.device
+        )
+    totals = [s[:used].sum(0) for s in sums]
+    full = estimate(*[t / n_samples for t in totals])
+    # One group left out at a time: the temporaries are one group's size, not G times it.
+    leave_out = torch.stack(
+        [
+            estimate(*[(t - s[g]) / (n_samples - m) for t, s in zip(totals, sums, strict=True)])
+            for g, m in enumerate(sizes)
+        ]
+    )  # (G', batch, ...)
+    m = torch.tensor(sizes, dtype=first.dtype, device=first.device)
+    view = (-1,) + (1,) * full.dim()
+    h = (n_samples / m).view(view)
+    pseudo = h * full - (h - 1) * leave_out
+    theta_j = used * full - ((1 - m / n_samples).view(view) * leave_out).sum(0)
+    var = ((pseudo - theta_j).square() / (h - 1)).sum(0) / used
+    return var.clamp_(min=0).sqrt_()
 
 
 class SampleStore:
@@ -157,8 +315,12 @@ class ClassificationStats:
         self.output_type = output_type
         self.class_dim = class_dim
         self.prob_tolerance = prob_tolerance
-        self.probs = RunningMoments()
+        self.probs = RunningMoments(higher=True)
         self.entropy = RunningMoments()
+        # Group sums of p_t and H[p_t] for the jackknife standard errors of H[p̄] and the mutual
+        # information: JACKKNIFE_GROUPS · (K + 1) numbers per row, at any N.
+        self.probs_groups = GroupedSums()
+        self.entropy_groups = GroupedSums()
         self.votes: torch.Tensor | None = None
         self.binary = False
         # None: nothing seen yet; True while every row seen is a probability vector (see check_reading).
@@ -251,9 +413,11 @@ class ClassificationStats:
             return
         p, logp = self.to_probs(chunk)
         self.probs.update(start, stop, p, batch_size)
+        self.probs_groups.update(start, stop, p, batch_size)
         ent = -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
         ent = torch.where(torch.isfinite(ent), ent, torch.zeros_like(ent)).clamp_(min=0)
         self.entropy.update(start, stop, ent, batch_size)
+        self.entropy_groups.update(start, stop, ent, batch_size)
         # Votes: how many samples put each class first. Scattered straight into the counts, so a
         # chunk costs one int64 index per sample and position, not a one-hot tensor K times larger.
         top = p.argmax(-1).movedim(0, -1)  # (b, ..., k_samples)
@@ -292,7 +456,9 @@ class ClassificationStats:
         ent = (p * logp.clamp_(min=torch.finfo(logp.dtype).min)).sum(dim).neg_().clamp_(min=0)
         p_last = p.movedim(dim, -1).contiguous()
         self.probs.update(start, stop, p_last, batch_size)
+        self.probs_groups.update(start, stop, p_last, batch_size)
         self.entropy.update(start, stop, ent, batch_size)
+        self.entropy_groups.update(start, stop, ent, batch_size)
         top = p_last.argmax(-1).movedim(0, -1)  # (b, ..., k_samples)
         if self.votes is None:
             shape = (batch_size, *p_last.shape[2:])
@@ -310,7 +476,7 @@ class RegressionStats:
 
     def __init__(self, aleatoric: str | None) -> None:
         self.aleatoric = aleatoric
-        self.mean = RunningMoments()
+        self.mean = RunningMoments(higher=True)
         self.noise = RunningMoments() if aleatoric else None
 
     def update(
@@ -424,3 +590,30 @@ def _class_dim_of(per_input: tuple[int, ...], num_labels: int | None, task: str)
 def negligible_spread(variance: torch.Tensor, mean: torch.Tensor) -> bool:
     """True when samples differ by no more than float rounding (relative 1e-6): identical samples."""
     return bool((variance <= (1e-6 * mean.abs().clamp(min=1.0)).square()).all())
+
+
+def mean_standard_error(moments: RunningMoments, n_samples: int) -> torch.Tensor:
+    """The standard error of the mean of N samples, ``sqrt(s² / N)``.
+
+    With the unbiased ``s² = M2 / (N − 1)``. NaN for ``N < 2``.
+    """
+    assert moments.m2 is not None
+    if n_samples < 2:
+        return torch.full_like(moments.m2, float("nan"))
+    return (moments.m2.clamp(min=0) / ((n_samples - 1) * n_samples)).sqrt_()
+
+
+def variance_standard_error(moments: RunningMoments, n_samples: int) -> torch.Tensor:
+    """The large-sample standard error of the population variance ``v = M2 / N`` of N samples.
+
+    ``Var(s²) = μ4/N − σ⁴ (N − 3) / (N (N − 1))`` for the unbiased ``s²`` (``v = (N − 1)/N · s²``),
+    with ``μ4`` and ``σ⁴`` estimated by the plug-ins ``m4 = M4/N`` and ``m2² = (M2/N)²``:
+    ``SE(v) = (N − 1)/N · sqrt(max(m4 − m2² (N − 3)/(N − 1), 0) / N)``. NaN for ``N < 2``.
+    """
+    assert moments.m2 is not None and moments.m4 is not None
+    if n_samples < 2:
+        return torch.full_like(moments.m2, float("nan"))
+    n = n_samples
+    m2 = moments.m2.clamp(min=0) / n
+    m4 = moments.m4.clamp(min=0) / n
+    return ((m4 - m2.square() * ((n - 3) / (n - 1))).clamp_(min=0) / n).sqrt_().mul_((n - 1) / n)

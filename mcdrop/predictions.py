@@ -18,6 +18,37 @@ Regression (:class:`RegressionPrediction`)
     * ``aleatoric_variance`` = (1/N) Σ_t σ²_t when the model outputs a variance σ²_t per sample.
     * ``total_variance`` = ``variance`` + ``aleatoric_variance`` (law of total variance).
     * ``interval(level)`` = mean ± z_{(1+level)/2} · sqrt(total_variance): the central Gaussian interval.
+
+Monte Carlo standard errors (:meth:`Prediction.standard_error`): how far each statistic of N passes
+may lie from its value at infinitely many passes (the randomness of the dropout masks only; the
+model and the input are fixed). Computed from statistics streamed while sampling, never from kept
+samples, so memory does not grow with N; NaN where N < 2. With ``s²`` the unbiased sample variance
+(divides by N - 1) and ``m_j = (1/N) Σ_t (x_t - x̄)^j`` the central sample moments:
+
+    * ``probs``, ``confidence``, ``expected_entropy``, ``mean``, ``aleatoric_variance`` (means of
+      the N samples): ``sqrt(s² / N)``, per class for ``probs``; ``confidence`` takes the ``probs``
+      standard error of the top class (its choice not counted).
+    * ``variance`` (regression) and the per-class variance behind ``std``: the large-sample formula
+      ``Var(s²) = μ4/N - σ⁴ (N - 3)/(N (N - 1))`` with the plug-ins ``m4`` and ``m2²``, scaled to
+      the reported variance (which divides by N): ``SE = (N - 1)/N · sqrt(max(m4 - m2² (N - 3)/(N - 1), 0)/N)``;
+      ``std``: the delta method, ``SE(variance) / (2 std)`` (0 where std is 0 and N ≥ 2).
+    * ``predictive_entropy`` and ``mutual_information``: a grouped (batch-means) delete-a-group
+      jackknife. Sample ``t`` of an input joins group ``t mod G`` (``G = 20``,
+      ``mcdrop._statistics.JACKKNIFE_GROUPS``); the sums of ``p_t`` and of ``H[p_t]`` per group are
+      streamed (memory ``G · (K + 1)`` numbers per input, or per position of a map), and the
+      statistic is recomputed leaving out one group at a time (Busing et al.'s delete-m_g jackknife,
+      as groups may differ in size by one; with N ≤ G each group holds one sample: the delete-one
+      jackknife).
+
+Small-N behaviour: ``sqrt(s² / N)`` is nearly unbiased for the means (a ±2 SE interval covers
+about 94% at N = 20 for well-behaved samples, less for skewed ones). The variance's standard error
+rests on a fourth moment, which at small N is noisy and biased low for heavy-tailed samples, so ±2 SE
+covers less than 95% at N = 20. The plug-in ``H[p̄]`` is biased low: to first order
+``E H[p̄] - H[E p] = -Σ_k Var(p_tk) / (2 N E p_k)`` (= ``-tr(Σ diag(1/p))/(2N)``, Σ the per-pass
+covariance of ``p_t``), and so is the mutual information (the expected entropy is unbiased). The
+bias is O(1/N) while the standard error is O(1/√N), so it matters at small N and small standard
+errors; it can be estimated as ``-Σ_k std_k² / (2 N probs_k)``. The standard errors do not include
+it.
 """
 
 from __future__ import annotations
@@ -29,7 +60,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mcdrop._checks import check_real
-from mcdrop._statistics import ClassificationStats, RegressionStats, SampleStore
+from mcdrop._statistics import (
+    ClassificationStats,
+    RegressionStats,
+    SampleStore,
+    grouped_jackknife_se,
+    mean_standard_error,
+    variance_standard_error,
+)
 from mcdrop.errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,6 +121,53 @@ class Prediction:
     def _first(self) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _standard_errors(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def standard_error(self, name: str) -> torch.Tensor:
+        """The Monte Carlo standard error of a statistic, per input, shaped like the statistic.
+
+        How far the statistic of these N passes may lie from its value at infinitely many passes
+        (the randomness of the dropout masks; the module docs and ``docs/outputs.md`` give each
+        estimator and its bias at small N). Computed from statistics streamed while sampling, so
+        it needs no kept samples. NaN where N < 2.
+
+        Args:
+            name: The statistic: for a classifier ``"probs"``, ``"confidence"``, ``"std"``,
+                ``"predictive_entropy"``, ``"expected_entropy"`` or ``"mutual_information"``; for
+                a regression model ``"mean"``, ``"variance"``, ``"std"`` or (with an aleatoric
+                head) ``"aleatoric_variance"``.
+
+        Returns:
+            A tensor of the statistic's shape.
+
+        Raises:
+            InvalidInputError: ``name`` is not a statistic with a standard error, or this
+                prediction carries no standard errors (built by hand rather than by sampling).
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+            >>> pred = mcdrop.MCDropout(net.eval(), n_samples=50, seed=0).predict(torch.randn(5, 3))
+            >>> se = pred.standard_error("probs")
+            >>> se.shape == pred.probs.shape, pred.standard_error("mutual_information").shape
+            (True, torch.Size([5]))
+        """
+        available = self._standard_errors()
+        if name not in available:
+            raise InvalidInputError(
+                f"no standard error for {name!r} of a {self.task} prediction; available: "
+                f"{', '.join(repr(n) for n in available)}."
+            )
+        se = available[name]()
+        if se is None:
+            raise InvalidInputError(
+                f"this prediction carries no standard error for {name!r}: it was not built from the "
+                "streamed statistics of sampling (e.g. made by hand). Predictions of MCDropout.predict "
+                "and predict_loader carry them."
+            )
+        return se
+
     def cpu(self) -> Prediction:
         """Return a copy with every tensor moved to the CPU.
 
@@ -121,6 +206,12 @@ class ClassificationPrediction(Prediction):
         expected_entropy: The mean entropy of the sample probabilities (the aleatoric part), per input.
         variation_ratio: 1 - (samples voting for the modal class) / N, per input.
         class_dim: The class dimension of ``probs`` and ``std``.
+        probs_se: The Monte Carlo standard error of ``probs`` (read it with
+            :meth:`standard_error`), or ``None`` when not built by sampling.
+        std_se: The Monte Carlo standard error of ``std``, or ``None``.
+        predictive_entropy_se: The Monte Carlo standard error of ``predictive_entropy``, or ``None``.
+        expected_entropy_se: The Monte Carlo standard error of ``expected_entropy``, or ``None``.
+        mutual_information_se: The Monte Carlo standard error of ``mutual_information``, or ``None``.
 
     Example:
         >>> import torch, mcdrop
@@ -139,6 +230,11 @@ class ClassificationPrediction(Prediction):
     expected_entropy: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     variation_ratio: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     class_dim: int = 1
+    probs_se: torch.Tensor | None = field(default=None, repr=False)
+    std_se: torch.Tensor | None = field(default=None, repr=False)
+    predictive_entropy_se: torch.Tensor | None = field(default=None, repr=False)
+    expected_entropy_se: torch.Tensor | None = field(default=None, repr=False)
+    mutual_information_se: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def task(self) -> str:
@@ -167,6 +263,22 @@ class ClassificationPrediction(Prediction):
     def n_classes(self) -> int:
         """Number of classes K."""
         return int(self.probs.shape[self.class_dim])
+
+    def _standard_errors(self) -> dict[str, Any]:
+        def confidence() -> torch.Tensor | None:
+            if self.probs_se is None:
+                return None
+            top = self.predicted.unsqueeze(self.class_dim)
+            return self.probs_se.gather(self.class_dim, top).squeeze(self.class_dim)
+
+        return {
+            "probs": lambda: self.probs_se,
+            "confidence": confidence,
+            "std": lambda: self.std_se,
+            "predictive_entropy": lambda: self.predictive_entropy_se,
+            "expected_entropy": lambda: self.expected_entropy_se,
+            "mutual_information": lambda: self.mutual_information_se,
+        }
 
     @classmethod
     def from_stats(
@@ -203,6 +315,20 @@ class ClassificationPrediction(Prediction):
         expected = stats.entropy.mean.clamp(min=0)
         ratio = 1.0 - stats.votes.amax(-1).to(mean.dtype) / n_samples
         out_dim = class_dim if class_dim >= 0 else mean.dim() + class_dim
+        n = n_samples
+        std_se = variance_standard_error(stats.probs, n)
+        std_se = torch.where(std > 0, std_se / (2 * std), std_se * 0)  # NaN stays NaN (N < 2)
+        se: dict[str, torch.Tensor | None] = {"predictive_entropy_se": None, "mutual_information_se": None}
+        if stats.probs_groups.sums is not None and stats.entropy_groups.sums is not None:
+            groups_p, groups_h = stats.probs_groups.sums, stats.entropy_groups.sums
+
+            def plug_in(p: torch.Tensor) -> torch.Tensor:
+                return torch.special.entr(p.clamp(min=0)).sum(-1)
+
+            se["predictive_entropy_se"] = grouped_jackknife_se(plug_in, [groups_p], n)
+            se["mutual_information_se"] = grouped_jackknife_se(
+                lambda p, h: plug_in(p) - h, [groups_p, groups_h], n
+            )
         return cls(
             n_samples=n_samples,
             samples=None if store is None else store.data,
@@ -212,16 +338,30 @@ class ClassificationPrediction(Prediction):
             expected_entropy=expected,
             variation_ratio=ratio,
             class_dim=out_dim,
+            probs_se=mean_standard_error(stats.probs, n).movedim(-1, out_dim),
+            std_se=std_se.movedim(-1, out_dim),
+            expected_entropy_se=mean_standard_error(stats.entropy, n),
+            **se,
         )
 
-    def to_frame(self) -> pd.DataFrame:
+    def to_frame(self, *, standard_errors: bool = False) -> pd.DataFrame:
         """One row per input: prediction, confidence, the uncertainty scores, target and correctness.
+
+        Args:
+            standard_errors: Add the Monte Carlo standard errors (:meth:`standard_error`) as
+                ``<name>_se`` columns after the others: ``confidence_se``,
+                ``predictive_entropy_se``, ``expected_entropy_se``, ``mutual_information_se``,
+                ``prob_0_se`` ... ``prob_{K-1}_se``.
 
         Returns:
             A pandas DataFrame with the columns ``predicted``, ``confidence``,
             ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
             ``variation_ratio``; ``target`` and ``correct`` when there are 1-d targets; then
-            ``prob_0`` ... ``prob_{K-1}``.
+            ``prob_0`` ... ``prob_{K-1}``; then the standard errors when asked.
+
+        Raises:
+            InvalidInputError: A statistic has more than one value per input (a map), or standard
+                errors were asked of a prediction that carries none.
 
         Example:
             >>> import torch, mcdrop
@@ -248,6 +388,12 @@ class ClassificationPrediction(Prediction):
         probs = self.probs.detach().cpu()
         for k in range(self.n_classes):
             data[f"prob_{k}"] = probs.select(self.class_dim, k).numpy()
+        if standard_errors:
+            for name in ("confidence", "predictive_entropy", "expected_entropy", "mutual_information"):
+                data[f"{name}_se"] = _per_input(self.standard_error(name), f"{name}_se")
+            probs_se = self.standard_error("probs").detach().cpu()
+            for k in range(self.n_classes):
+                data[f"prob_{k}_se"] = probs_se.select(self.class_dim, k).numpy()
         return pd.DataFrame(data)
 
 
@@ -262,6 +408,11 @@ class RegressionPrediction(Prediction):
         mean: The mean output over the N samples.
         variance: The variance of the sample outputs (divides by N): the epistemic variance.
         aleatoric_variance: The mean of the variances the model outputs (``aleatoric=``), else
+            ``None``.
+        mean_se: The Monte Carlo standard error of ``mean`` (read it with :meth:`standard_error`),
+            or ``None`` when not built by sampling.
+        variance_se: The Monte Carlo standard error of ``variance``, or ``None``.
+        aleatoric_variance_se: The Monte Carlo standard error of ``aleatoric_variance``, or
             ``None``.
 
     Example:
@@ -279,11 +430,30 @@ class RegressionPrediction(Prediction):
     mean: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     variance: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     aleatoric_variance: torch.Tensor | None = field(default=None, repr=False)
+    mean_se: torch.Tensor | None = field(default=None, repr=False)
+    variance_se: torch.Tensor | None = field(default=None, repr=False)
+    aleatoric_variance_se: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def task(self) -> str:
         """Always ``"regression"``."""
         return "regression"
+
+    def _standard_errors(self) -> dict[str, Any]:
+        def std() -> torch.Tensor | None:
+            if self.variance_se is None:
+                return None
+            sd = self.std
+            return torch.where(sd > 0, self.variance_se / (2 * sd), self.variance_se * 0)
+
+        out: dict[str, Any] = {
+            "mean": lambda: self.mean_se,
+            "variance": lambda: self.variance_se,
+            "std": std,
+        }
+        if self.aleatoric_variance is not None:
+            out["aleatoric_variance"] = lambda: self.aleatoric_variance_se
+        return out
 
     def _first(self) -> torch.Tensor:
         return self.mean
@@ -358,9 +528,14 @@ class RegressionPrediction(Prediction):
             mean=stats.mean.mean,
             variance=stats.mean.variance,
             aleatoric_variance=None if stats.noise is None else stats.noise.mean,
+            mean_se=mean_standard_error(stats.mean, n_samples),
+            variance_se=variance_standard_error(stats.mean, n_samples),
+            aleatoric_variance_se=None
+            if stats.noise is None
+            else mean_standard_error(stats.noise, n_samples),
         )
 
-    def to_frame(self, level: float = 0.95) -> pd.DataFrame:
+    def to_frame(self, level: float = 0.95, *, standard_errors: bool = False) -> pd.DataFrame:
         """One row per input: mean, std (epistemic, aleatoric, total), interval bounds, target.
 
         Multi-output models get one column group per output (``mean_0``, ``mean_1``, ...).
@@ -368,13 +543,18 @@ class RegressionPrediction(Prediction):
         Args:
             level: The coverage of the interval whose bounds are given (``lower_{level}``,
                 ``upper_{level}``), in (0, 1).
+            standard_errors: Add the Monte Carlo standard errors (:meth:`standard_error`) of the
+                mean and the std as ``mean_se`` and ``std_se`` columns after the others
+                (``mean_0_se``, ... for multi-output models).
 
         Returns:
             A pandas DataFrame with the columns ``mean``, ``std``, ``aleatoric_std`` (with an
-            aleatoric head), ``total_std``, the interval bounds and ``target`` (with targets).
+            aleatoric head), ``total_std``, the interval bounds and ``target`` (with targets); then
+            the standard errors when asked.
 
         Raises:
-            InvalidInputError: an output has more than one dimension per input (no row per input).
+            InvalidInputError: an output has more than one dimension per input (no row per input),
+                or standard errors were asked of a prediction that carries none.
 
         Example:
             >>> import torch, mcdrop
@@ -397,6 +577,9 @@ class RegressionPrediction(Prediction):
             f"upper_{level:g}": high,
             "target": self.targets,
         }
+        if standard_errors:
+            columns["mean_se"] = self.standard_error("mean")
+            columns["std_se"] = self.standard_error("std")
         data: dict[str, Any] = {}
         for name, t in columns.items():
             if t is None:
@@ -407,8 +590,9 @@ class RegressionPrediction(Prediction):
             if t.dim() == 1:
                 data[name] = t.numpy()
             elif t.dim() == 2:
+                base, suffix = (name[:-3], "_se") if name.endswith("_se") else (name, "")
                 for j in range(t.shape[1]):
-                    data[f"{name}_{j}"] = t[:, j].numpy()
+                    data[f"{base}_{j}{suffix}"] = t[:, j].numpy()
             else:
                 raise InvalidInputError(
                     f"to_frame() makes one row per input, but {name} has shape {tuple(t.shape)}."

@@ -388,3 +388,157 @@ def test_cpu_returns_an_equal_copy():
     moved = pred.cpu()
     assert moved is not pred
     assert torch.equal(moved.probs, pred.probs) and torch.equal(moved.samples, pred.samples)
+
+
+# --------------------------------------------------------------------------- Monte Carlo standard errors
+
+
+def jackknife_reference(values: torch.Tensor, estimate) -> torch.Tensor:
+    """Delete-one jackknife SE over the samples (dim 0) of ``estimate(mean)``: the grouped jackknife
+    for N ≤ JACKKNIFE_GROUPS, where each group holds one sample."""
+    n = values.shape[0]
+    total = values.sum(0)
+    thetas = torch.stack([estimate((total - values[i]) / (n - 1)) for i in range(n)])
+    return ((n - 1) / n * (thetas - thetas.mean(0)).square().sum(0)).sqrt()
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4, None])
+def test_standard_errors_match_their_definitions_from_kept_samples(max_batch_size):
+    """Every standard error equals its documented estimator recomputed from the kept samples,
+    whatever the chunking (N = 9: the grouped jackknife is the delete-one jackknife)."""
+    n = 9
+    mc = mcdrop.MCDropout(mlp(d_out=3), n_samples=n, seed=0, keep_samples=True, max_batch_size=max_batch_size)
+    pred = mc.predict(inputs())
+    p = pred.samples.double().softmax(-1)  # (N, B, K)
+    close(pred.standard_error("probs"), p.std(0) / n**0.5)
+    m2, m4 = (p - p.mean(0)).pow(2).mean(0), (p - p.mean(0)).pow(4).mean(0)
+    var_se = (n - 1) / n * ((m4 - m2**2 * (n - 3) / (n - 1)).clamp(min=0) / n).sqrt()
+    close(pred.standard_error("std"), var_se / (2 * m2.sqrt()))
+    ent = torch.special.entr(p).sum(-1)
+    close(pred.standard_error("expected_entropy"), ent.std(0) / n**0.5)
+    both = torch.cat([p, ent.unsqueeze(-1)], -1)
+    close(
+        pred.standard_error("predictive_entropy"),
+        jackknife_reference(both, lambda m: torch.special.entr(m[..., :-1]).sum(-1)),
+    )
+    close(
+        pred.standard_error("mutual_information"),
+        jackknife_reference(both, lambda m: torch.special.entr(m[..., :-1]).sum(-1) - m[..., -1]),
+    )
+    top = pred.probs.argmax(1, keepdim=True)
+    close(pred.standard_error("confidence"), (p.std(0) / n**0.5).gather(1, top)[:, 0])
+
+    reg = mcdrop.MCDropout(
+        mlp(d_out=2), n_samples=n, seed=0, keep_samples=True, task="regression", max_batch_size=max_batch_size
+    ).predict(inputs())
+    y = reg.samples.double()
+    close(reg.standard_error("mean"), y.std(0) / n**0.5)
+    m2, m4 = (y - y.mean(0)).pow(2).mean(0), (y - y.mean(0)).pow(4).mean(0)
+    var_se = (n - 1) / n * ((m4 - m2**2 * (n - 3) / (n - 1)).clamp(min=0) / n).sqrt()
+    close(reg.standard_error("variance"), var_se, atol=1e-4, rtol=1e-4)
+    close(reg.standard_error("std"), var_se / (2 * m2.sqrt()), atol=1e-4, rtol=1e-4)
+
+
+def coverage(est: torch.Tensor, se: torch.Tensor, ref: torch.Tensor) -> float:
+    """The share of estimates whose ±2 SE interval holds the reference value."""
+    return float(((est - ref).abs() <= 2 * se).double().mean())
+
+
+def test_standard_errors_are_calibrated():
+    """±2 SE around a run's estimate holds the statistic of a reference run of N = 20,000 about 95%
+    of the time, for probabilities, mean, variance and mutual information, at N = 20 and N = 200.
+
+    1,000 independent runs in one call: 5 inputs, each repeated 200 times in one batch (the MLP's
+    rows do not interact, so every row is an independent run of N passes); fixed seeds, so the
+    test is deterministic. The reference's own Monte Carlo error is at most √(200/20000) = 0.1 of
+    a run's SE, which moves the coverage of ±2 SE by less than 0.005.
+
+    Tolerances: the binomial SE of a coverage of 0.95 over 1,000 runs is 0.007 (classes within a
+    run are correlated, so somewhat more), so an unbiased SE's coverage lies in [0.93, 0.97]; the
+    window [0.90, 0.99] adds for N = 200 the grouped jackknife's 19 degrees of freedom (±2 of a
+    t₁₉ covers 0.94) and, at N = 20, the Student-t effect of an estimated SE (0.94). Two
+    estimators are known to undercover at N = 20, and get a lower bound that says so: the
+    variance (its SE rests on a fourth moment, noisy and biased low at N = 20: measured 0.84-0.87
+    over four seeds, bound 0.80) and the mutual information (the plug-in H[p̄] is biased by
+    -tr(Σ diag(1/p))/(2N), O(1/N) against an SE of O(1/√N): measured 0.88-0.90, bound 0.85). At
+    N = 200 every one is in [0.90, 0.99] (measured 0.925-0.966).
+    """
+    runs, distinct = 200, 5
+    x = torch.randn(distinct, 3, generator=torch.Generator().manual_seed(0))
+    rows = x.repeat(runs, 1)
+    lower = {20: {"variance": 0.80, "std": 0.80, "mutual_information": 0.85}, 200: {}}
+    found = {}
+    for task, d_out, names in (
+        ("classification", 3, ("probs", "expected_entropy", "predictive_entropy", "mutual_information")),
+        ("regression", 1, ("mean", "variance", "std")),
+    ):
+        net = mlp(d_in=3, d_out=d_out, hidden=16)
+        ref = mcdrop.MCDropout(net, n_samples=20_000, seed=1, task=task).predict(x)
+        for n in (20, 200):
+            pred = mcdrop.MCDropout(net, n_samples=n, seed=2, task=task).predict(rows)
+            for name in names:
+                est = getattr(pred, name)
+                truth = getattr(ref, name).repeat((runs,) + (1,) * (est.dim() - 1))
+                found[(name, n)] = coverage(est, pred.standard_error(name), truth)
+    for (name, n), cov in found.items():
+        assert lower[n].get(name, 0.90) <= cov <= 0.99, (name, n, found)
+
+
+def test_standard_errors_shrink_like_one_over_sqrt_n():
+    """From N = 50 to N = 800 the standard errors shrink by √16 = 4 (median over 200 inputs)."""
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(3))
+    clf, reg = mlp(d_out=3), mlp(d_out=1)
+    se = {}
+    for n in (50, 800):
+        c = mcdrop.MCDropout(clf, n_samples=n, seed=n).predict(x)
+        r = mcdrop.MCDropout(reg, n_samples=n, seed=n, task="regression").predict(x)
+        se[n] = {
+            name: c.standard_error(name)
+            for name in ("probs", "std", "predictive_entropy", "mutual_information")
+        }
+        se[n] |= {name: r.standard_error(name) for name in ("mean", "variance")}
+    for name in se[50]:
+        ratio = float((se[50][name] / se[800][name]).median())
+        assert 3.4 <= ratio <= 4.6, (name, ratio)
+
+
+def test_standard_errors_in_frames_and_through_concat_cpu_and_errors():
+    mc = mcdrop.MCDropout(mlp(d_out=3), n_samples=30, seed=0)
+    a, b = mc.predict(inputs(b=2, seed=1)), mc.predict(inputs(b=3, seed=2))
+    both = concat_predictions([a, b]).cpu()
+    for name in (
+        "probs",
+        "confidence",
+        "std",
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+    ):
+        se = both.standard_error(name)
+        assert se.shape == getattr(both, name).shape and bool((se > 0).all()), name
+        assert torch.equal(se, torch.cat([a.standard_error(name), b.standard_error(name)])), name
+    df = both.to_frame(standard_errors=True)
+    assert list(df.columns)[-7:] == [
+        "confidence_se",
+        "predictive_entropy_se",
+        "expected_entropy_se",
+        "mutual_information_se",
+        "prob_0_se",
+        "prob_1_se",
+        "prob_2_se",
+    ]
+    np.testing.assert_array_equal(df["prob_1_se"].to_numpy(), both.standard_error("probs")[:, 1].numpy())
+    assert "confidence_se" not in both.to_frame().columns
+
+    reg = mcdrop.MCDropout(mlp(d_out=2), n_samples=30, seed=0, task="regression").predict(inputs(b=4))
+    frame = reg.to_frame(standard_errors=True)
+    assert list(frame.columns)[-4:] == ["mean_0_se", "mean_1_se", "std_0_se", "std_1_se"]
+    np.testing.assert_array_equal(frame["std_1_se"].to_numpy(), reg.standard_error("std")[:, 1].numpy())
+
+    with pytest.raises(InvalidInputError, match="no standard error for 'mean'.*'probs'"):
+        both.standard_error("mean")
+    with pytest.raises(InvalidInputError, match="aleatoric_variance"):
+        reg.standard_error("aleatoric_variance")
+    by_hand = RegressionPrediction(n_samples=10, mean=torch.zeros(2), variance=torch.ones(2))
+    with pytest.raises(InvalidInputError, match="carries no standard error"):
+        by_hand.standard_error("mean")

@@ -17,7 +17,14 @@ from torch import nn
 from zoo import LiveTensorBytes, mlp
 
 import mcdrop
-from mcdrop._statistics import ClassificationStats, RunningMoments, SampleStore
+from mcdrop._statistics import (
+    JACKKNIFE_GROUPS,
+    ClassificationStats,
+    GroupedSums,
+    RunningMoments,
+    SampleStore,
+    grouped_jackknife_se,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,6 +122,83 @@ def test_running_moments_match_torch_for_random_chunkings(dtype, offset, tol):
         torch.testing.assert_close(rm.mean.double(), ref.mean(0), atol=tol, rtol=tol)
         torch.testing.assert_close(rm.variance.double(), ref.var(0, correction=0), atol=tol, rtol=tol)
         assert torch.equal(store.data, data)
+
+
+@pytest.mark.parametrize("dtype, offset, tol", [(torch.float32, 0.0, 1e-4), (torch.float64, 100.0, 1e-8)])
+def test_higher_moments_chunked_equal_one_shot(dtype, offset, tol):
+    """M3 and M4 (Pébay's merge) of random chunkings equal one update with every sample, and torch's."""
+    g = torch.Generator().manual_seed(3)
+    n, b = 17, 6
+    data = (torch.randn(n, b, 3, generator=g).pow(3) + offset).to(dtype)  # skewed, heavy-tailed
+    dev = data.double() - data.double().mean(0)
+    one = RunningMoments(higher=True)
+    one.update(0, b, data, b)
+    rng = random.Random(1)
+    for _ in range(10):
+        rm = RunningMoments(higher=True)
+        for start, stop, s0, s1 in random_plan(rng, b, n):
+            rm.update(start, stop, data[s0:s1, start:stop], b)
+        for j, got, single in ((2, rm.m2, one.m2), (3, rm.m3, one.m3), (4, rm.m4, one.m4)):
+            scale = float(dev.pow(j).abs().sum(0).max())
+            torch.testing.assert_close(got.double(), single.double(), atol=tol * scale, rtol=0)
+            torch.testing.assert_close(got.double(), dev.pow(j).sum(0), atol=tol * scale, rtol=0)
+
+
+def test_grouped_sums_do_not_depend_on_chunking():
+    """Sample t of a row goes to group t mod G whatever the chunks; rows at different counts too."""
+    g = torch.Generator().manual_seed(4)
+    n, b = 47, 5
+    data = torch.randn(n, b, 3, generator=g, dtype=torch.float64)
+    expected = torch.zeros(JACKKNIFE_GROUPS, b, 3, dtype=torch.float64)
+    expected.index_add_(0, torch.arange(n) % JACKKNIFE_GROUPS, data)
+    rng = random.Random(2)
+    for _ in range(10):
+        gs = GroupedSums()
+        for start, stop, s0, s1 in random_plan(rng, b, n):
+            gs.update(start, stop, data[s0:s1, start:stop], b)
+        torch.testing.assert_close(gs.sums, expected, atol=1e-12, rtol=0)
+    probe_first = GroupedSums()  # a probe's one sample of the first rows, then whole-batch chunks
+    probe_first.update(0, 2, data[:1, :2], b)
+    probe_first.update(2, b, data[:3, 2:], b)
+    probe_first.update(0, b, torch.cat([data[1:4, :2], data[3:6, 2:]], 1), b)
+    head = torch.zeros_like(expected)
+    head.index_add_(0, torch.arange(4) % JACKKNIFE_GROUPS, data[:4])
+    head[:, 2:] = 0
+    head[:, 2:].index_add_(0, torch.arange(6) % JACKKNIFE_GROUPS, data[:6, 2:])
+    torch.testing.assert_close(probe_first.sums, head, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n", [2, 7, 20, 40, 47])
+def test_grouped_jackknife_of_a_mean_and_a_ratio(n):
+    """Of a mean it is the batch-means SE (``s/√N`` exactly for N ≤ G); groups of unequal size
+    follow Busing et al.'s delete-m_g formula, recomputed here group by group."""
+    g = torch.Generator().manual_seed(n)
+    data = torch.rand(n, 4, 2, generator=g, dtype=torch.float64) + 0.5
+    gs = GroupedSums()
+    gs.update(0, 4, data, 4)
+    se = grouped_jackknife_se(lambda m: m, [gs.sums], n)
+    if n <= JACKKNIFE_GROUPS:
+        torch.testing.assert_close(se, data.std(0) / n**0.5, atol=1e-12, rtol=0)
+    ratio = grouped_jackknife_se(lambda m: m[..., 0] / m[..., 1], [gs.sums], n)
+    groups = torch.arange(n) % JACKKNIFE_GROUPS
+    used = sorted(set(groups.tolist()))
+    full = data.mean(0)[..., 0] / data.mean(0)[..., 1]
+    thetas, hs = [], []
+    for k in used:
+        rest = data[groups != k].mean(0)
+        thetas.append(rest[..., 0] / rest[..., 1])
+        hs.append(n / int((groups == k).sum()))
+    thetas_t, h = torch.stack(thetas), torch.tensor(hs, dtype=torch.float64).view(-1, 1)
+    theta_j = len(used) * full - ((1 - 1 / h) * thetas_t).sum(0)
+    pseudo = h * full - (h - 1) * thetas_t
+    var = ((pseudo - theta_j) ** 2 / (h - 1)).sum(0) / len(used)
+    torch.testing.assert_close(ratio, var.sqrt(), atol=1e-12, rtol=0)
+
+
+def test_standard_errors_of_one_sample_are_nan():
+    pred = mcdrop.MCDropout(mlp(d_in=3, d_out=4), n_samples=1, seed=0).predict(torch.randn(2, 3))
+    for name in ("probs", "std", "predictive_entropy", "expected_entropy", "mutual_information"):
+        assert bool(pred.standard_error(name).isnan().all()), name
 
 
 def test_running_moments_of_a_single_sample_have_zero_variance():
