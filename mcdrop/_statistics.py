@@ -323,6 +323,10 @@ class ClassificationStats:
         self.entropy_groups = GroupedSums()
         self.votes: torch.Tensor | None = None
         self.binary = False
+        #: Whether the higher moments and group sums are streamed: for one class vector per input,
+        #: not for dense outputs (a segmentation map's every position), where they would take
+        #: JACKKNIFE_GROUPS + 2 times the memory of the probabilities (see :meth:`_dense`).
+        self.detailed = True
         # None: nothing seen yet; True while every row seen is a probability vector (see check_reading).
         self.looks_like_probs: bool | None = None if detect_probs and output_type == "logits" else False
 
@@ -407,17 +411,32 @@ class ClassificationStats:
                 "logits, pass output_type='logits' to say so."
             )
 
+    def _dense(self, p_last: torch.Tensor) -> None:
+        """On the first chunk: dense outputs ``(k, b, ..., K)`` stream no higher moments nor groups.
+
+        A segmentation map has one class vector per position; streaming M3, M4 and the jackknife
+        group sums there would hold ``JACKKNIFE_GROUPS + 2`` times the memory of the
+        probabilities (and slow every chunk), so the standard errors that need them (of ``std``,
+        ``predictive_entropy``, ``mutual_information``) are not available for such outputs.
+        """
+        if self.probs.mean is None and p_last.dim() > 3:
+            self.detailed = False
+            self.probs.higher = False
+
     def update(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> None:
         """Merge a chunk of raw model outputs for rows ``start:stop``."""
         if self._update_logits(start, stop, chunk, batch_size):
             return
         p, logp = self.to_probs(chunk)
+        self._dense(p)
         self.probs.update(start, stop, p, batch_size)
-        self.probs_groups.update(start, stop, p, batch_size)
+        if self.detailed:
+            self.probs_groups.update(start, stop, p, batch_size)
         ent = -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
         ent = torch.where(torch.isfinite(ent), ent, torch.zeros_like(ent)).clamp_(min=0)
         self.entropy.update(start, stop, ent, batch_size)
-        self.entropy_groups.update(start, stop, ent, batch_size)
+        if self.detailed:
+            self.entropy_groups.update(start, stop, ent, batch_size)
         # Votes: how many samples put each class first. Scattered straight into the counts, so a
         # chunk costs one int64 index per sample and position, not a one-hot tensor K times larger.
         top = p.argmax(-1).movedim(0, -1)  # (b, ..., k_samples)
@@ -455,10 +474,12 @@ class ClassificationStats:
         # -inf log-probabilities (masked classes) have p = 0: clamped, they add 0, not NaN.
         ent = (p * logp.clamp_(min=torch.finfo(logp.dtype).min)).sum(dim).neg_().clamp_(min=0)
         p_last = p.movedim(dim, -1).contiguous()
+        self._dense(p_last)
         self.probs.update(start, stop, p_last, batch_size)
-        self.probs_groups.update(start, stop, p_last, batch_size)
         self.entropy.update(start, stop, ent, batch_size)
-        self.entropy_groups.update(start, stop, ent, batch_size)
+        if self.detailed:
+            self.probs_groups.update(start, stop, p_last, batch_size)
+            self.entropy_groups.update(start, stop, ent, batch_size)
         top = p_last.argmax(-1).movedim(0, -1)  # (b, ..., k_samples)
         if self.votes is None:
             shape = (batch_size, *p_last.shape[2:])

@@ -163,8 +163,12 @@ class Prediction:
         if se is None:
             raise InvalidInputError(
                 f"this prediction carries no standard error for {name!r}: it was not built from the "
-                "streamed statistics of sampling (e.g. made by hand). Predictions of MCDropout.predict "
-                "and predict_loader carry them."
+                "streamed statistics of sampling (e.g. made by hand), or it is a dense prediction (a "
+                "class vector per position, such as a segmentation map), for which the higher moments "
+                "and group sums behind the standard errors of 'std', 'predictive_entropy' and "
+                "'mutual_information' are not streamed (they would take 22 times the memory of the "
+                "probabilities). Predictions of MCDropout.predict and predict_loader carry them for one "
+                "class vector per input."
             )
         return se
 
@@ -316,8 +320,10 @@ class ClassificationPrediction(Prediction):
         ratio = 1.0 - stats.votes.amax(-1).to(mean.dtype) / n_samples
         out_dim = class_dim if class_dim >= 0 else mean.dim() + class_dim
         n = n_samples
-        std_se = variance_standard_error(stats.probs, n)
-        std_se = torch.where(std > 0, std_se / (2 * std), std_se * 0)  # NaN stays NaN (N < 2)
+        std_se = None
+        if stats.probs.higher:  # not streamed for dense outputs (see ClassificationStats._dense)
+            std_se = variance_standard_error(stats.probs, n)
+            std_se = torch.where(std > 0, std_se / (2 * std), std_se * 0)  # NaN stays NaN (N < 2)
         se: dict[str, torch.Tensor | None] = {"predictive_entropy_se": None, "mutual_information_se": None}
         if stats.probs_groups.sums is not None and stats.entropy_groups.sums is not None:
             groups_p, groups_h = stats.probs_groups.sums, stats.entropy_groups.sums
@@ -339,7 +345,7 @@ class ClassificationPrediction(Prediction):
             variation_ratio=ratio,
             class_dim=out_dim,
             probs_se=mean_standard_error(stats.probs, n).movedim(-1, out_dim),
-            std_se=std_se.movedim(-1, out_dim),
+            std_se=None if std_se is None else std_se.movedim(-1, out_dim),
             expected_entropy_se=mean_standard_error(stats.entropy, n),
             **se,
         )

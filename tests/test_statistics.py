@@ -332,3 +332,25 @@ def test_streaming_statistics_of_a_segmentation_map_do_not_grow_with_n():
         mc = mcdrop.MCDropout(net, n_samples=n, seed=0)
         peaks[n] = peak_bytes(lambda mc=mc: mc.predict(x))
     assert peaks[1000] <= 1.10 * peaks[10], peaks
+
+
+def test_dense_outputs_stream_no_higher_moments_nor_jackknife_groups():
+    """A segmentation map has a class vector per position: M3, M4 and the group sums there would take
+    22 times the memory of the probabilities, so they are not streamed, and the standard errors that
+    need them say so; those of the probabilities and the expected entropy are there."""
+    import mcdrop
+    from mcdrop.errors import InvalidInputError
+
+    stats = ClassificationStats("logits", class_dim=1)
+    chunk = torch.randn(4, 2, 3, 5, 6, generator=torch.Generator().manual_seed(0))  # (k, b, K, H, W)
+    stats.update(0, 2, chunk, batch_size=2)
+    assert not stats.detailed and stats.probs.m4 is None and stats.probs_groups.sums is None
+    pred = mcdrop.ClassificationPrediction.from_stats(stats, n_samples=4, store=None, class_dim=1)
+    assert pred.standard_error("probs").shape == (2, 3, 5, 6)
+    assert pred.standard_error("expected_entropy").shape == (2, 5, 6)
+    for name in ("std", "predictive_entropy", "mutual_information"):
+        with pytest.raises(InvalidInputError, match="dense prediction"):
+            pred.standard_error(name)
+    vector = ClassificationStats("logits", class_dim=1)
+    vector.update(0, 2, chunk[:, :, :, 0, 0], batch_size=2)
+    assert vector.detailed and vector.probs.m4 is not None and vector.probs_groups.sums is not None
