@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mcdrop._checks import check_bool, check_choice, check_int
+from mcdrop.engine.checks import CheckSettings
 from mcdrop.engine.outputs import OutputSelector
 from mcdrop.engine.plan import DEFAULT_MEMORY_BUDGET
 from mcdrop.engine.strategies import STRATEGIES
@@ -146,6 +147,18 @@ class SamplingOptions:
     def memory_budget_bytes(self) -> int:
         """Bytes one forward pass may hold: the budget, or the default one (256 MiB)."""
         return DEFAULT_MEMORY_BUDGET if self.memory_budget is None else self.memory_budget
+
+    @property
+    def check_settings(self) -> CheckSettings:
+        """What the check passes of a call follow (the gate check, run-time discovery)."""
+        return CheckSettings(
+            output=self.output,
+            pair=self.pair,
+            autocast_dtype=self.dtype,
+            max_batch_size=self.max_batch_size,
+            memory_budget=self.budget,
+            n_samples=self.n_samples,
+        )
 
     def replace(self, **changes: Any) -> SamplingOptions:
         """A copy with ``changes`` (validated the same way), e.g. another seed for another rank.

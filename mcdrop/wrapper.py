@@ -481,19 +481,13 @@ class MCDropout:
         key = (signature(inputs), tuple(candidates), tuple(gates))
         if key in self._discovery_done:
             return
-        o = self.options
         findings = discover_on(
             self.model,
             inputs,
+            self.options.check_settings,
             candidates=candidates,
             gates=gates,
             sampled={s.path for s in self.policy.sampled_sites},
-            output=o.output,
-            pair=o.pair,
-            autocast_dtype=o.dtype,
-            max_batch_size=o.max_batch_size,
-            memory_budget=o.budget,
-            n_samples=o.n_samples,
         )
         name = type(self.model).__name__
         for where, settle, what, sampled in findings.report:
@@ -530,18 +524,7 @@ class MCDropout:
         key = (signature(inputs), tuple(gates))
         if key in self._gates_checked:
             return
-        o = self.options
-        notes = check_gates_on(
-            self.model,
-            gates,
-            inputs,
-            output=o.output,
-            pair=o.pair,
-            autocast_dtype=o.dtype,
-            max_batch_size=o.max_batch_size,
-            memory_budget=o.budget,
-            n_samples=o.n_samples,
-        )
+        notes = check_gates_on(self.model, gates, inputs, self.options.check_settings)
         self.policy.record_notes(notes)
         self._gates_checked.add(key)
 

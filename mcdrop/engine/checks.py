@@ -40,6 +40,7 @@ import statistics
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -425,6 +426,27 @@ def check_gates(
             m.training = saved[path]
 
 
+@dataclass(frozen=True)
+class CheckSettings:
+    """The settings of a call that its check passes follow (the gate check, run-time discovery).
+
+    Built once per wrapper from its options (:attr:`mcdrop.options.SamplingOptions.check_settings`).
+    """
+
+    #: Which part of the model output is analysed.
+    output: OutputSelector
+    #: The analysed output is a ``(mean, variance)`` pair.
+    pair: bool
+    #: The call's autocast dtype, or ``None``.
+    autocast_dtype: torch.dtype | None
+    #: Most rows per pass, or ``None``.
+    max_batch_size: int | None
+    #: Bytes one pass may use (``None``: the default).
+    memory_budget: int | None
+    #: Samples per row of the call.
+    n_samples: int
+
+
 class CheckPasses:
     """The one harness of the check passes: eager model, the call's output and autocast, RNGs put back.
 
@@ -612,18 +634,7 @@ def rows_mix(
             ctx.enabled = enabled
 
 
-def check_gates_on(
-    model: nn.Module,
-    gates: list[str],
-    inputs: Inputs,
-    *,
-    output: OutputSelector,
-    pair: bool,
-    autocast_dtype: torch.dtype | None,
-    max_batch_size: int | None,
-    memory_budget: int | None,
-    n_samples: int,
-) -> dict[str, str]:
+def check_gates_on(model: nn.Module, gates: list[str], inputs: Inputs, settings: CheckSettings) -> dict[str, str]:
     """Check on a few rows of ``inputs`` that the gates ``gates`` switch only randomness.
 
     Runs inside the policy's activation (flags are changed and put back here). See the module
@@ -634,12 +645,7 @@ def check_gates_on(
         model: The model.
         gates: Paths of the gates to check.
         inputs: The call's prepared inputs.
-        output: Which part of the model output is analysed.
-        pair: The analysed output is a ``(mean, variance)`` pair.
-        autocast_dtype: The call's autocast dtype, or ``None``.
-        max_batch_size: Most rows per pass, or ``None``.
-        memory_budget: Bytes one pass may use (``None``: the default).
-        n_samples: Samples per row of the call.
+        settings: The call's settings the check passes follow.
 
     Returns:
         Notes for ``describe()`` by gate path: gates that draw torch randomness other than dropout
@@ -648,16 +654,7 @@ def check_gates_on(
     Raises:
         ModelStateError: A gate's train mode changes the output deterministically.
     """
-    with check_rows(
-        model,
-        inputs,
-        output=output,
-        pair=pair,
-        autocast_dtype=autocast_dtype,
-        max_batch_size=max_batch_size,
-        memory_budget=memory_budget,
-        n_samples=n_samples,
-    ) as (passes, rows):
+    with check_rows(model, inputs, settings) as (passes, rows):
         notes, deterministic, outside_torch = check_gates(model, gates, lambda: passes.forward(rows), passes.cuda)
 
     def exclude_hint(paths: list[str]) -> str:
@@ -713,16 +710,7 @@ def check_pass() -> Iterator[None]:
 
 @contextlib.contextmanager
 def check_rows(
-    model: nn.Module,
-    inputs: Inputs,
-    *,
-    output: OutputSelector,
-    pair: bool,
-    autocast_dtype: torch.dtype | None,
-    max_batch_size: int | None,
-    memory_budget: int | None,
-    n_samples: int,
-    measure_row: bool = True,
+    model: nn.Module, inputs: Inputs, settings: CheckSettings, *, measure_row: bool = True
 ) -> Iterator[tuple[CheckPasses, Inputs]]:
     """The harness and the rows of a check on a call's inputs (the gate check, run-time discovery).
 
@@ -738,24 +726,20 @@ def check_rows(
     Args:
         model: The model.
         inputs: The call's prepared inputs.
-        output: Which part of the model output is analysed.
-        pair: The analysed output is a ``(mean, variance)`` pair.
-        autocast_dtype: The call's autocast dtype, or ``None``.
-        max_batch_size: Most rows per pass, or ``None``.
-        memory_budget: Bytes one pass may use (``None``: the default).
-        n_samples: Samples per row of the call.
+        settings: The call's settings the check passes follow.
         measure_row: Measure what one row holds before choosing the rows.
 
     Yields:
         ``(passes, rows)``: the :class:`CheckPasses` and the check rows.
     """
     device, _ = model_device_dtype(model)
+    s = settings
     passes = CheckPasses(
-        model, output=output, output_batch_dim=0, pair=pair, autocast_dtype=autocast_dtype, device=device
+        model, output=s.output, output_batch_dim=0, pair=s.pair, autocast_dtype=s.autocast_dtype, device=device
     )
     with parameters_untouched(passes.model):
-        measured = measure_row and gate_check_measures_a_row(inputs, max_batch_size)
+        measured = measure_row and gate_check_measures_a_row(inputs, s.max_batch_size)
         row_bytes = passes.row_bytes(inputs) if measured else None
-        rows = slice_batch(inputs, 0, check_row_count(inputs, max_batch_size, memory_budget, n_samples, row_bytes))
-        with split_errors_named(inputs, max_batch_size), input_generators_untouched(inputs):
-            yield passes, rows
+        count = check_row_count(inputs, s.max_batch_size, s.memory_budget, s.n_samples, row_bytes)
+        with split_errors_named(inputs, s.max_batch_size), input_generators_untouched(inputs):
+            yield passes, slice_batch(inputs, 0, count)

@@ -39,11 +39,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mcdrop.engine.checks import check_gates, check_pass, check_rows
+from mcdrop.engine.checks import CheckSettings, check_gates, check_pass, check_rows
 from mcdrop.engine.inputs import (
     Inputs,
 )
-from mcdrop.engine.outputs import OutputSelector
 from mcdrop.engine.rng import rng_untouched
 
 __all__ = ["Findings", "discover", "discover_on", "draw_kind"]
@@ -244,46 +243,26 @@ def discover(
 def discover_on(
     model: nn.Module,
     inputs: Inputs,
+    settings: CheckSettings,
     *,
     candidates: list[str],
     gates: list[str],
     sampled: set[str],
-    output: OutputSelector,
-    pair: bool,
-    autocast_dtype: torch.dtype | None,
-    max_batch_size: int | None,
-    memory_budget: int | None,
-    n_samples: int,
 ) -> Findings:
     """:func:`discover` on a few rows of ``inputs`` (as many as the gate check runs on).
 
     Args:
         model: The model, inside the policy's activation.
         inputs: The call's prepared inputs.
+        settings: The call's settings the check passes follow.
         candidates: Unclassified user modules (see :func:`discover`).
         gates: The sampled gates the static scan found.
         sampled: Paths of every sampled site.
-        output: Which part of the model output is analysed.
-        pair: The analysed output is a ``(mean, variance)`` pair.
-        autocast_dtype: The call's autocast dtype, or ``None``.
-        max_batch_size: Most rows per pass, or ``None``.
-        memory_budget: Bytes one pass may use (``None``: the default).
-        n_samples: Samples per row of the call.
 
     Returns:
         The :class:`Findings`.
     """
-    with check_rows(
-        model,
-        inputs,
-        output=output,
-        pair=pair,
-        autocast_dtype=autocast_dtype,
-        max_batch_size=max_batch_size,
-        memory_budget=memory_budget,
-        n_samples=n_samples,
-        measure_row=False,
-    ) as (passes, rows):
+    with check_rows(model, inputs, settings, measure_row=False) as (passes, rows):
         return discover(
             model,  # its paths are the policy's (a compiled model's run through its eager original)
             candidates=candidates,
