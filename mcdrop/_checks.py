@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import Any
 
-from mcdrop.errors import InvalidInputError, InvalidTypeError
+from mcdrop.errors import InvalidInputError, InvalidTypeError, MissingDependencyError
 
 
 def check_choice(value: Any, choices: Iterable[str], name: str) -> str:
@@ -90,3 +90,20 @@ def user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def import_optional(module: str, *, extra: str, feature: str) -> Any:
+    """Import an optional dependency, or raise :class:`MissingDependencyError` naming the extra.
+
+    ``feature`` is what the user called (``"mcdrop.integrations.lightning"``); ``extra`` the
+    ``pyproject.toml`` extra that installs the dependency (``"lightning"``).
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"{feature} needs the optional dependency {module!r}, which could not be imported ({err}). "
+            f'Install it with: pip install "mcdrop[{extra}]"'
+        ) from err

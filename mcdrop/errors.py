@@ -21,6 +21,7 @@ __all__ = [
     "UnsupportedModelError",
     "ReportExistsError",
     "NotFittedError",
+    "MissingDependencyError",
     "CliError",
     "McdropWarning",
     "NoRandomnessWarning",
@@ -77,6 +78,16 @@ class NotFittedError(McdropError, ValueError, AttributeError):
     """A recalibrator was used before :meth:`fit` was called.
 
     Also re-exported as ``mcdrop.recalibration.NotFittedError``.
+    """
+
+
+class MissingDependencyError(McdropError, ImportError):
+    """An optional dependency of the feature used is not installed; the message names the extra.
+
+    Example:
+        >>> import mcdrop
+        >>> issubclass(mcdrop.errors.MissingDependencyError, ImportError)
+        True
     """
 
 
