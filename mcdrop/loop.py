@@ -66,11 +66,19 @@ def check_loader(loader: Any) -> None:
 
 
 def iter_predictions(
-    mc: MCDropout, loader: Iterable[Any], *, unpack: Unpack | None, progress: bool, skip: int = 0
+    mc: MCDropout,
+    loader: Iterable[Any],
+    *,
+    unpack: Unpack | None,
+    progress: bool,
+    skip: int = 0,
+    deterministic: bool = False,
 ) -> Iterator[tuple[Prediction | None, Any]]:
     """``(prediction, targets)`` per batch; the first ``skip`` batches are read, not evaluated (``None``).
 
-    Every batch is one :meth:`~mcdrop.MCDropout.predict` call (dropout on for that call only).
+    Every batch is one :meth:`~mcdrop.MCDropout.predict` call (dropout on for that call only);
+    with ``deterministic``, then one :meth:`~mcdrop.MCDropout.predict_deterministic` call, set as
+    the prediction's ``deterministic``.
     """
     from tqdm.auto import tqdm
 
@@ -88,6 +96,13 @@ def iter_predictions(
                 pred = mc.predict(*inputs)
             else:
                 pred = mc.predict(inputs)
+            if deterministic:
+                if isinstance(inputs, Mapping):
+                    pred.deterministic = mc.predict_deterministic(**inputs)
+                elif isinstance(inputs, tuple):
+                    pred.deterministic = mc.predict_deterministic(*inputs)
+                else:
+                    pred.deterministic = mc.predict_deterministic(inputs)
             check_task_against_targets(mc, pred, target)
             bar.update()
             yield pred, target
@@ -128,11 +143,13 @@ def collect(
     unpack: Unpack | None,
     progress: bool,
     row_filter: RowFilter | None = None,
+    deterministic: bool = False,
 ) -> Prediction | None:
     """The predictions of every batch concatenated, with their targets when every batch had them.
 
-    With ``row_filter`` only the rows it keeps are collected (moved to the CPU). ``None`` when no
-    batch had a row.
+    With ``row_filter`` only the rows it keeps are collected (moved to the CPU). With
+    ``deterministic`` each carries its dropout-off prediction (``deterministic``), with the same
+    targets. ``None`` when no batch had a row.
 
     Raises:
         InvalidInputError: The targets do not match the inputs.
@@ -140,7 +157,9 @@ def collect(
     parts: list[Prediction] = []
     targets: list[torch.Tensor] = []
     has_targets = True
-    for pred, target in iter_predictions(mc, loader, unpack=unpack, progress=progress):
+    for pred, target in iter_predictions(
+        mc, loader, unpack=unpack, progress=progress, deterministic=deterministic
+    ):
         assert pred is not None
         target_t = None if target is None else torch.as_tensor(target).detach().cpu()
         if row_filter is not None:
@@ -165,6 +184,8 @@ def collect(
             raise InvalidInputError(
                 f"The loader's targets have {result.targets.shape[0]} rows for {len(result)} inputs."
             )
+        if result.deterministic is not None:
+            result.deterministic.targets = result.targets
     return result
 
 
@@ -308,6 +329,8 @@ def select_rows(pred: Prediction, rows: torch.Tensor) -> Prediction:
         value = getattr(pred, f.name)
         if isinstance(value, torch.Tensor):
             value = value[:, rows] if f.name == "samples" else value[rows]
+        elif isinstance(value, Prediction):  # the deterministic baseline
+            value = select_rows(value, rows)
         values[f.name] = value
     return type(pred)(**values)
 

@@ -97,6 +97,9 @@ class Prediction:
         samples: The raw selected model outputs, samples-first ``(N, batch, ...)``, when kept
             (``keep_samples=True``), else ``None``.
         targets: The targets collected by :meth:`mcdrop.MCDropout.predict_loader`, else ``None``.
+        deterministic: The model's prediction with dropout off (one pass in eval mode, see
+            :meth:`mcdrop.MCDropout.predict_deterministic`) of the same inputs, when
+            ``predict_loader(..., deterministic=True)`` made one, else ``None`` (keyword-only).
 
     Example:
         >>> import torch, mcdrop
@@ -109,6 +112,7 @@ class Prediction:
     n_samples: int
     samples: torch.Tensor | None = field(default=None, repr=False)
     targets: torch.Tensor | None = field(default=None, repr=False)
+    deterministic: Prediction | None = field(default=None, repr=False, kw_only=True)
 
     @property
     def task(self) -> str:
@@ -190,7 +194,7 @@ class Prediction:
         moved = {
             f.name: getattr(self, f.name).cpu()
             for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
+            if isinstance(getattr(self, f.name), (torch.Tensor, Prediction))
         }
         return replace(self, **moved)
 
@@ -216,6 +220,8 @@ class ClassificationPrediction(Prediction):
         predictive_entropy_se: The Monte Carlo standard error of ``predictive_entropy``, or ``None``.
         expected_entropy_se: The Monte Carlo standard error of ``expected_entropy``, or ``None``.
         mutual_information_se: The Monte Carlo standard error of ``mutual_information``, or ``None``.
+        output_type: What the kept ``samples`` are: ``"logits"``, ``"probs"`` or ``"log_probs"``
+            (as the wrapper read the model's output), or ``None`` when not known (built by hand).
 
     Example:
         >>> import torch, mcdrop
@@ -239,6 +245,7 @@ class ClassificationPrediction(Prediction):
     predictive_entropy_se: torch.Tensor | None = field(default=None, repr=False)
     expected_entropy_se: torch.Tensor | None = field(default=None, repr=False)
     mutual_information_se: torch.Tensor | None = field(default=None, repr=False)
+    output_type: str | None = None
 
     @property
     def task(self) -> str:
@@ -347,6 +354,7 @@ class ClassificationPrediction(Prediction):
             probs_se=mean_standard_error(stats.probs, n).movedim(-1, out_dim),
             std_se=None if std_se is None else std_se.movedim(-1, out_dim),
             expected_entropy_se=mean_standard_error(stats.entropy, n),
+            output_type=stats.output_type,
             **se,
         )
 
@@ -640,6 +648,8 @@ def concat_predictions(parts: list[Prediction]) -> Prediction:
         items = [getattr(p, f.name) for p in parts]
         if f.name == "samples":
             values[f.name] = None if any(i is None for i in items) else torch.cat(items, 1)
+        elif isinstance(items[0], Prediction):  # the deterministic baseline: concatenated likewise
+            values[f.name] = None if any(i is None for i in items) else concat_predictions(items)
         elif isinstance(items[0], torch.Tensor):
             values[f.name] = None if any(i is None for i in items) else torch.cat(items, 0)
         else:

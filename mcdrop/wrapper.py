@@ -11,6 +11,7 @@ whole loaders go through :mod:`mcdrop.loop`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcdrop._checks import check_choice, user_stacklevel
+from mcdrop._checks import check_bool, check_choice, user_stacklevel
 from mcdrop._statistics import (
     ClassificationStats,
     RegressionStats,
@@ -30,11 +31,18 @@ from mcdrop._statistics import (
 )
 from mcdrop.engine.checks import check_gates_on
 from mcdrop.engine.discover import discover_on
-from mcdrop.engine.inputs import Inputs, model_device_dtype, prepare_inputs, signature
+from mcdrop.engine.inputs import Inputs, model_device_dtype, prepare_inputs, signature, split_errors_named
 from mcdrop.engine.outputs import OutputSelector
-from mcdrop.engine.rng import SeededStream, rng_access
+from mcdrop.engine.rng import SeededStream, cuda_devices, rng_access, rng_untouched
 from mcdrop.engine.sample import sample_chunks
-from mcdrop.errors import InvalidInputError, InvalidTypeError, NoRandomnessWarning, TrainModeRandomnessWarning
+from mcdrop.engine.strategies import Runner
+from mcdrop.errors import (
+    InvalidInputError,
+    InvalidTypeError,
+    McdropWarning,
+    NoRandomnessWarning,
+    TrainModeRandomnessWarning,
+)
 from mcdrop.loop import check_loader, collect, stream_metrics
 from mcdrop.metrics.streaming import StreamingMetrics
 from mcdrop.options import SamplingOptions
@@ -313,6 +321,60 @@ class MCDropout:
         with self._session():
             return self._predict_one(args, kwargs)
 
+    def predict_deterministic(self, *args: Any, **kwargs: Any) -> Prediction:
+        """The model's prediction with dropout off: one pass in eval mode, the baseline of MC dropout.
+
+        Every module is in eval mode for the pass (as after ``model.eval()``, whatever mode the user
+        left a module in: a model left in train mode is not run in train mode), so every site
+        mcdrop would sample is off; afterwards every ``training`` flag is as it was. The output is
+        read as :meth:`predict` reads it (``task``, ``output``, ``output_type``, ``class_dim``,
+        ``aleatoric``, ``dtype``), and reduced by the same statistics code with ``n_samples=1``:
+        ``std`` (or ``variance``) is 0, ``expected_entropy`` equals ``predictive_entropy`` so the
+        mutual information is exactly 0, ``variation_ratio`` is 0, and the Monte Carlo standard
+        errors are 0 (there is no Monte Carlo error). ``samples`` holds the one output
+        ``(1, batch, ...)`` with ``keep_samples=True``.
+
+        The pass runs the whole batch at once, or in parts of ``max_batch_size`` rows when that is
+        set, and draws nothing from the wrapper's random stream nor torch's global one: a seeded
+        wrapper's MC predictions are the same whether or not deterministic passes are made between
+        them. A model whose eval mode is still random (dropout written as
+        ``F.dropout(x, p, training=True)``, which no flag switches off) gets a
+        :class:`~mcdrop.errors.McdropWarning`: its "deterministic" output is one random draw (from
+        a fixed seed, so reproducible), and its standard errors are NaN.
+
+        Args:
+            *args: Positional inputs of the model.
+            **kwargs: Keyword inputs of the model.
+
+        Returns:
+            A :class:`~mcdrop.ClassificationPrediction` or :class:`~mcdrop.RegressionPrediction`
+            with ``n_samples=1``.
+
+        Raises:
+            NonFiniteError: The model's output holds NaN or infinity.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.5),
+            ...                           torch.nn.Linear(16, 3)).eval()
+            >>> x = torch.randn(6, 4)
+            >>> base = mcdrop.MCDropout(net, n_samples=20, seed=0).predict_deterministic(x)
+            >>> torch.allclose(base.probs, torch.softmax(net(x), 1)), base.n_samples
+            (True, 1)
+            >>> float(base.mutual_information.max()), float(base.std.max())
+            (0.0, 0.0)
+        """
+        device, _ = model_device_dtype(self.model)
+        with (
+            self.policy.activate(check_buffers=False),
+            torch.no_grad(),
+            rng_access(exclusive=True),
+            rng_untouched(0, cuda_devices(device)),
+        ):
+            for module in self.model.modules():  # every flag is put back by the activation
+                module.training = False
+            return self._deterministic_one(args, kwargs)
+
     def predict_loader(
         self,
         loader: Iterable[Any],
@@ -323,6 +385,7 @@ class MCDropout:
         metrics: StreamingMetrics | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 100,
+        deterministic: bool = False,
     ) -> Any:
         """Predict a whole ``DataLoader`` (or any iterable of batches), with its targets.
 
@@ -357,10 +420,16 @@ class MCDropout:
                 stream, so the result equals that of an uninterrupted run (the loader must yield the
                 same batches in the same order). A finished checkpoint returns its result at once.
             checkpoint_every: Batches between two checkpoints (default 100).
+            deterministic: Also make one pass per batch with dropout off
+                (:meth:`predict_deterministic`), the baseline MC dropout is compared with, and
+                return it as the prediction's ``deterministic`` field (with the same targets). It
+                draws nothing from the random streams, so the MC prediction is the same with and
+                without it. ``keep="predictions"`` only.
 
         Returns:
             ``keep="predictions"``: the predictions of all batches concatenated, with ``targets``
-            filled in when the batches carried them. ``keep="metrics"``: a
+            filled in when the batches carried them (and ``deterministic`` with
+            ``deterministic=True``). ``keep="metrics"``: a
             :class:`~mcdrop.metrics.streaming.StreamingMetrics`; ``.summary()`` gives the metrics.
 
         Raises:
@@ -370,7 +439,7 @@ class MCDropout:
                 ``unpack=``, targets that do not match, an unknown ``keep``, ``keep="metrics"``
                 without targets, a checkpoint from another configuration, or ``task="auto"``
                 reading classes where the targets are real values of the output's shape (pass
-                ``task="regression"``).
+                ``task="regression"``), or ``deterministic=True`` with ``keep="metrics"``.
 
         Example:
             >>> import torch, mcdrop
@@ -396,6 +465,13 @@ class MCDropout:
                     f"metrics must be a StreamingMetrics accumulator; got {type(metrics).__name__}."
                 )
             keep = "metrics"
+        if check_bool(deterministic, "deterministic") and keep == "metrics":
+            raise InvalidInputError(
+                "deterministic=True needs keep='predictions': the streaming accumulators of "
+                "keep='metrics' hold the metrics of the MC predictions only. Predict with "
+                "keep='predictions' (pred.deterministic is then the dropout-off baseline), or add "
+                "predict_deterministic(inputs) of each batch to an accumulator of your own."
+            )
         if keep == "predictions" and checkpoint is not None:
             raise InvalidInputError(
                 "checkpoint= needs keep='metrics': a checkpoint holds the streaming accumulators, not "
@@ -412,7 +488,7 @@ class MCDropout:
                 checkpoint_every=checkpoint_every,
             )
         else:
-            result = collect(self, loader, unpack=unpack, progress=progress)
+            result = collect(self, loader, unpack=unpack, progress=progress, deterministic=deterministic)
         if result is None:
             raise InvalidInputError("The loader yielded no batches: there is nothing to predict.")
         return result
@@ -576,6 +652,74 @@ class MCDropout:
             moments = stats.mean
         if o.n_samples > 1 and self.policy.has_randomness and negligible_spread(moments.variance, moments.mean):
             self._warn_identical()
+        return pred
+
+    def _deterministic_one(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prediction:
+        """One eval-mode pass of the batch (in ``max_batch_size`` parts), reduced with N = 1."""
+        o = self.options
+        inputs = self._prepare(args, kwargs)
+        device, _ = model_device_dtype(self.model)
+        device = device if device is not None else torch.device("cpu")
+        runner = Runner(
+            self.model,
+            inputs,
+            n_samples=1,
+            output=o.output,
+            output_batch_dim=o.output_batch_dim,
+            pair=o.pair,
+            check_finite=True,
+            autocast_dtype=o.dtype,
+            device=device,
+            ctx=None,
+        )
+        watched = [torch.default_generator] + [torch.cuda.default_generators[i] for i in cuda_devices(device)]
+        before = [g.get_state() for g in watched]
+        stats: ClassificationStats | RegressionStats | None = None
+        store = SampleStore(1) if o.keep_samples else None
+        step = o.max_batch_size or max(inputs.batch_size, 1)
+        with split_errors_named(inputs, o.max_batch_size):
+            for start in range(0, inputs.batch_size, step):
+                stop = min(start + step, inputs.batch_size)
+                chunk = runner.replicate(start, stop, 1)
+                if stats is None:
+                    task, class_dim = resolve_reading(
+                        o.task, o.aleatoric, o.output_type, o.class_dim, chunk, **self._config_hints()
+                    )
+                    stats = (
+                        ClassificationStats(o.read_output_type, class_dim, detect_probs=o.output_type is None)
+                        if task == "classification"
+                        else RegressionStats(o.aleatoric)
+                    )
+                stats.update(start, stop, chunk, inputs.batch_size)
+                if store is not None:
+                    kept = chunk[0] if isinstance(chunk, tuple) else chunk
+                    store.update(start, stop, kept, inputs.batch_size)
+        runner.raise_if_bad_rows()
+        if stats is None:
+            raise InvalidInputError("predict_deterministic needs a batch of at least one input; got 0 rows.")
+        drew = any(not torch.equal(b, g.get_state()) for b, g in zip(before, watched, strict=True))
+        if drew:
+            warnings.warn(
+                f"{type(self.model).__name__} drew random numbers in eval mode, so its output with dropout "
+                "off is not deterministic: it has randomness no training flag switches off (e.g. "
+                "F.dropout(x, p, training=True)). predict_deterministic returns one draw, from a fixed "
+                "seed, and NaN standard errors. Make that dropout follow the module's mode "
+                "(training=self.training) for a deterministic baseline.",
+                McdropWarning,
+                stacklevel=user_stacklevel(),
+            )
+        if isinstance(stats, ClassificationStats):
+            stats.check_reading()
+            pred: Prediction = ClassificationPrediction.from_stats(stats, 1, store, stats.class_dim)
+            assert isinstance(pred, ClassificationPrediction)
+            pred.expected_entropy = pred.predictive_entropy.clone()  # N = 1: the same H[p_1]
+        else:
+            pred = RegressionPrediction.from_stats(stats, 1, store)
+        if not drew:  # no Monte Carlo error: every pass would give this output
+            for f in dataclasses.fields(pred):
+                value = getattr(pred, f.name)
+                if f.name.endswith("_se") and isinstance(value, torch.Tensor):
+                    setattr(pred, f.name, torch.zeros_like(value))
         return pred
 
     def _warn_identical(self) -> None:

@@ -690,3 +690,113 @@ def test_errors_are_all_mcdrop_errors():
         mcdrop.UnsupportedModelError,
     ):
         assert issubclass(cls, McdropError)
+
+
+# --------------------------------------------------------------------------- dropout off: the baseline
+
+
+def test_predict_deterministic_is_the_eval_mode_output_and_leaves_every_mode() -> None:
+    net = bn_net(seed=3)
+    x = randn_rows(7, 4, seed=5)
+    with torch.no_grad():
+        expected = torch.softmax(net(x), 1)
+    net.train()  # the user left it in train mode: the baseline is the eval-mode output all the same
+    net[1].eval()
+    modes = [m.training for m in net.modules()]
+    running = net[1].running_mean.clone()
+    mc = MCDropout(net, n_samples=10, seed=0, keep_samples=True)
+    base = mc.predict_deterministic(x)
+    assert [m.training for m in net.modules()] == modes
+    assert torch.equal(net[1].running_mean, running)
+    assert isinstance(base, ClassificationPrediction) and base.n_samples == 1
+    torch.testing.assert_close(base.probs, expected, rtol=0, atol=1e-6)
+    assert torch.equal(base.mutual_information, torch.zeros(7))
+    assert torch.equal(base.std, torch.zeros(7, 3)) and torch.equal(base.variation_ratio, torch.zeros(7))
+    assert base.samples.shape == (1, 7, 3) and base.output_type == "logits"
+    with torch.no_grad():
+        torch.testing.assert_close(base.samples[0], net.eval()(x), rtol=0, atol=1e-6)
+    for name in ("probs", "std", "predictive_entropy", "mutual_information"):
+        assert torch.equal(base.standard_error(name), torch.zeros_like(base.standard_error(name)))
+
+
+def test_predict_deterministic_regression_split_and_dict_inputs() -> None:
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = mlp(d_in=4, d_out=2, p=0.4, seed=2)
+
+        def forward(self, *, features):
+            out = self.body(features)
+            return {"mu": out[:, :1], "var": out[:, 1:].exp()}
+
+    model = Dict().eval()
+    x = randn_rows(9, 4, seed=2)
+    mc = MCDropout(model, n_samples=8, output=lambda o: (o["mu"], o["var"]), aleatoric="variance", seed=0)
+    whole = mc.predict_deterministic(features=x)
+    parts = MCDropout(
+        model, n_samples=8, output=lambda o: (o["mu"], o["var"]), aleatoric="variance", max_batch_size=4
+    ).predict_deterministic(features=x)
+    with torch.no_grad():
+        out = model(features=x)
+    assert isinstance(whole, RegressionPrediction)
+    torch.testing.assert_close(whole.mean, out["mu"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole.aleatoric_variance, out["var"], rtol=0, atol=1e-6)
+    assert torch.equal(whole.variance, torch.zeros(9, 1))
+    torch.testing.assert_close(parts.mean, whole.mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(parts.aleatoric_variance, whole.aleatoric_variance, rtol=0, atol=1e-6)
+
+
+def test_deterministic_passes_draw_nothing_from_any_random_stream() -> None:
+    net = mlp(seed=4)
+    x = randn_rows(6, 5, seed=4)
+    alone = MCDropout(net, n_samples=12, seed=7)
+    first, second = alone.predict(x), alone.predict(x)
+    mixed = MCDropout(net, n_samples=12, seed=7)
+    mixed.predict_deterministic(x)
+    first_mixed = mixed.predict(x)
+    mixed.predict_deterministic(x)
+    assert fields_equal(first, first_mixed) and fields_equal(second, mixed.predict(x))
+    state = torch.get_rng_state()
+    MCDropout(net, n_samples=12).predict_deterministic(x)  # unseeded: the global generator untouched
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_predict_loader_deterministic_baseline() -> None:
+    net = mlp(seed=5)
+    data = TensorDataset(randn_rows(10, 5, seed=6), torch.arange(10) % 4)
+    loader = DataLoader(data, batch_size=4)
+    plain = MCDropout(net, n_samples=6, seed=1).predict_loader(loader, progress=False)
+    both = MCDropout(net, n_samples=6, seed=1).predict_loader(loader, progress=False, deterministic=True)
+    assert plain.deterministic is None
+    assert fields_equal(plain, both)  # the extra passes change no MC sample
+    base = both.deterministic
+    assert isinstance(base, ClassificationPrediction) and len(base) == 10 and base.n_samples == 1
+    assert torch.equal(base.targets, both.targets)
+    with torch.no_grad():
+        torch.testing.assert_close(base.probs, torch.softmax(net(data.tensors[0]), 1), rtol=0, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="deterministic=True needs keep='predictions'"):
+        MCDropout(net, n_samples=6).predict_loader(loader, progress=False, keep="metrics", deterministic=True)
+    with pytest.raises(InvalidTypeError, match="deterministic"):
+        MCDropout(net, n_samples=6).predict_loader(loader, progress=False, deterministic="yes")
+
+
+def test_predict_deterministic_warns_for_dropout_no_flag_switches_off() -> None:
+    class AlwaysOn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 8)
+            self.drop = nn.Dropout(0.2)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.drop(nn.functional.dropout(self.fc(x), 0.5, True)))
+
+    net = AlwaysOn().eval()
+    x = randn_rows(4, 5, seed=7)
+    mc = MCDropout(net, n_samples=4)
+    with pytest.warns(mcdrop.McdropWarning, match="drew random numbers in eval mode"):
+        one = mc.predict_deterministic(x)
+    with pytest.warns(mcdrop.McdropWarning, match="drew random numbers in eval mode"):
+        again = mc.predict_deterministic(x)
+    assert torch.equal(one.probs, again.probs)  # one draw, from a fixed seed
+    assert bool(one.standard_error("probs").isnan().all())
