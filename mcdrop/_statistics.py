@@ -15,6 +15,7 @@ the entropy terms.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -194,6 +195,19 @@ class RunningMoments:
         self.m4[start:stop] += m4b + cross4
         self.m3[start:stop] += m3b + cross3
 
+    def take_rows(self, rows: torch.Tensor) -> RunningMoments:
+        """The moments of the rows ``rows`` (indices), in that order, as a new object."""
+        out = RunningMoments(higher=self.higher)
+        if self.mean is None:
+            return out
+        assert self.count is not None
+        on_device = rows.to(self.mean.device)
+        for name in ("mean", "m2", "m3", "m4", "count"):
+            value = getattr(self, name)
+            setattr(out, name, None if value is None else value.index_select(0, on_device))
+        out._seen = self._seen.index_select(0, rows.cpu())
+        return out
+
     @property
     def variance(self) -> torch.Tensor:
         """Population variance (divides by N): the variance of the N samples themselves."""
@@ -236,6 +250,14 @@ class GroupedSums:
                 for j in range(min(k, g)):
                     self.sums[(c + j) % g, start + rows] += chunk[j::g][:, rows].sum(0)
         counts += k
+
+    def take_rows(self, rows: torch.Tensor) -> GroupedSums:
+        """The group sums of the rows ``rows`` (indices), in that order, as a new object."""
+        out = GroupedSums(self.groups)
+        if self.sums is not None:
+            out.sums = self.sums.index_select(1, rows.to(self.sums.device))
+            out._count = self._count.index_select(0, rows.cpu())
+        return out
 
 
 def group_sizes(n_samples: int, groups: int = JACKKNIFE_GROUPS) -> list[int]:
@@ -445,6 +467,20 @@ class ClassificationStats:
             self.votes = torch.zeros(shape, dtype=torch.int32, device=p.device)
         self.votes[start:stop].scatter_add_(-1, top, torch.ones_like(top, dtype=torch.int32))
 
+    def take_rows(self, rows: torch.Tensor) -> ClassificationStats:
+        """The statistics of the rows ``rows`` (indices), in that order, as a new object.
+
+        What adaptive sampling uses to keep the inputs still sampled a contiguous block, and to
+        finish the inputs that stopped at one number of samples together.
+        """
+        out = copy.copy(self)
+        out.probs = self.probs.take_rows(rows)
+        out.entropy = self.entropy.take_rows(rows)
+        out.probs_groups = self.probs_groups.take_rows(rows)
+        out.entropy_groups = self.entropy_groups.take_rows(rows)
+        out.votes = None if self.votes is None else self.votes.index_select(0, rows.to(self.votes.device))
+        return out
+
     def _update_logits(self, start: int, stop: int, chunk: torch.Tensor, batch_size: int) -> bool:
         """The common case (logits, two or more classes), computed in the output's own layout.
 
@@ -529,6 +565,13 @@ class RegressionStats:
             )
         self.mean.update(start, stop, mean, batch_size)
         self.noise.update(start, stop, var, batch_size)
+
+    def take_rows(self, rows: torch.Tensor) -> RegressionStats:
+        """The statistics of the rows ``rows`` (indices), in that order, as a new object."""
+        out = RegressionStats(self.aleatoric)
+        out.mean = self.mean.take_rows(rows)
+        out.noise = None if self.noise is None else self.noise.take_rows(rows)
+        return out
 
 
 def resolve_reading(

@@ -13,7 +13,6 @@ random numbers its shuffling sampler draws.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -28,7 +27,13 @@ from mcdrop.metrics.streaming import (
     StreamingMetrics,
     StreamingRegressionMetrics,
 )
-from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction, concat_predictions
+from mcdrop.predictions import (
+    ClassificationPrediction,
+    Prediction,
+    RegressionPrediction,
+    concat_predictions,
+    select_rows,
+)
 
 if TYPE_CHECKING:
     from mcdrop.wrapper import MCDropout
@@ -320,19 +325,6 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, str(tmp))
     os.replace(tmp, path)
-
-
-def select_rows(pred: Prediction, rows: torch.Tensor) -> Prediction:
-    """The prediction of the selected inputs (``rows``: a bool mask or indices along the batch)."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(pred):
-        value = getattr(pred, f.name)
-        if isinstance(value, torch.Tensor):
-            value = value[:, rows] if f.name == "samples" else value[rows]
-        elif isinstance(value, Prediction):  # the deterministic baseline
-            value = select_rows(value, rows)
-        values[f.name] = value
-    return type(pred)(**values)
 
 
 def accumulate(

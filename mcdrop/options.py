@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,22 @@ __all__ = ["SamplingOptions", "describe_option"]
 TASKS = ("auto", "classification", "regression")
 OUTPUT_TYPES = ("logits", "probs", "log_probs")
 ALEATORIC = ("variance", "log_variance")
+#: The statistics adaptive sampling (``n_samples="auto"``) can drive to its tolerance, per task.
+ADAPTIVE_TARGETS = {
+    "classification": (
+        "confidence",
+        "probs",
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+        "std",
+    ),
+    "regression": ("mean", "variance", "std", "aleatoric_variance"),
+}
+#: What adaptive sampling watches when ``target`` is not given.
+DEFAULT_TARGETS = {"classification": "confidence", "regression": "mean"}
+#: The defaults of adaptive sampling's options (``n_samples="auto"``).
+ADAPTIVE_DEFAULTS = {"tolerance": 0.01, "min_samples": 10, "max_samples": 1000}
 
 
 @dataclass(frozen=True)
@@ -85,12 +102,34 @@ class SamplingOptions:
     exclude: Any = None
     strategy: str = "auto"
     dtype: torch.dtype | None = None
+    tolerance: float | None = None
+    min_samples: int | None = None
+    max_samples: int | None = None
+    target: str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        put("n_samples", check_int(self.n_samples, "n_samples", minimum=1))
+        if self.n_samples == "auto":
+            self._check_adaptive(put)
+        else:
+            if isinstance(self.n_samples, str):
+                raise InvalidInputError(
+                    f"n_samples must be a whole number of passes (>= 1) or 'auto'; got {self.n_samples!r}."
+                )
+            put("n_samples", check_int(self.n_samples, "n_samples", minimum=1))
+            given = [
+                n
+                for n in ("tolerance", "min_samples", "max_samples", "target")
+                if getattr(self, n) is not None
+            ]
+            if given:
+                raise InvalidInputError(
+                    f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to adaptive sampling only: "
+                    f"pass n_samples='auto' with {'it' if len(given) == 1 else 'them'}, or leave "
+                    f"{'it' if len(given) == 1 else 'them'} out to draw a fixed n_samples={self.n_samples}."
+                )
         check_choice(self.task, TASKS, "task")
         if self.output_type is not None:
             check_choice(self.output_type, OUTPUT_TYPES, "output_type")
@@ -128,6 +167,54 @@ class SamplingOptions:
                 f"dtype must be None, torch.bfloat16 or torch.float16 (the autocast precision); got {self.dtype!r}."
             )
 
+    def _check_adaptive(self, put: Any) -> None:
+        """Validate and fill in the options of adaptive sampling (``n_samples="auto"``)."""
+        tolerance = ADAPTIVE_DEFAULTS["tolerance"] if self.tolerance is None else self.tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+            raise InvalidTypeError(f"tolerance must be a number; got {tolerance!r}.")
+        if not math.isfinite(tolerance) or tolerance <= 0:
+            raise InvalidInputError(
+                f"tolerance must be a finite number > 0 (the standard error each input's statistic must "
+                f"reach); got {tolerance!r}."
+            )
+        put("tolerance", float(tolerance))
+        low = ADAPTIVE_DEFAULTS["min_samples"] if self.min_samples is None else self.min_samples
+        put("min_samples", check_int(low, "min_samples", minimum=2))
+        high = (
+            max(ADAPTIVE_DEFAULTS["max_samples"], self.min_samples or 0)
+            if self.max_samples is None
+            else self.max_samples
+        )
+        put("max_samples", check_int(high, "max_samples", minimum=2))
+        if self.max_samples < self.min_samples:  # type: ignore[operator]
+            raise InvalidInputError(
+                f"max_samples ({self.max_samples}) must be at least min_samples ({self.min_samples})."
+            )
+        if self.target is not None:
+            every = sorted({t for targets in ADAPTIVE_TARGETS.values() for t in targets})
+            check_choice(self.target, every, "target")
+            if self.task != "auto" and self.target not in ADAPTIVE_TARGETS[self.task]:
+                raise InvalidInputError(
+                    f"target={self.target!r} is not a statistic of task={self.task!r}; choose one of "
+                    f"{', '.join(repr(t) for t in ADAPTIVE_TARGETS[self.task])}."
+                )
+        if self.keep_samples:
+            raise InvalidInputError(
+                "keep_samples=True needs a fixed number of samples (every input then holds the same N "
+                "samples in prediction.samples); with n_samples='auto' each input stops at its own N. "
+                "Pass an integer n_samples to keep the samples."
+            )
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the number of samples is chosen per input (``n_samples="auto"``)."""
+        return self.n_samples == "auto"
+
+    @property
+    def first_round(self) -> int:
+        """Samples per input in the first (or only) round: ``n_samples``, or ``min_samples`` when adaptive."""
+        return int(self.min_samples) if self.adaptive else int(self.n_samples)  # type: ignore[arg-type]
+
     @property
     def pair(self) -> bool:
         """Whether the model outputs a ``(mean, variance)`` pair (``aleatoric`` is set)."""
@@ -157,7 +244,7 @@ class SamplingOptions:
             autocast_dtype=self.dtype,
             max_batch_size=self.max_batch_size,
             memory_budget=self.budget,
-            n_samples=self.n_samples,
+            n_samples=self.first_round,
         )
 
     def replace(self, **changes: Any) -> SamplingOptions:
@@ -208,7 +295,18 @@ class SamplingOptions:
             >>> SamplingOptions(n_samples=5).fingerprint()["n_samples"]
             5
         """
+        adaptive = (
+            {
+                "tolerance": self.tolerance,
+                "min_samples": self.min_samples,
+                "max_samples": self.max_samples,
+                "target": self.target,
+            }
+            if self.adaptive
+            else {}  # absent for a fixed N: the keys of earlier versions, whose checkpoints resume
+        )
         return {
+            **adaptive,
             "n_samples": self.n_samples,
             "task": self.task,
             "output_type": self.read_output_type,

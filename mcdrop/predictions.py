@@ -73,7 +73,7 @@ from mcdrop.errors import InvalidInputError
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["Prediction", "ClassificationPrediction", "RegressionPrediction", "concat_predictions"]
+__all__ = ["Prediction", "ClassificationPrediction", "RegressionPrediction", "concat_predictions", "select_rows"]
 
 
 def _per_input(t: torch.Tensor | None, name: str) -> Any:
@@ -100,6 +100,11 @@ class Prediction:
         deterministic: The model's prediction with dropout off (one pass in eval mode, see
             :meth:`mcdrop.MCDropout.predict_deterministic`) of the same inputs, when
             ``predict_loader(..., deterministic=True)`` made one, else ``None`` (keyword-only).
+        samples_per_input: With adaptive sampling (``MCDropout(n_samples="auto")``), how many
+            samples each input received, an int64 tensor ``(batch,)``; ``n_samples`` is then the
+            largest of them. ``None`` when every input has ``n_samples`` (keyword-only).
+        max_samples: With adaptive sampling, the most samples an input could receive (an input
+            that reached it stopped before its standard error met the tolerance), else ``None``.
 
     Example:
         >>> import torch, mcdrop
@@ -113,6 +118,8 @@ class Prediction:
     samples: torch.Tensor | None = field(default=None, repr=False)
     targets: torch.Tensor | None = field(default=None, repr=False)
     deterministic: Prediction | None = field(default=None, repr=False, kw_only=True)
+    samples_per_input: torch.Tensor | None = field(default=None, repr=False, kw_only=True)
+    max_samples: int | None = field(default=None, kw_only=True)
 
     @property
     def task(self) -> str:
@@ -370,7 +377,8 @@ class ClassificationPrediction(Prediction):
         Returns:
             A pandas DataFrame with the columns ``predicted``, ``confidence``,
             ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
-            ``variation_ratio``; ``target`` and ``correct`` when there are 1-d targets; then
+            ``variation_ratio``; ``n_samples`` (samples of each input) with adaptive sampling;
+            ``target`` and ``correct`` when there are 1-d targets; then
             ``prob_0`` ... ``prob_{K-1}``; then the standard errors when asked.
 
         Raises:
@@ -395,6 +403,8 @@ class ClassificationPrediction(Prediction):
             "mutual_information": _per_input(self.mutual_information, "mutual_information"),
             "variation_ratio": _per_input(self.variation_ratio, "variation_ratio"),
         }
+        if self.samples_per_input is not None:
+            data["n_samples"] = self.samples_per_input.detach().cpu().numpy()
         if self.targets is not None and self.targets.dim() == 1:
             target = self.targets.detach().cpu()
             data["target"] = target.numpy()
@@ -564,7 +574,8 @@ class RegressionPrediction(Prediction):
         Returns:
             A pandas DataFrame with the columns ``mean``, ``std``, ``aleatoric_std`` (with an
             aleatoric head), ``total_std``, the interval bounds and ``target`` (with targets); then
-            the standard errors when asked.
+            the standard errors when asked; last ``n_samples`` (samples of each input) with
+            adaptive sampling.
 
         Raises:
             InvalidInputError: an output has more than one dimension per input (no row per input),
@@ -611,6 +622,8 @@ class RegressionPrediction(Prediction):
                 raise InvalidInputError(
                     f"to_frame() makes one row per input, but {name} has shape {tuple(t.shape)}."
                 )
+        if self.samples_per_input is not None:
+            data["n_samples"] = self.samples_per_input.detach().cpu().numpy()
         return pd.DataFrame(data)
 
 
@@ -639,13 +652,24 @@ def concat_predictions(parts: list[Prediction]) -> Prediction:
         raise InvalidInputError("concat_predictions needs at least one prediction.")
     first = parts[0]
     kinds = {type(p) for p in parts}
-    if len(kinds) > 1 or len({p.n_samples for p in parts}) > 1:
+    adaptive = [p.samples_per_input is not None for p in parts]
+    if len(kinds) > 1:
+        raise InvalidInputError("Only predictions of the same task and number of samples can be concatenated.")
+    if any(adaptive) and not all(adaptive) or len({p.max_samples for p in parts}) > 1:
+        raise InvalidInputError(
+            "Predictions of adaptive sampling (n_samples='auto') can be concatenated only with others of "
+            "the same max_samples, not with fixed-N predictions."
+        )
+    if not any(adaptive) and len({p.n_samples for p in parts}) > 1:
         raise InvalidInputError(
             "Only predictions of the same task and number of samples can be concatenated."
         )
     values: dict[str, Any] = {}
     for f in fields(first):
         items = [getattr(p, f.name) for p in parts]
+        if f.name == "n_samples":
+            values[f.name] = max(items)
+            continue
         if f.name == "samples":
             values[f.name] = None if any(i is None for i in items) else torch.cat(items, 1)
         elif isinstance(items[0], Prediction):  # the deterministic baseline: concatenated likewise
@@ -655,3 +679,33 @@ def concat_predictions(parts: list[Prediction]) -> Prediction:
         else:
             values[f.name] = items[0]
     return type(first)(**values)
+
+
+def select_rows(pred: Prediction, rows: torch.Tensor) -> Prediction:
+    """The prediction of the selected inputs.
+
+    Args:
+        pred: A prediction.
+        rows: A boolean mask or int64 indices along the batch (indices may reorder or repeat rows).
+
+    Returns:
+        A prediction of the same class holding the selected rows of every per-input field (kept
+        samples along their second dimension, the deterministic baseline likewise).
+
+    Example:
+        >>> import torch, mcdrop
+        >>> from mcdrop.predictions import select_rows
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+        >>> pred = mcdrop.MCDropout(net.eval(), n_samples=5, seed=0).predict(torch.randn(4, 2))
+        >>> torch.equal(select_rows(pred, torch.tensor([2, 0])).probs, pred.probs[[2, 0]])
+        True
+    """
+    values: dict[str, Any] = {}
+    for f in fields(pred):
+        value = getattr(pred, f.name)
+        if isinstance(value, Prediction):
+            value = select_rows(value, rows)
+        elif isinstance(value, torch.Tensor):
+            value = value[:, rows.to(value.device)] if f.name == "samples" else value[rows.to(value.device)]
+        values[f.name] = value
+    return type(pred)(**values)

@@ -29,6 +29,7 @@ from mcdrop._statistics import (
     negligible_spread,
     resolve_reading,
 )
+from mcdrop.adaptive import predict_adaptively
 from mcdrop.engine.checks import check_gates_on
 from mcdrop.engine.discover import discover_on
 from mcdrop.engine.inputs import Inputs, model_device_dtype, prepare_inputs, signature, split_errors_named
@@ -63,7 +64,12 @@ class MCDropout:
 
     Args:
         model: A trained ``nn.Module`` (its device and floating dtype are used for the inputs).
-        n_samples: Number of stochastic forward passes N per input (≥ 1).
+        n_samples: Number of stochastic forward passes N per input (≥ 1), or ``"auto"`` for
+            adaptive sampling: each input is sampled in rounds until the Monte Carlo standard
+            error of its ``target`` statistic is at most ``tolerance`` (or it has ``max_samples``
+            passes), and inputs that are done leave the batch (:mod:`mcdrop.adaptive`;
+            ``prediction.samples_per_input`` says how many each got). Not with ``keep_samples``
+            nor :meth:`sample`, which draw a fixed N.
         task: ``"classification"``, ``"regression"`` or ``"auto"``. ``"auto"`` picks regression when
             ``aleatoric`` is set, one output per input comes out (shape ``(batch,)`` or
             ``(batch, 1)``) or a Hugging Face config says ``problem_type="regression"``,
@@ -134,6 +140,16 @@ class MCDropout:
             in that precision (mixed precision: faster on hardware with fast low-precision
             kernels); samples and statistics are still returned and accumulated in float32.
             ``None`` (default) runs the model as it is.
+        tolerance: With ``n_samples="auto"``: the standard error each input's ``target`` must
+            reach (default 0.01; for a statistic with several values per input, such as
+            ``probs``, the largest of them).
+        min_samples: With ``n_samples="auto"``: passes every input gets first (default 10, ≥ 2).
+        max_samples: With ``n_samples="auto"``: the most passes an input gets (default 1000).
+        target: With ``n_samples="auto"``: the statistic whose standard error is watched:
+            ``"confidence"`` (the top-class probability; default for classification),
+            ``"probs"``, ``"predictive_entropy"``, ``"expected_entropy"``,
+            ``"mutual_information"`` or ``"std"``; for regression ``"mean"`` (default),
+            ``"variance"``, ``"std"`` or ``"aleatoric_variance"``.
 
     Raises:
         NoDropoutError: The model has no dropout randomness to sample.
@@ -153,7 +169,7 @@ class MCDropout:
     def __init__(
         self,
         model: nn.Module,
-        n_samples: int = 50,
+        n_samples: int | str = 50,
         *,
         task: str = "auto",
         output_type: str | None = None,
@@ -171,6 +187,10 @@ class MCDropout:
         exclude: Any = None,
         strategy: str = "auto",
         dtype: torch.dtype | None = None,
+        tolerance: float | None = None,
+        min_samples: int | None = None,
+        max_samples: int | None = None,
+        target: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -194,6 +214,10 @@ class MCDropout:
             exclude=exclude,
             strategy=strategy,
             dtype=dtype,
+            tolerance=tolerance,
+            min_samples=min_samples,
+            max_samples=max_samples,
+            target=target,
         )
         self.policy = StochasticPolicy(model, drop_path=drop_path, include=include, exclude=exclude)
         self._stream = None if self.options.seed is None else SeededStream(self.options.seed)
@@ -268,6 +292,7 @@ class MCDropout:
 
         Raises:
             NonFiniteError: A log-variance output is so large that its variance overflows.
+            InvalidInputError: The wrapper samples adaptively (``n_samples="auto"``).
 
         Example:
             >>> import torch, mcdrop
@@ -276,6 +301,12 @@ class MCDropout:
             >>> s.shape, bool((s[0] != s[1]).any())
             (torch.Size([4, 2, 8]), True)
         """
+        if self.options.adaptive:
+            raise InvalidInputError(
+                "sample() draws the same number of passes for every input, so it needs an integer "
+                "n_samples; this wrapper has n_samples='auto' (adaptive sampling), which predict() and "
+                "predict_loader() use. Make a wrapper with n_samples=N to draw raw samples."
+            )
         store = SampleStore(self.n_samples)
         store2 = SampleStore(self.n_samples) if self.aleatoric else None
         with self._session():
@@ -526,12 +557,14 @@ class MCDropout:
         device, dtype = model_device_dtype(self.model)
         return prepare_inputs(args, kwargs, batch_dim=self.options.batch_dim, device=device, dtype=dtype)
 
-    def _chunks(self, inputs: Inputs) -> Iterator[tuple[int, int, Any]]:
+    def _chunks(
+        self, inputs: Inputs, n_samples: int | None = None, on_decision: Callable[[Any], None] | None = None
+    ) -> Iterator[tuple[int, int, Any]]:
         o = self.options
         return sample_chunks(
             self.model,
             inputs,
-            n_samples=o.n_samples,
+            n_samples=o.first_round if n_samples is None else n_samples,
             max_batch_size=o.max_batch_size,
             memory_budget=o.budget,
             output=o.output,
@@ -540,6 +573,7 @@ class MCDropout:
             strategy=o.strategy,
             autocast_dtype=o.dtype,
             cache=self._decisions,
+            on_decision=on_decision,
         )
 
     def _discover(self, inputs: Inputs) -> None:
@@ -622,35 +656,56 @@ class MCDropout:
             "problem_type": problem_type if isinstance(problem_type, str) else None,
         }
 
+    def _start_stats(self, chunk: Any) -> ClassificationStats | RegressionStats:
+        """The running statistics of a call, from its first chunk (how the output is read)."""
+        o = self.options
+        task, class_dim = resolve_reading(o.task, o.aleatoric, o.output_type, o.class_dim, chunk, **self._config_hints())
+        if task == "classification":
+            return ClassificationStats(o.read_output_type, class_dim, detect_probs=o.output_type is None)
+        return RegressionStats(o.aleatoric)
+
+    @staticmethod
+    def _finish(stats: ClassificationStats | RegressionStats, n: int, store: SampleStore | None = None) -> Prediction:
+        """Statistics of ``n`` samples per row, finished into a prediction."""
+        if isinstance(stats, ClassificationStats):
+            stats.check_reading()
+            return ClassificationPrediction.from_stats(stats, n, store, stats.class_dim)
+        return RegressionPrediction.from_stats(stats, n, store)
+
+    def _predict_adaptive(self, inputs: Inputs) -> Prediction:
+        """``n_samples="auto"``: rounds until every input's standard error meets the tolerance."""
+        pred = predict_adaptively(
+            inputs,
+            self.options,
+            draw=lambda sub, k, note: self._chunks(sub, k, note),
+            start=self._start_stats,
+            finish=self._finish,
+        )
+        spread = pred.variance if isinstance(pred, RegressionPrediction) else pred.std.square()
+        centre = pred.mean if isinstance(pred, RegressionPrediction) else pred.probs
+        if self.policy.has_randomness and negligible_spread(spread, centre):
+            self._warn_identical()
+        return pred
+
     def _predict_one(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prediction:
         o = self.options
         inputs = self._prepare(args, kwargs)
         self._discover(inputs)
         self._check_gates(inputs)
+        if o.adaptive and inputs.batch_size > 0:
+            return self._predict_adaptive(inputs)
         stats: ClassificationStats | RegressionStats | None = None
         store = SampleStore(o.n_samples) if o.keep_samples else None
         for start, stop, chunk in self._chunks(inputs):
             if stats is None:
-                task, class_dim = resolve_reading(
-                    o.task, o.aleatoric, o.output_type, o.class_dim, chunk, **self._config_hints()
-                )
-                stats = (
-                    ClassificationStats(o.read_output_type, class_dim, detect_probs=o.output_type is None)
-                    if task == "classification"
-                    else RegressionStats(o.aleatoric)
-                )
+                stats = self._start_stats(chunk)
             stats.update(start, stop, chunk, inputs.batch_size)
             if store is not None:
                 store.update(start, stop, chunk[0] if isinstance(chunk, tuple) else chunk, inputs.batch_size)
         assert stats is not None
-        if isinstance(stats, ClassificationStats):
-            stats.check_reading()
-            pred: Prediction = ClassificationPrediction.from_stats(stats, o.n_samples, store, stats.class_dim)
-            moments = stats.probs
-        else:
-            pred = RegressionPrediction.from_stats(stats, o.n_samples, store)
-            moments = stats.mean
-        if o.n_samples > 1 and self.policy.has_randomness and negligible_spread(moments.variance, moments.mean):
+        pred = self._finish(stats, o.first_round, store)
+        moments = stats.probs if isinstance(stats, ClassificationStats) else stats.mean
+        if o.first_round > 1 and self.policy.has_randomness and negligible_spread(moments.variance, moments.mean):
             self._warn_identical()
         return pred
 
@@ -724,7 +779,7 @@ class MCDropout:
 
     def _warn_identical(self) -> None:
         warnings.warn(
-            f"All {self.n_samples} MC samples are identical although the model has dropout sites "
+            f"All {self.n_samples} MC samples are identical{' (per input)' if self.options.adaptive else ''} although the model has dropout sites "
             f"({', '.join(s.path or '<model>' for s in self.policy.sampled_sites)}): the dropout does not "
             "reach the selected output (e.g. it sits in a branch that is not used, or is applied to a "
             "tensor that is all zeros). The uncertainty estimates are all zero.",

@@ -482,6 +482,16 @@ def slice_batch(inputs: Inputs, start: int, stop: int) -> Inputs:
     return Inputs(args, kwargs, stop - start, inputs.dims)
 
 
+def take_rows(inputs: Inputs, rows: torch.Tensor) -> Inputs:
+    """The rows ``rows`` (indices along the batch, in that order) of every batched input."""
+    if rows.numel() == inputs.batch_size and bool(
+        (rows.cpu() == torch.arange(inputs.batch_size)).all()
+    ):
+        return inputs
+    args, kwargs = inputs.map(lambda t, d: t.index_select(d, rows.to(t.device)))
+    return Inputs(args, kwargs, int(rows.numel()), inputs.dims)
+
+
 def replicate(inputs: Inputs, k: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Repeat every batched input ``k`` times along its batch dim, sample-major (``s * b + i``).
 

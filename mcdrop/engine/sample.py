@@ -10,7 +10,7 @@ dropout masks are drawn by the faster (same-law) paths of :mod:`mcdrop.engine.fa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ def sample_chunks(
     autocast_dtype: torch.dtype | None = None,
     cache: dict[Any, Any] | None = None,
     fast_masks: bool = True,
+    on_decision: Callable[[Decision], None] | None = None,
 ) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(start, stop, chunk)`` with ``chunk`` samples-first ``(k, stop - start, ...)``.
 
@@ -79,6 +80,8 @@ def sample_chunks(
             bfloat16); the chunks come back in float32.
         cache: Where to remember decisions between calls (``None``: decide afresh).
         fast_masks: Swap in the faster dropout of :mod:`mcdrop.engine.fastdropout` on the CPU.
+        on_decision: Called with the call's :class:`~mcdrop.engine.choose.Decision` once it is
+            made or recalled (e.g. to learn whether the model's rows mix: ``decision.mixes_rows``).
 
     Yields:
         ``(start, stop, chunk)`` for every pass (or group of passes) in turn.
@@ -116,6 +119,8 @@ def sample_chunks(
             decision, drawn, rest = decide(
                 runner, strategy, max_batch_size, memory_budget, verdict=verdict, mixes=mixes, row_bytes=row_bytes
             )
+            if on_decision is not None:
+                on_decision(decision)
             yield from drawn
             yield from runner.run_plan(decision.strategy, rest, first_is_head=False)
             if cache is not None:  # remembered once every chunk of the call was drawn
@@ -123,6 +128,8 @@ def sample_chunks(
         else:
             apply_verdict(runner, decision.rows_verdict, strategy, max_batch_size)
             plan = plan_for(runner, decision, max_batch_size, memory_budget, probed=False)
+            if on_decision is not None:
+                on_decision(decision)
             yield from runner.run_plan(decision.strategy, plan, first_is_head=True)
         if runner.vmap_refused is not None and cache is not None:
             cache.pop(key, None)  # the next call decides afresh (and its vmap trial is refused)
