@@ -72,6 +72,7 @@ __all__ = [
     "StreamingClassificationMetrics",
     "StreamingRegressionMetrics",
     "distributed",
+    "acquisition",
     "nn",
     "metrics",
     "TemperatureScaling",
@@ -99,10 +100,10 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     """Load the report layer (pandas, matplotlib, seaborn) and ``distributed`` only when first used."""
-    if name == "distributed":
+    if name in ("distributed", "acquisition"):
         import importlib
 
-        return importlib.import_module("mcdrop.distributed")
+        return importlib.import_module(f"mcdrop.{name}")
     if name in ("report", "compare", "UncertaintyReport"):
         import importlib
 
