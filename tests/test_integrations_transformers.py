@@ -251,7 +251,7 @@ def test_attention_dropout_alone_is_sampled_and_described(T, hf, tmp_path):
 def test_callback_adds_metrics_to_training_evaluations_and_log_history(T, hf, tmp_path):
     train, evaluation = sequence_data(8, seed=5), sequence_data(6, seed=6)
 
-    def run(callbacks):
+    def run(callbacks, **args):
         model = bert(T)
         trainer = trainer_for(
             T,
@@ -262,6 +262,7 @@ def test_callback_adds_metrics_to_training_evaluations_and_log_history(T, hf, tm
             eval_strategy="epoch",
             num_train_epochs=2,
             logging_steps=1,
+            **args,
         )
         for callback in callbacks:
             trainer.add_callback(callback)
@@ -269,12 +270,18 @@ def test_callback_adds_metrics_to_training_evaluations_and_log_history(T, hf, tm
         return trainer
 
     plain = run([])
-    trainer = run([hf.MCEvaluationCallback(n_samples=4, seed=1)])
+    # the best model is chosen by an MC metric: it is in the metrics the trainer compares
+    trainer = run(
+        [hf.MCEvaluationCallback(n_samples=4, seed=1)],
+        metric_for_best_model="eval_mc_ece",
+        greater_is_better=False,
+    )
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert len(evaluations) == 2  # one per epoch, each with the MC metrics in the same entry
     for entry in evaluations:
         assert {"eval_mc_accuracy", "eval_mc_ece", "eval_mc_nll", "eval_mc_mutual_information"} <= set(entry)
         assert entry["eval_mc_n_predictions"] == len(evaluation)
+    assert trainer.state.best_metric == min(entry["eval_mc_ece"] for entry in evaluations)
     # seeded: training drew the same random numbers as without the callback
     losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (plain, trainer)]
     assert losses[0] == losses[1]
@@ -390,3 +397,12 @@ def test_the_documented_example_runs(T, hf, tmp_path, monkeypatch, capsys):
     assert len(per_epoch) == 2 and all(0 <= ece <= 1 for ece in per_epoch)
     assert isinstance(namespace["report"], mcdrop.UncertaintyReport)
     assert namespace["metrics"]["eval_mc_n_predictions"] == 24
+
+
+def test_adaptive_sampling_on_token_classification(T, hf, tmp_path):
+    model = bert(T, "token").eval()
+    data = token_data(5)
+    trainer = trainer_for(T, model, tmp_path, data)
+    got = hf.mc_evaluate(trainer, n_samples="auto", tolerance=0.05, max_samples=16)
+    assert got["eval_mc_n_predictions"] == sum(int((row["labels"] != -100).sum()) for row in data)
+    assert 0 <= got["eval_mc_accuracy"] <= 1 and got["eval_mc_mutual_information"] >= 0

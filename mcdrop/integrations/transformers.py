@@ -79,7 +79,7 @@ def mc_evaluate(
     trainer: Any,
     eval_dataset: Any = None,
     *,
-    n_samples: int = 20,
+    n_samples: int | str = 20,
     seed: int | None = 0,
     metric_key_prefix: str = "eval",
     report: bool | str | os.PathLike[str] = False,
@@ -101,7 +101,8 @@ def mc_evaluate(
         eval_dataset: A data set, or the name of one of the trainer's evaluation sets when
             ``trainer.eval_dataset`` is a dict; ``None`` uses ``trainer.eval_dataset``.
         n_samples: Number of stochastic forward passes N per input (each evaluation costs about N
-            plain evaluations).
+            plain evaluations), or ``"auto"`` for :class:`mcdrop.MCDropout`'s adaptive sampling
+            (``tolerance=``, ``max_samples=`` ... in ``mc_options``).
         seed: Seed of the dropout masks: the same seed gives the same samples, and torch's global
             random state is left untouched. ``None`` draws from (and advances) the global generator.
         metric_key_prefix: Prefix of the metric names, as in ``Trainer.evaluate``; keys are
@@ -200,7 +201,8 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
 
     Args:
         n_samples: Number of stochastic forward passes N per input (each evaluation costs about N
-            plain evaluations on top of the trainer's own).
+            plain evaluations on top of the trainer's own), or ``"auto"`` (adaptive sampling, as for
+            :func:`mc_evaluate`).
         seed: Seed of the dropout masks (the same masks at every evaluation); ``None`` draws from
             and advances torch's global generator, which changes the training's random numbers.
         report: A folder: each evaluation's :class:`~mcdrop.UncertaintyReport` is saved in
@@ -232,7 +234,7 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
 
     def __init__(
         self,
-        n_samples: int = 20,
+        n_samples: int | str = 20,
         *,
         seed: int | None = 0,
         report: bool | str | os.PathLike[str] = False,
@@ -240,7 +242,7 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
         level: float = 0.95,
         **mc_options: Any,
     ) -> None:
-        self.n_samples = check_int(n_samples, "n_samples", minimum=1)
+        self.n_samples = n_samples if n_samples == "auto" else check_int(n_samples, "n_samples", minimum=1)
         self.seed = seed
         if report is True:
             raise InvalidInputError(
@@ -327,7 +329,7 @@ def _evaluate_loader(
     *,
     label_names: Sequence[str],
     default_max_batch_size: int,
-    n_samples: int,
+    n_samples: int | str,
     seed: int | None,
     prefix: str,
     report: Any,
@@ -463,8 +465,9 @@ def _valid_rows(pred: Prediction, labels: torch.Tensor, number: int) -> tuple[Pr
         elif isinstance(value, torch.Tensor):
             if value.dim() == probs.dim():  # holds the class dimension
                 value = value.movedim(class_dim, -1).reshape(-1, n_classes)
-            else:
-                value = value.reshape(-1)
+            else:  # one value per position, or per input (adaptive sampling's counts): per position
+                value = value.reshape(value.shape + (1,) * (len(dense_shape) - value.dim()))
+                value = value.expand(dense_shape).reshape(-1)
             value = value[keep]
         values[f.name] = value
     values["class_dim"] = 1
