@@ -353,6 +353,13 @@ def test_refusals_are_clear_and_leave_the_model_as_it_was(T, hf, tmp_path):
     with pytest.raises(InvalidInputError, match="folder"):
         hf.MCEvaluationCallback(report=True)
 
+    class TwoProcesses(type(trainer.args)):
+        world_size = 2  # what TrainingArguments says under torchrun with two processes
+
+    trainer.args.__class__ = TwoProcesses
+    with pytest.raises(InvalidInputError, match="2 processes"):
+        hf.mc_evaluate(trainer, n_samples=2)
+
 
 def test_all_right_predictions_give_nan_misclassification_auroc(T, hf, tmp_path):
     model = bert(T).eval()

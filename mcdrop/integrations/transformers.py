@@ -122,7 +122,8 @@ def mc_evaluate(
 
     Raises:
         InvalidInputError: No evaluation set, several label names, a batch without labels, a
-            multi-label classifier, a multi-output regression, or every label ``-100``.
+            multi-label classifier, a multi-output regression, every label ``-100``, or a
+            distributed run (several processes: each would see its own shard only).
         InvalidTypeError: ``trainer`` has no model, or a batch is not a dict.
 
     Example:
@@ -161,6 +162,7 @@ def mc_evaluate(
             f"the trainer has several evaluation sets ({', '.join(map(str, dataset))}); pass "
             "eval_dataset=<name> to evaluate one of them."
         )
+    _check_one_process(trainer.args)
     loader = trainer.get_eval_dataloader(eval_dataset)
     label_names = list(getattr(trainer, "label_names", None) or ["labels"])
     return _evaluate_loader(
@@ -268,7 +270,8 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
             ``None`` (``control`` is not changed).
 
         Raises:
-            InvalidInputError: The trainer passed no model, dataloader or metrics.
+            InvalidInputError: The trainer passed no model, dataloader or metrics, or the run is
+                distributed (several processes), which is not supported.
 
         Example:
             >>> from mcdrop.integrations.transformers import MCEvaluationCallback
@@ -286,6 +289,7 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
                 f"MCEvaluationCallback.on_evaluate needs the trainer's {', '.join(missing)}; it is called "
                 "by transformers.Trainer after an evaluation, with these as keyword arguments."
             )
+        _check_one_process(args)
         prefix = _prefix_of(metrics)
         label_names = list(args.label_names or _transformers.utils.find_labels(type(model)) or ["labels"])
         report: Any = False
@@ -313,6 +317,17 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
         else:
             state.log_history.append({**mc_metrics, "epoch": state.epoch, "step": state.global_step})
         metrics.update(mc_metrics)
+
+
+def _check_one_process(args: Any) -> None:
+    """Refuse a distributed run: each process would evaluate, and report, only its own shard."""
+    world_size = int(getattr(args, "world_size", 1) or 1)
+    if world_size > 1:
+        raise InvalidInputError(
+            f"MC evaluation through the Trainer runs in one process, but this run has {world_size} "
+            "processes: each would report the metrics of its own shard of the evaluation set only. "
+            "Evaluate in one process, or use mcdrop.distributed.predict_loader, which gathers the shards."
+        )
 
 
 def _prefix_of(metrics: Mapping[str, Any]) -> str:
