@@ -8,9 +8,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from mcdrop import metrics
-from mcdrop.errors import InvalidInputError, McdropError, McdropWarning
+from mcdrop import ClassificationPrediction, MCDropout, RegressionPrediction, metrics
+from mcdrop.errors import InvalidInputError, InvalidTypeError, McdropError, McdropWarning
 from mcdrop.recalibration import IsotonicRecalibration, NotFittedError, TemperatureScaling, VarianceScaling
 
 
@@ -265,3 +267,280 @@ def test_isotonic_tensor_outputs_and_errors() -> None:
         iso.interval(mean, std, 1.0)
     with pytest.raises(InvalidInputError, match="same shape"):
         iso.cdf(mean, std, targets[:10])
+
+
+# ----------------------------------------------------------------------------------------------
+# recalibrating predictions of MCDropout
+# ----------------------------------------------------------------------------------------------
+class _Tempered(nn.Module):
+    """The model with its outputs divided by ``t`` (logits), or log-softmaxed then divided (``log``)."""
+
+    def __init__(self, net: nn.Module, t: float) -> None:
+        super().__init__()
+        self.net, self.t = net, t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) / self.t
+
+
+def _classifier(k: int = 4, seed: int = 0, head: nn.Module | None = None) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(3, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, k)]
+    return nn.Sequential(*layers, *([head] if head is not None else [])).eval()
+
+
+def _inputs(n: int = 40, seed: int = 1) -> torch.Tensor:
+    return 2 * torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+_STATISTICS = (
+    "probs",
+    "std",
+    "predictive_entropy",
+    "expected_entropy",
+    "variation_ratio",
+    "mutual_information",
+)
+_STANDARD_ERRORS = ("probs", "std", "predictive_entropy", "expected_entropy", "mutual_information")
+
+
+def _assert_same_prediction(a: ClassificationPrediction, b: ClassificationPrediction, atol: float) -> None:
+    for name in _STATISTICS:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=atol, msg=name)
+    for name in _STANDARD_ERRORS:
+        torch.testing.assert_close(
+            a.standard_error(name), b.standard_error(name), rtol=0, atol=atol, msg=name
+        )
+
+
+def test_a_tempered_prediction_is_the_prediction_of_the_tempered_model_with_the_same_masks() -> None:
+    net, x, t = _classifier(), _inputs(), 2.5
+    pred = MCDropout(net, n_samples=25, keep_samples=True, seed=3).predict(x)
+    pred.targets = torch.arange(40) % 4
+    before = pred.probs.clone()
+    ts = TemperatureScaling()
+    ts.temperature_ = t  # as if fitted
+    hot = ts.transform(pred)
+    assert isinstance(hot, ClassificationPrediction) and hot is not pred
+    assert torch.equal(pred.probs, before)  # the prediction given is not changed
+    assert hot.n_samples == 25 and hot.output_type == "logits" and torch.equal(hot.targets, pred.targets)
+    torch.testing.assert_close(hot.samples, pred.samples / t, rtol=0, atol=0)
+    # what MCDropout gives for a model whose logits are divided by T, drawn with the same masks
+    reference = MCDropout(_Tempered(net, t), n_samples=25, keep_samples=True, seed=3).predict(x)
+    torch.testing.assert_close(reference.samples, hot.samples, rtol=0, atol=1e-6)
+    _assert_same_prediction(hot, reference, atol=1e-6)
+    # and by hand from the samples
+    p = torch.softmax(pred.samples.double() / t, -1)
+    mean = p.mean(0)
+    h = -(p * p.log()).sum(-1)
+    torch.testing.assert_close(hot.probs.double(), mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hot.std.double(), p.std(0, correction=0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        hot.predictive_entropy.double(), -(mean * mean.log()).sum(-1), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(hot.expected_entropy.double(), h.mean(0), rtol=0, atol=1e-6)
+    votes = torch.nn.functional.one_hot(p.argmax(-1), 4).sum(0).amax(-1)
+    torch.testing.assert_close(hot.variation_ratio.double(), 1 - votes.double() / 25, rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        hot.standard_error("probs").double(), p.std(0, correction=1) / math.sqrt(25), rtol=0, atol=1e-6
+    )
+    assert bool((hot.predictive_entropy > pred.predictive_entropy).all())  # T > 1 flattens
+
+
+@pytest.mark.parametrize("kind", ["probs", "log_probs", "binary_probs", "binary_logits", "dense"])
+def test_tempering_reads_the_samples_as_the_wrapper_read_them(kind: str) -> None:
+    t = 0.6
+    x = _inputs(12, seed=2)
+    if kind in ("probs", "log_probs"):
+        logits_net = _classifier(k=3, seed=4)
+        head = nn.Softmax(-1) if kind == "probs" else nn.LogSoftmax(-1)
+        net, options = nn.Sequential(logits_net, head).eval(), {"output_type": kind}
+    elif kind.startswith("binary"):
+        logits_net = _classifier(k=1, seed=5)
+        net = nn.Sequential(logits_net, nn.Sigmoid()).eval() if kind == "binary_probs" else logits_net
+        options = {"task": "classification", "output_type": kind.split("_")[1]}
+    else:  # a segmentation map (batch, K, 2, 2)
+        logits_net = nn.Sequential(_classifier(k=12, seed=6), nn.Unflatten(1, (3, 2, 2))).eval()
+        net, options = logits_net, {}
+    pred = MCDropout(net, n_samples=10, keep_samples=True, seed=9, **options).predict(x)
+    assert pred.output_type == options.get("output_type", "logits")
+    ts = TemperatureScaling()
+    ts.temperature_ = t
+    hot = ts.transform(pred)
+    read = {"task": "classification", "output_type": "logits"} if kind.startswith("binary") else {}
+    reference = MCDropout(_Tempered(logits_net, t), n_samples=10, seed=9, **read).predict(x)
+    for name in _STATISTICS:
+        torch.testing.assert_close(getattr(hot, name), getattr(reference, name), rtol=0, atol=2e-5, msg=name)
+    assert hot.samples.shape == pred.samples.shape and hot.class_dim == pred.class_dim
+
+
+def test_accuracy_is_kept_where_no_argmax_can_change_and_changed_by_the_counter_example() -> None:
+    # one pass (the dropout-off baseline): softmax(z / T) keeps the argmax of z for every T
+    net, x = _classifier(k=5, seed=7), _inputs(60, seed=3)
+    labels = torch.arange(60) % 5
+    base = MCDropout(net, n_samples=10, keep_samples=True).predict_deterministic(x)
+    # two classes, every sample voting alike: every tempered sample keeps its side of 1/2
+    binary = _classifier(k=2, seed=8)
+    pred = MCDropout(binary, n_samples=8, keep_samples=True, seed=0).predict(x)
+    agree = (pred.samples.argmax(-1) == pred.samples[0].argmax(-1)).all(0)
+    assert int(agree.sum()) > 40
+    for t in (0.2, 3.0, 50.0):
+        ts = TemperatureScaling()
+        ts.temperature_ = t
+        assert torch.equal(ts.transform(base).predicted, base.predicted)
+        assert metrics.accuracy(ts.transform(base).probs, labels) == metrics.accuracy(base.probs, labels)
+        assert torch.equal(ts.transform(pred).predicted[agree], pred.predicted[agree])
+    # the counter-example: three samples of one input
+    samples = torch.tensor([[[3.0, 0.0]], [[0.0, 1.0]], [[0.0, 1.0]]])
+    hand = ClassificationPrediction(
+        n_samples=3, samples=samples, probs=torch.softmax(samples, -1).mean(0), output_type="logits"
+    )
+    one, ten = TemperatureScaling(), TemperatureScaling()
+    one.temperature_, ten.temperature_ = 1.0, 10.0
+    assert one.transform(hand).predicted.tolist() == [1]
+    assert ten.transform(hand).predicted.tolist() == [0]
+    torch.testing.assert_close(
+        ten.transform(hand).probs, torch.softmax(samples / 10, -1).mean(0), rtol=0, atol=1e-7
+    )
+    target = torch.tensor([1])
+    assert metrics.accuracy(one.transform(hand).probs, target) == 1.0
+    assert metrics.accuracy(ten.transform(hand).probs, target) == 0.0
+    # the arrays path says the same
+    assert ten.transform(samples).argmax(-1).tolist() == [0]
+
+
+def test_fitting_on_a_prediction_minimises_the_nll_of_the_mc_predictive_mean() -> None:
+    net, x = _classifier(k=4, seed=10), _inputs(300, seed=4)
+    with torch.no_grad():  # labels drawn from a flatter law than the model's: T > 1 is right
+        labels = torch.multinomial(
+            torch.softmax(net(x) / 3, -1), 1, generator=torch.Generator().manual_seed(0)
+        )[:, 0]
+    loader = DataLoader(TensorDataset(x, labels), batch_size=100)
+    pred = MCDropout(net, n_samples=16, keep_samples=True, seed=0).predict_loader(loader, progress=False)
+    ts = TemperatureScaling().fit(pred)  # labels from pred.targets
+    assert ts.temperature_ > 1
+    same = TemperatureScaling().fit(pred.samples.double(), labels)  # the MC logits themselves
+    assert ts.temperature_ == pytest.approx(same.temperature_, rel=1e-6)
+
+    def nll(t: float) -> float:
+        mean = torch.softmax(pred.samples.double() / t, -1).mean(0)
+        return float(-mean[torch.arange(300), labels].log().mean())
+
+    assert ts.nll_after_ == pytest.approx(nll(ts.temperature_), abs=1e-6)
+    assert ts.nll_before_ == pytest.approx(nll(1.0), abs=1e-6)
+    assert all(ts.nll_after_ <= nll(ts.temperature_ * f) + 1e-9 for f in (0.95, 1.05))
+    hot = ts.transform(pred)
+    assert metrics.negative_log_likelihood(hot.probs, labels) == pytest.approx(ts.nll_after_, abs=1e-5)
+    # a model giving probabilities is fitted through their logarithms: the same temperature
+    soft = MCDropout(
+        nn.Sequential(net, nn.Softmax(-1)).eval(),
+        n_samples=16,
+        keep_samples=True,
+        seed=0,
+        output_type="probs",
+    ).predict_loader(loader, progress=False)
+    assert TemperatureScaling().fit(soft, labels).temperature_ == pytest.approx(ts.temperature_, rel=1e-4)
+
+
+def test_temperature_scaling_of_predictions_errors() -> None:
+    net, x = _classifier(), _inputs(8)
+    ts = TemperatureScaling()
+    ts.temperature_ = 2.0
+    plain = MCDropout(net, n_samples=4, seed=0).predict(x)
+    for call in (lambda: ts.fit(plain, torch.zeros(8, dtype=torch.long)), lambda: ts.transform(plain)):
+        with pytest.raises(InvalidInputError, match=r"MCDropout\(\.\.\., keep_samples=True\)"):
+            call()
+    kept = MCDropout(net, n_samples=4, seed=0, keep_samples=True).predict(x)
+    with pytest.raises(InvalidInputError, match="no labels to fit on"):
+        TemperatureScaling().fit(kept)
+    with pytest.raises(InvalidInputError, match="labels must have shape"):
+        TemperatureScaling().fit(kept, torch.zeros(7, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match="labels are needed"):
+        TemperatureScaling().fit(kept.samples)
+    regression = MCDropout(_classifier(k=1), n_samples=4, keep_samples=True, seed=0).predict(x)
+    with pytest.raises(InvalidTypeError, match="VarianceScaling or IsotonicRecalibration"):
+        ts.transform(regression)
+    unknown = ClassificationPrediction(n_samples=4, samples=kept.samples, probs=kept.probs)
+    with pytest.raises(InvalidInputError, match="output_type"):
+        ts.transform(unknown)
+    with pytest.raises(NotFittedError):
+        TemperatureScaling().transform(kept)
+
+
+def _regressor(seed: int = 0, aleatoric: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(3, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 2 if aleatoric else 1)
+    ).eval()
+
+
+def test_variance_scaling_of_a_prediction_scales_both_variances() -> None:
+    net, x = _regressor(seed=1, aleatoric=True), _inputs(200, seed=5)
+    with torch.no_grad():
+        y = net(x)[:, 0] + 0.8 * torch.randn(200, generator=torch.Generator().manual_seed(2))
+    mc = MCDropout(net, n_samples=20, aleatoric="log_variance", keep_samples=True, seed=0)
+    pred = mc.predict(x)
+    vs = VarianceScaling().fit(pred, y)
+    arrays = VarianceScaling().fit(pred.mean, pred.total_std, y.reshape(200, 1))
+    assert vs.factor_ == pytest.approx(arrays.factor_, rel=1e-12)
+    pred.targets = y
+    assert VarianceScaling().fit(pred).factor_ == vs.factor_  # targets from the prediction
+    before = pred.variance.clone()
+    wide = vs.transform(pred)
+    s = vs.factor_
+    assert isinstance(wide, RegressionPrediction) and torch.equal(pred.variance, before)
+    assert torch.equal(wide.mean, pred.mean) and torch.equal(wide.targets, pred.targets)
+    torch.testing.assert_close(wide.variance, pred.variance * s**2)
+    torch.testing.assert_close(wide.aleatoric_variance, pred.aleatoric_variance * s**2)
+    torch.testing.assert_close(wide.total_std, pred.total_std * s)
+    torch.testing.assert_close(wide.samples.var(0, correction=0), wide.variance, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(wide.samples.mean(0), pred.samples.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(wide.standard_error("variance"), pred.standard_error("variance") * s**2)
+    torch.testing.assert_close(wide.standard_error("std"), pred.standard_error("std") * s)
+    assert torch.equal(wide.standard_error("mean"), pred.standard_error("mean"))
+    assert metrics.gaussian_nll(wide.mean, wide.total_std, y.reshape(200, 1)) == pytest.approx(
+        vs.nll_after_, abs=1e-5
+    )
+
+
+def test_regression_recalibration_of_predictions_errors() -> None:
+    net, x = _regressor(seed=2), _inputs(10)
+    mc = MCDropout(net, n_samples=5, seed=0)
+    pred, base = mc.predict(x), mc.predict_deterministic(x)
+    y = torch.zeros(10)
+    for make in (VarianceScaling, IsotonicRecalibration):
+        with pytest.raises(InvalidInputError, match="total std is 0 for 10 of 10"):
+            make().fit(base, y)
+        with pytest.raises(InvalidInputError, match="no targets to fit on"):
+            make().fit(pred)
+        with pytest.raises(InvalidInputError, match="pass only the targets"):
+            make().fit(pred, y, y)
+        with pytest.raises(InvalidTypeError, match="TemperatureScaling"):
+            make().fit(MCDropout(_classifier(), n_samples=3).predict(x), torch.zeros(10))
+        with pytest.raises(InvalidInputError, match="needs all three"):
+            make().fit(pred.mean, pred.std)
+    vs = VarianceScaling().fit(pred, y + 1)
+    with pytest.raises(InvalidTypeError, match="TemperatureScaling"):
+        vs.transform(MCDropout(_classifier(), n_samples=3).predict(x))
+
+
+def test_isotonic_recalibration_reads_a_prediction_as_its_gaussian() -> None:
+    net, x = _regressor(seed=3), _inputs(400, seed=6)
+    with torch.no_grad():
+        y = net(x)[:, 0] + 0.5 * torch.randn(400, generator=torch.Generator().manual_seed(3))
+    pred = MCDropout(net, n_samples=20, seed=0).predict(x)
+    pred.targets = y
+    iso = IsotonicRecalibration().fit(pred)
+    arrays = IsotonicRecalibration().fit(pred.mean, pred.total_std, y.reshape(400, 1))
+    for level in (0.5, 0.9):
+        lo, hi = iso.interval(pred, level)
+        lo_a, hi_a = arrays.interval(pred.mean, pred.total_std, level)
+        assert torch.equal(lo, lo_a) and torch.equal(hi, hi_a) and lo.shape == pred.mean.shape
+        assert torch.equal(iso.interval(pred, level=level)[0], lo)
+        assert torch.equal(iso.quantile(pred, level), arrays.quantile(pred.mean, pred.total_std, level))
+    values = y.reshape(400, 1)
+    assert torch.equal(iso.cdf(pred, values), arrays.cdf(pred.mean, pred.total_std, values))
+    lo, hi = iso.interval(pred, 0.9)  # in-sample coverage, recalibrated to the nominal level
+    assert float(((values >= lo) & (values <= hi)).double().mean()) == pytest.approx(0.9, abs=0.02)
+    with pytest.raises(InvalidInputError, match="does not transform a prediction"):
+        iso.transform(pred)
