@@ -4,9 +4,12 @@ Bad input (a missing file, an unreadable model, wrong columns, mismatched shapes
 and one clear message on stderr, never a traceback.
 
 Loading a model is a trust boundary. A ``--weights`` state dict and ``.pt`` data files are read with
-``torch.load(weights_only=True)``, which cannot run code. Whatever runs code from outside (importing
-the module of a ``package.module:factory`` model; loading a TorchScript file, whose program is the
-model and whose loader a crafted file can make execute arbitrary code) needs ``--trust-code``.
+``torch.load(weights_only=True)``, which cannot run code, and a model file is told apart (exported
+program, TorchScript, ``torch.save(model)``, or a state dict given by mistake) without running any
+of it. Whatever runs code from outside (importing the module of a ``package.module:factory``
+model, from the current folder or the installed packages; loading a TorchScript file, whose program
+is the model and whose loader a crafted file can make execute arbitrary code; ``torch.export.load``
+and unpickling a whole model) needs ``--trust-code``.
 Reports are written atomically into ``--out`` only; an existing report folder is replaced only
 with ``--force``, and a folder holding anything else never.
 
@@ -51,12 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress output")
 
     rep = sub.add_parser("report", help="evaluate a saved model on a data file and write its report")
-    rep.add_argument("--model", required=True, help="TorchScript file (.pt), or package.module:factory")
+    rep.add_argument(
+        "--model",
+        required=True,
+        help="an exported program (torch.export.save, .pt2), a TorchScript file, a torch.save(model) file, "
+        "or package.module:factory (importable from the current folder) with --weights",
+    )
     rep.add_argument("--weights", help="state-dict file for a package.module:factory model")
     rep.add_argument(
         "--trust-code",
         action="store_true",
-        help="allow running code from --model: loading a TorchScript file or importing the factory's module",
+        help="allow running code from --model: loading a model file or importing the factory's module",
     )
     rep.add_argument("--data", required=True, help=".npz, .pt or .csv file with inputs and targets")
     rep.add_argument("--target", default="y", help="target column/key (default: %(default)s)")
@@ -74,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--batch-size", type=int, default=256)
     rep.add_argument("--device", default="cpu", help="where to evaluate, e.g. cpu or cuda:0 (default: cpu)")
     rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument(
+        "--title", default=None, help="the report's title (default: the model and data file names)"
+    )
+    rep.add_argument(
+        "--n-bins",
+        type=int,
+        default=15,
+        help="confidence bins of the calibration errors (default: %(default)s)",
+    )
     rep.add_argument("--out", default="mcdrop-report", help="report folder (default: %(default)s)")
     rep.add_argument("--force", action="store_true", help="overwrite an existing report folder")
     rep.add_argument("--quiet", action="store_true", help="no progress output")
@@ -90,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.weights_used = None  # set by _load_model: which weights were evaluated, in words
     from mcdrop.errors import McdropError
 
     try:
@@ -115,6 +133,7 @@ _NUMBER_OPTIONS = {
         ("--batch-size", "batch_size", 1, None),
         ("--seed", "seed", 0, 2**64 - 1),
         ("--output", "output", 0, None),
+        ("--n-bins", "n_bins", 1, None),
     ],
 }
 
@@ -160,7 +179,7 @@ def _demo(args: argparse.Namespace) -> int:
     ood = mc.predict(data.x_ood)
     report = mcdrop.report(pred, ood=ood, title="mcdrop demo: dropout MLP on scikit-learn digits", model=mc)
     if not args.quiet:
-        print(report.summary[["metric", "value"]].to_string(index=False))
+        print(_summary_text(report.summary), flush=True)
     report.save(out, overwrite=args.force)
     _say(args, f"mcdrop demo: report written to {out.resolve()} (open {out.resolve() / 'report.html'})")
     return 0
@@ -233,71 +252,349 @@ def _check_device(text: str) -> None:
         raise CliError("--device meta holds no data, so nothing can be evaluated on it; use cpu or cuda")
 
 
-def _load_model(args: argparse.Namespace) -> Any:
+#: TorchScript's own deprecation notices (torch >= 2.11: "`torch.jit.load` is deprecated. Please switch
+#: to `torch.export`."), silenced around mcdrop's own calls only: the user chose the format already.
+_JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+
+
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """Silence torch's TorchScript deprecation warnings (and only those) inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current folder first on ``sys.path`` inside the block, as for ``python -m``.
+
+    The ``mcdrop`` console script puts its own folder (``.venv/bin``) there instead, so a
+    ``models.py`` next to the data could not be imported by ``--model models:make``.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+#: Model file kinds told apart by :func:`_model_file_kind`.
+_TORCHSCRIPT, _EXPORTED, _STATE_DICT, _PICKLED_MODULE, _CHECKPOINT, _OTHER = (
+    "torchscript",
+    "exported program",
+    "state dict",
+    "pickled module",
+    "checkpoint",
+    "other",
+)
+
+
+def _model_file_kind(path: Path) -> tuple[str, str]:
+    """``(kind, detail)`` of a model file, found without running any code from it.
+
+    A zip archive with ``code/`` (or ``constants.pkl``) is TorchScript; one with ``archive_format``
+    or ``models/*.json`` is a ``torch.export.save`` program; one with ``data.pkl`` (or a file that is
+    not a zip: the legacy format or a plain pickle) is read with ``torch.load(weights_only=True)``,
+    which cannot run code: a dict of tensors is a state dict, a dict holding one is a checkpoint.
+    If that load refuses the file, the classes its pickle names are read with :mod:`pickletools`
+    (which decodes the opcodes without executing them): a pickle naming ``torch.nn.modules`` classes
+    is a whole model saved with ``torch.save(model)``. ``detail`` says what was found (key names,
+    the class), for the message.
+    """
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                tails = {name.split("/", 1)[1] if "/" in name else name for name in names}
+                if any(t.startswith("code/") for t in tails) or "constants.pkl" in tails:
+                    return _TORCHSCRIPT, ""
+                if "archive_format" in tails or any(
+                    t.startswith("models/") and t.endswith(".json") for t in tails
+                ):
+                    return _EXPORTED, ""
+                pickles = [n for n in names if n.endswith("data.pkl")]
+                if not pickles:
+                    return _OTHER, "a zip archive that is no PyTorch file"
+                with archive.open(pickles[0]) as stream:
+                    globals_ = _pickle_globals(stream)
+        except (OSError, zipfile.BadZipFile) as err:
+            return _OTHER, f"an unreadable zip archive ({err})"
+    else:
+        try:
+            with path.open("rb") as stream:
+                globals_ = _pickle_globals(stream)
+        except OSError as err:
+            return _OTHER, f"unreadable ({err})"
+        if globals_ is None:
+            return _OTHER, "neither a PyTorch file nor a pickle"
+    return _kind_of_pickle(path, globals_ or [])
+
+
+def _pickle_globals(stream: Any) -> list[str] | None:
+    """``module.name`` of every class or function a pickle refers to, without unpickling it.
+
+    Reads up to four consecutive pickles of the binary ``stream`` (torch's legacy format writes
+    several, then raw tensor bytes); ``None`` if it does not start with a pickle.
+    """
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
+    for index in range(4):
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings = [*strings[-1:], str(arg)]
+                elif opcode.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) == 2:
+                    found.append(".".join(strings))
+        except Exception:  # noqa: BLE001 - pickletools raises ValueError and others past the pickles
+            return None if index == 0 else found
+    return found
+
+
+def _kind_of_pickle(path: Path, globals_: list[str]) -> tuple[str, str]:
+    """The kind of a ``torch.save`` file or pickle, given the globals its pickle names."""
     import torch
 
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the kind is what we report
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - refused by the safe loader: look at the classes it names
+        loaded = None
+    else:
+        return _kind_of_object(loaded)
+    modules = [g for g in globals_ if g.startswith("torch.nn.modules.") or g.endswith("._rebuild_parameter")]
+    if modules:
+        top = globals_[0] if globals_ else modules[0]
+        return _PICKLED_MODULE, top
+    others = [
+        g for g in globals_ if not g.startswith(("torch.", "collections.", "builtins.", "__builtin__."))
+    ]
+    return _OTHER, "a pickle of " + (
+        f"Python objects ({', '.join(others[:3])})" if others else "Python objects"
+    )
+
+
+def _kind_of_object(loaded: Any) -> tuple[str, str]:
+    """The kind of what ``torch.load(weights_only=True)`` read from a model file."""
+    import torch
+
+    if isinstance(loaded, dict) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        keys = list(loaded)
+        return (
+            _STATE_DICT,
+            f"{len(keys)} tensors: {', '.join(map(repr, keys[:3]))}{', ...' if len(keys) > 3 else ''}",
+        )
+    if isinstance(loaded, dict):
+        nested = [
+            k
+            for k, v in loaded.items()
+            if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values())
+        ]
+        if nested:
+            return _CHECKPOINT, f"keys {sorted(map(str, loaded))[:8]}; the state dict is under {nested[0]!r}"
+        return _OTHER, f"a dict with keys {sorted(map(str, loaded))[:8]}, not a model"
+    return _OTHER, f"a {type(loaded).__name__}, not a model"
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    """The model ``--model`` names (a file or ``package.module:factory``), on ``--device``, in eval mode.
+
+    Also sets ``args.weights_used``: which weights are evaluated, in words, for the output and the
+    report's metadata.
+    """
     spec = args.model
     path = Path(spec)
-    if path.suffix in (".pt", ".pth", ".ts", ".torchscript") or path.exists():
+    if path.exists() or path.suffix.lower() in _MODEL_SUFFIXES:
         if not path.exists():
             raise CliError(f"model file {spec} not found")
-        if not args.trust_code:
+        if args.weights:
             raise CliError(
-                f"--model {spec} is loaded as a TorchScript file, which runs code from the file (the model's "
-                "program, and torch.jit.load can be made to execute arbitrary code by a crafted file); pass "
-                "--trust-code if you trust where it came from, or give package.module:factory with --weights "
-                "(a state dict, read with torch.load(weights_only=True))"
+                f"--weights applies to a package.module:factory model; --model {spec} is a file that holds "
+                "its own weights"
             )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is still what users have
-                return torch.jit.load(str(path), map_location=args.device)
-        except Exception as err:  # noqa: BLE001 - any failure here means "not a TorchScript file"
-            raise CliError(
-                f"could not load {spec} as a TorchScript model ({_first_line(err)}). Save it with "
-                "torch.jit.save(torch.jit.script(model), path), or give package.module:factory with --weights"
-            ) from None
-    if ":" not in spec:
+        model = _load_model_file(path, args)
+        args.weights_used = f"those saved in {spec}"
+    elif ":" not in spec:
         raise CliError(f"--model {spec!r} is neither an existing file nor of the form package.module:factory")
+    else:
+        model = _load_factory_model(spec, args)
+    return _to_eval(model.to(args.device))
+
+
+#: Suffixes of model files: a missing one is reported as a missing file, not as a bad factory spec.
+_MODEL_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".pkl", ".bin")
+
+_FACTORY_FIX = (
+    "mcdrop report --model package.module:factory --weights {file} --trust-code ..., where factory() "
+    "builds the model (untrained) and lives in a module importable from the current folder"
+)
+
+
+def _load_model_file(path: Path, args: argparse.Namespace) -> Any:
+    """Load a model file of whatever kind it is; refuse the kinds that are no model, saying what to pass."""
+    kind, detail = _model_file_kind(path)
+    if kind == _STATE_DICT:
+        raise CliError(
+            f"--model {path} holds a state dict ({detail}): the weights without the code that builds the "
+            f"model. Give that code as a factory and the file as its weights: {_FACTORY_FIX.format(file=path)}"
+        )
+    if kind == _CHECKPOINT:
+        raise CliError(
+            f"--model {path} is a training checkpoint ({detail}): save that state dict on its own, "
+            f"torch.save(ckpt[key], 'weights.pt'), then {_FACTORY_FIX.format(file='weights.pt')}"
+        )
+    if kind == _OTHER:
+        raise CliError(
+            f"--model {path} is {detail}. mcdrop reads an exported program (torch.export.save, .pt2), a "
+            "TorchScript file (torch.jit.save), a whole model saved with torch.save(model) (with --trust-code), "
+            "or package.module:factory with --weights (a state dict)"
+        )
+    if not args.trust_code:
+        raise CliError(_trust_message(path, kind, detail))
+    if kind == _TORCHSCRIPT:
+        return _load_torchscript(path, args)
+    if kind == _EXPORTED:
+        from mcdrop._exported import load_exported
+
+        model, note = load_exported(path, _first_line)
+        if note:
+            print(f"mcdrop report: note: {note}", file=sys.stderr, flush=True)
+        return model
+    return _load_pickled_module(path, args, detail)
+
+
+def _trust_message(path: Path, kind: str, detail: str) -> str:
+    """Why loading ``path`` (of ``kind``) needs ``--trust-code``, and the alternative."""
+    if kind == _PICKLED_MODULE:
+        return (
+            f"--model {path} is a whole model saved with torch.save(model) (class {detail}); unpickling it runs "
+            "code named by the file, so mcdrop loads it only with --trust-code (pass it if you trust where the "
+            "file came from; its class must be importable from the current folder). Safer: save "
+            f"model.state_dict() and give {_FACTORY_FIX.format(file='weights.pt')}"
+        )
+    what = (
+        "an exported program (torch.export.save); torch.export.load unpickles parts of it, which can run code"
+        if kind == _EXPORTED
+        else "a TorchScript file, which runs code from the file (the model's program, and torch.jit.load can be "
+        "made to execute arbitrary code by a crafted file)"
+    )
+    return (
+        f"--model {path} is {what}; pass --trust-code if you trust where it came from, or give "
+        "package.module:factory with --weights (a state dict, read with torch.load(weights_only=True))"
+    )
+
+
+def _load_torchscript(path: Path, args: argparse.Namespace) -> Any:
+    import torch
+
+    try:
+        with _quiet_jit():
+            return torch.jit.load(str(path), map_location=args.device)
+    except Exception as err:  # noqa: BLE001 - any failure here means "not a TorchScript file"
+        raise CliError(
+            f"could not load {path} as a TorchScript model ({_first_line(err)}). Export it instead, "
+            "torch.export.save(torch.export.export(model, (x,)), 'model.pt2'), or give package.module:factory "
+            "with --weights"
+        ) from None
+
+
+def _load_pickled_module(path: Path, args: argparse.Namespace, cls: str) -> Any:
+    import torch
+
+    try:
+        with _cwd_importable(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's note on weights_only: chosen knowingly
+            model = torch.load(str(path), map_location=args.device, weights_only=False)
+    except (AttributeError, ImportError) as err:
+        where = (
+            "in the script that saved it (its __main__), which no other program can import"
+            if cls.startswith("__main__.")
+            else "in a module that cannot be imported from here"
+        )
+        raise CliError(
+            f"could not load {path}: its class {cls} was defined {where} ({_first_line(err)}). Move the class "
+            "into a module file in the current folder and save again, or save model.state_dict() and give "
+            f"{_FACTORY_FIX.format(file='weights.pt')}"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - the file's pickle is the user's; any failure is theirs
+        raise CliError(f"could not load {path} with torch.load: {_first_line(err)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _to_eval(model: Any) -> Any:
+    """``model.eval()``: the mode MCDropout expects on entry (it switches only the dropout on)."""
+    return model.eval()
+
+
+def _load_factory_model(spec: str, args: argparse.Namespace) -> Any:
+    """``factory()`` of ``package.module:factory`` (importable from the current folder), with ``--weights``."""
+    import torch
+
     if not args.trust_code:
         raise CliError(
             f"--model {spec} imports and runs Python code from module {spec.split(':')[0]!r}; pass --trust-code "
             "if you trust it"
         )
     module_name, factory_name = spec.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise CliError(f"cannot import module {module_name!r}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - the module's own code raised while importing
-        raise CliError(
-            f"cannot import module {module_name!r}: importing it raised {_first_line(err)}"
-        ) from None
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise CliError(f"module {module_name!r} has no callable {factory_name!r}")
-    required = _required_parameters(factory)
-    if required:
-        raise CliError(
-            f"--model {spec}: {factory_name}() needs arguments ({', '.join(required)}); the factory must be "
-            "callable with no arguments and return the nn.Module (wrap it: def make(): return Net(...))"
-        )
-    try:
-        model = factory()
-    except Exception as err:  # noqa: BLE001 - the factory is the user's code; any failure is theirs
-        raise CliError(f"calling {spec}() failed: {_first_line(err)}") from None
+    with _cwd_importable():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise CliError(
+                f"cannot import module {module_name!r} (searched the current folder {os.getcwd()} and the "
+                f"installed packages): {err}"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - the module's own code raised while importing
+            raise CliError(
+                f"cannot import module {module_name!r}: importing it raised {_first_line(err)}"
+            ) from None
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise CliError(f"module {module_name!r} has no callable {factory_name!r}")
+        required = _required_parameters(factory)
+        if required:
+            raise CliError(
+                f"--model {spec}: {factory_name}() needs arguments ({', '.join(required)}); the factory must be "
+                "callable with no arguments and return the nn.Module (wrap it: def make(): return Net(...))"
+            )
+        try:
+            model = factory()
+        except Exception as err:  # noqa: BLE001 - the factory is the user's code; any failure is theirs
+            raise CliError(f"calling {spec}() failed: {_first_line(err)}") from None
     if not isinstance(model, torch.nn.Module):
         raise CliError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
-    if args.weights:
-        wpath = Path(args.weights)
-        if not wpath.exists():
-            raise CliError(f"weights file {wpath} not found")
-        try:
-            state = _load_tensors(wpath, args.device)
-            model.load_state_dict(state)
-        except Exception as err:  # noqa: BLE001
-            raise CliError(f"could not load weights {wpath}: {_first_line(err)}{_SAFE_LOAD_HINT}") from None
-    return model.to(args.device).eval()
+    if not args.weights:
+        args.weights_used = _NO_WEIGHTS
+        return model
+    wpath = Path(args.weights)
+    if not wpath.exists():
+        raise CliError(f"weights file {wpath} not found")
+    try:
+        state = _load_tensors(wpath, args.device)
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001
+        raise CliError(f"could not load weights {wpath}: {_first_line(err)}{_SAFE_LOAD_HINT}") from None
+    args.weights_used = f"{wpath} (a state dict)"
+    return model
+
+
+#: What the output and the report's metadata say when a factory model gets no ``--weights``.
+_NO_WEIGHTS = "none given: the factory's own initialisation (pass --weights FILE for trained weights)"
 
 
 def _required_parameters(func: Any) -> list[str]:
@@ -452,9 +749,50 @@ def _report(args: argparse.Namespace) -> int:
                 [mc.predict(x_ood[i : i + args.batch_size]) for i in range(0, len(x_ood), args.batch_size)]
             )
     report = _build_report(args, pred, ood, mc)
+    _say_weights(args)
+    _print_summary(args, report)
     report.save(out, overwrite=args.force)
-    _say(args, f"mcdrop report: written to {out.resolve()}")
+    _say(args, f"mcdrop report: written to {out.resolve()} (open {out.resolve() / 'report.html'})")
     return 0
+
+
+def _say_weights(args: argparse.Namespace) -> None:
+    """Say which weights are evaluated; a factory model without ``--weights`` is warned of on stderr."""
+    _say(args, f"mcdrop report: weights: {args.weights_used}")
+    if args.weights_used == _NO_WEIGHTS:
+        print(
+            f"mcdrop report: warning: no --weights given for {args.model}: evaluating the weights its factory "
+            "builds (random initialisation unless the factory loads trained ones)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _print_summary(args: argparse.Namespace, report: Any) -> None:
+    """The summary table (metric, value, bootstrap interval) on stdout, unless ``--quiet``."""
+    if not args.quiet:
+        print(_summary_text(report.summary), flush=True)
+
+
+def _summary_text(summary: Any) -> str:
+    """A report's summary as a plain-text table: metric, value and its interval (4 significant digits)."""
+    import math
+
+    def number(value: Any) -> str:
+        value = float(value)
+        if math.isnan(value):
+            return "nan"
+        return f"{int(value)}" if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+
+    rows = []
+    for _, row in summary.iterrows():
+        low, high = row.get("ci_low", math.nan), row.get("ci_high", math.nan)
+        interval = "" if math.isnan(float(low)) else f"[{number(low)}, {number(high)}]"
+        rows.append((str(row["metric"]), number(row["value"]), interval))
+    widths = [max(len(r[i]) for r in [("metric", "value", "interval"), *rows]) for i in range(3)]
+    lines = [f"{'metric':<{widths[0]}}  {'value':>{widths[1]}}  interval (bootstrap)"]
+    lines += [f"{m:<{widths[0]}}  {v:>{widths[1]}}  {ci}".rstrip() for m, v, ci in rows]
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -494,10 +832,7 @@ def _build_report(args: argparse.Namespace, pred: Any, ood: Any, mc: Any) -> Any
             )
         d = 1 if mean.dim() == 1 else mean.shape[1]
         if args.output is None and d > 1:
-            raise CliError(
-                f"the model gives {d} outputs per input (mean of shape {tuple(mean.shape)}) and a report covers "
-                f"one: choose it with --output J (0 <= J < {d}), one report per output"
-            )
+            raise CliError(_several_outputs_message(args, pred, d))
         if args.output is not None and args.output >= d:
             raise CliError(f"--output {args.output} is out of range: the model gives {d} output(s) per input")
     elif args.output is not None:
@@ -505,10 +840,35 @@ def _build_report(args: argparse.Namespace, pred: Any, ood: Any, mc: Any) -> Any
             f"--output applies to regression models with several outputs; this is a {type(pred).__name__} "
             "(pass --task regression if the model is a regressor)"
         )
-    title = f"mcdrop report: {args.model} on {args.data}"
+    title = args.title or f"mcdrop report: {args.model} on {args.data}"
     if args.output is not None:
         title += f" (output {args.output})"
-    return mcdrop.report(pred, ood=ood, title=title, model=mc, output=args.output)
+    return mcdrop.report(pred, ood=ood, title=title, model=mc, output=args.output, n_bins=args.n_bins)
+
+
+def _several_outputs_message(args: argparse.Namespace, pred: Any, d: int) -> str:
+    """Why a regression report of ``d > 1`` outputs per input needs a choice, and which one fits.
+
+    With one target per input (shape ``(n,)`` or ``(n, 1)``), ``d`` outputs are most likely the
+    scores of ``d`` classes: ``--task classification``. Only targets with ``d`` columns make a
+    regressor of ``d`` outputs plausible, and then ``--output J`` picks the one to report.
+    """
+    targets = pred.targets
+    shape = tuple(pred.mean.shape)
+    if targets is not None and targets.dim() == 2 and targets.shape[1] == d:
+        return (
+            f"the model gives {d} outputs per input (mean of shape {shape}) and the targets have {d} columns: "
+            f"a report covers one output, so choose it with --output J (0 <= J < {d}), one report per output "
+            "(or, if the outputs are class scores, pass --task classification)"
+        )
+    given = "--task regression" if args.task == "regression" else "regression (--task auto)"
+    got = "no targets" if targets is None else f"targets of shape {tuple(targets.shape)}"
+    return (
+        f"the model gives {d} outputs per input (mean of shape {shape}) and the data have {got}: with one "
+        f"target per input these look like the scores of {d} classes, read as {given}; pass --task "
+        f"classification. --output J (0 <= J < {d}) is for a regressor of {d} targets, with targets of "
+        f"shape (n, {d})"
+    )
 
 
 def _report_distributed(args: argparse.Namespace, out: Path) -> int:
@@ -553,6 +913,8 @@ def _report_distributed(args: argparse.Namespace, out: Path) -> int:
                 ood = distributed.predict_loader(mc, ood_loader, progress=False)
         if rank == 0:
             report = _build_report(args, pred, ood, mc)
+            _say_weights(args)
+            _print_summary(args, report)
             report.save(out, overwrite=args.force)
             _say(args, f"mcdrop report: written to {out.resolve()} ({world} processes)")
     return 0

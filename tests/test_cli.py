@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -478,3 +479,351 @@ def test_numeric_options_are_checked_before_any_work(
     err = _fails([*argv, "--out", str(tmp_path / "rep"), "--quiet"], capsys)
     assert message in err, err
     assert not (tmp_path / "rep").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# model files: what a file is, found without running it, and the exact fix for those that are no model
+# ------------------------------------------------------------------------------------------------
+def _bn_net(seed: int = 0) -> nn.Module:
+    """A classifier with BatchNorm (whose mode matters) and one dropout, in eval mode."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    with torch.no_grad():  # running statistics far from a batch's own, so a train-mode BatchNorm shows
+        net[1].running_mean.normal_(0, 2)
+        net[1].running_var.uniform_(0.5, 4)
+    return net.eval()
+
+
+def test_a_state_dict_as_the_model_gets_the_factory_command(tmp_path: Path, npz_data: Path, capsys) -> None:
+    state = tmp_path / "weights.pt"
+    torch.save(_bn_net().state_dict(), state)
+    for trust in ((), ("--trust-code",)):
+        args = [
+            "report",
+            "--model",
+            str(state),
+            *trust,
+            "--data",
+            str(npz_data),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+        err = _fails(args, capsys)
+        assert "holds a state dict (9 tensors: '0.weight', '0.bias', '1.weight', ...)" in err, err
+        assert f"--model package.module:factory --weights {state}" in err, err
+        assert "TorchScript" not in err and "corrupt" not in err, err
+
+
+def test_a_checkpoint_dict_as_the_model_names_the_key(tmp_path: Path, npz_data: Path, capsys) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "model_state": _bn_net().state_dict()}, ckpt)
+    err = _fails(
+        ["report", "--model", str(ckpt), "--data", str(npz_data), "--out", str(tmp_path / "r")], capsys
+    )
+    assert "training checkpoint" in err and "under 'model_state'" in err and "--weights weights.pt" in err, (
+        err
+    )
+
+
+def test_a_pickled_module_needs_trust_code_and_then_loads(
+    tmp_path: Path, npz_data: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cli_pickled_net.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import cli_pickled_net  # the module a user's training script imported
+
+    torch.save(cli_pickled_net.Net().eval(), tmp_path / "whole.pt")
+    monkeypatch.delitem(sys.modules, "cli_pickled_net")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    args = ["report", "--model", "whole.pt", "--data", str(npz_data), "--n-samples", "3", "--out", "rep"]
+    err = _fails(args, capsys)
+    assert "whole model saved with torch.save(model) (class cli_pickled_net.Net)" in err, err
+    assert "--trust-code" in err and "--model package.module:factory --weights weights.pt" in err, err
+    assert main([*args, "--trust-code", "--quiet"]) == 0, capsys.readouterr().err  # its module: from the cwd
+    assert len(pd.read_csv(tmp_path / "rep" / "per_input.csv")) == 40
+
+
+def test_a_module_pickled_from_a_script_says_its_class_cannot_be_imported(
+    tmp_path: Path, npz_data: Path, monkeypatch, capsys
+) -> None:
+    class Net(nn.Sequential):
+        pass
+
+    Net.__module__, Net.__qualname__ = "__main__", "Net"  # as if defined in the training script
+    monkeypatch.setattr(sys.modules["__main__"], "Net", Net, raising=False)
+    torch.save(Net(nn.Linear(5, 3), nn.Dropout(0.2)), tmp_path / "whole.pt")
+    monkeypatch.delattr(sys.modules["__main__"], "Net")
+    err = _fails(_report_args(tmp_path, tmp_path / "whole.pt", npz_data), capsys)
+    assert "its class __main__.Net was defined in the script that saved it" in err, err
+
+
+def test_detecting_a_file_runs_no_code_from_it(tmp_path: Path, npz_data: Path, capsys) -> None:
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))  # unpickling it creates the marker file
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, evil)
+    for trust in ((), ("--trust-code",)):  # a pickle of no module is no model: never unpickled
+        err = _fails(["report", "--model", str(evil), *trust, "--data", str(npz_data), "--out", "r"], capsys)
+        assert "is a pickle of Python objects (" in err and "open)" in err, err
+    assert not marker.exists()
+
+
+def test_weights_are_refused_for_a_model_file(
+    tmp_path: Path, scripted_model: Path, npz_data: Path, capsys
+) -> None:
+    err = _fails(_report_args(tmp_path, scripted_model, npz_data, "--weights", str(scripted_model)), capsys)
+    assert "--weights applies to a package.module:factory model" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# package.module:factory from the current folder; which weights were evaluated
+# ------------------------------------------------------------------------------------------------
+_FACTORY_SOURCE = (
+    "import torch\n"
+    "def make():\n"
+    "    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),\n"
+    "                               torch.nn.Linear(16, 3))\n"
+)
+
+
+def _factory_folder(tmp_path: Path, name: str) -> Path:
+    """A folder holding module ``name`` (factory ``make``), its trained-like weights and a data file."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(_FACTORY_SOURCE)
+    torch.manual_seed(0)
+    torch.save(
+        nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)).state_dict(),
+        folder / "weights.pt",
+    )
+    rng = np.random.default_rng(0)
+    np.savez(folder / "data.npz", x=rng.normal(size=(40, 5)).astype(np.float32), y=rng.integers(0, 3, 40))
+    return folder
+
+
+def test_a_factory_module_in_the_current_folder_is_imported(tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = _factory_folder(tmp_path, "cli_cwd_models")
+    monkeypatch.chdir(folder)
+    # the console script's sys.path: its own folder first, neither "" nor the current folder
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(folder), ".")])
+    monkeypatch.delitem(sys.modules, "cli_cwd_models", raising=False)
+    argv = ["report", "--model", "cli_cwd_models:make", "--trust-code", "--weights", "weights.pt"]
+    assert main([*argv, "--data", "data.npz", "--n-samples", "3", "--out", "rep"]) == 0, (
+        capsys.readouterr().err
+    )
+    out = capsys.readouterr().out
+    assert "weights: weights.pt (a state dict)" in out and "accuracy" in out, out
+    assert str(folder) not in sys.path  # put there for the import only
+    assert (folder / "rep" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_python_dash_m_imports_a_factory_from_the_current_folder(tmp_path: Path) -> None:
+    folder = _factory_folder(tmp_path, "cli_sub_models")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "always"}
+    argv = [
+        "report",
+        "--model",
+        "cli_sub_models:make",
+        "--trust-code",
+        "--data",
+        "data.npz",
+        "--n-samples",
+        "3",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "mcdrop", *argv], capture_output=True, text=True, cwd=folder, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "weights: none given" in done.stdout, done.stdout
+    assert "no --weights given for cli_sub_models:make" in done.stderr, done.stderr
+
+
+def test_a_factory_without_weights_says_so_on_stdout_and_stderr(tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = _factory_folder(tmp_path, "cli_noweights_models")
+    monkeypatch.chdir(folder)
+    monkeypatch.delitem(sys.modules, "cli_noweights_models", raising=False)
+    argv = ["report", "--model", "cli_noweights_models:make", "--trust-code", "--data", "data.npz"]
+    assert main([*argv, "--n-samples", "3", "--out", "rep"]) == 0
+    captured = capsys.readouterr()
+    assert "weights: none given: the factory's own initialisation" in captured.out, captured.out
+    assert "warning: no --weights given" in captured.err, captured.err
+
+
+# ------------------------------------------------------------------------------------------------
+# exported programs (torch.export.save): sampled where the graph holds dropout, refused where not
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """Programs of one BatchNorm + dropout classifier, exported in several ways, and its data."""
+    folder = tmp_path_factory.mktemp("exported")
+    x = torch.randn(4, 5)
+    batch = ({0: torch.export.Dim.DYNAMIC},)
+    net = _bn_net()
+    files = {}
+
+    def save(name: str, program) -> None:
+        files[name] = folder / f"{name}.pt2"
+        torch.export.save(program, files[name])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's pytree notes
+        save("eval", torch.export.export(net, (x,), dynamic_shapes=batch))
+        save("eval_decomposed", torch.export.export(net, (x,), dynamic_shapes=batch).run_decompositions())
+        save("static", torch.export.export(net, (x,)))
+        net[3].train()  # the recipe: dropout alone in train mode
+        save("dropout_train", torch.export.export(net, (x,), dynamic_shapes=batch))
+        save(
+            "dropout_train_decomposed",
+            torch.export.export(net, (x,), dynamic_shapes=batch).run_decompositions(),
+        )
+        net.train()
+        save("all_train", torch.export.export(net, (x,), dynamic_shapes=batch))
+    net.eval()
+    files["weights"] = folder / "weights.pt"
+    torch.save(net.state_dict(), files["weights"])
+    (folder / "cli_bn_factory.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),\n"
+        "                               torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))\n"
+    )
+    rng = np.random.default_rng(0)
+    files["data"] = folder / "data.npz"
+    np.savez(files["data"], x=rng.normal(size=(200, 5)).astype(np.float32), y=rng.integers(0, 3, 200))
+    return files
+
+
+def _summary(folder: Path) -> pd.Series:
+    return pd.read_csv(folder / "summary.csv").set_index("metric")["value"]
+
+
+def test_an_exported_program_with_dropout_is_sampled_as_the_eager_model(
+    tmp_path: Path, exported: dict[str, Path], monkeypatch, capsys
+) -> None:
+    common = ["--data", str(exported["data"]), "--n-samples", "200", "--quiet"]
+    monkeypatch.chdir(exported["weights"].parent)
+    monkeypatch.delitem(sys.modules, "cli_bn_factory", raising=False)
+    eager = ["--model", "cli_bn_factory:make", "--weights", str(exported["weights"]), "--trust-code"]
+    assert main(["report", *eager, *common, "--seed", "1", "--out", str(tmp_path / "eager")]) == 0
+    want = _summary(tmp_path / "eager")
+    assert want["mean mutual information"] > 0.01
+    for how in ("dropout_train", "dropout_train_decomposed", "eval"):
+        out = tmp_path / how
+        assert (
+            main(["report", "--model", str(exported[how]), "--trust-code", *common, "--out", str(out)]) == 0
+        )
+        got = _summary(out)
+        # The same rate at the same place, other seeds: the mean mutual information (about 0.05 here)
+        # agrees within 10 %, where a lost dropout gives 0 and a doubled rate about twice as much.
+        assert got["mean mutual information"] == pytest.approx(want["mean mutual information"], rel=0.1), how
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.05), how
+        sites = pd.read_csv(out / "sites.csv")
+        assert sites["rate"].tolist() == [0.3] and sites["kind"].tolist() == ["dropout"], (how, sites)
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("all_train", "exported in train mode, so its BatchNorm normalises each batch with that batch's own"),
+        ("eval_decomposed", "holds no dropout op, so MC dropout has nothing to sample"),
+        ("static", "exported for batches of exactly 4 input(s) (static shapes)"),
+    ],
+)
+def test_an_exported_program_mc_dropout_cannot_sample_is_refused(
+    tmp_path: Path, exported: dict[str, Path], capsys, how: str, message: str
+) -> None:
+    err = _fails(_report_args(tmp_path, exported[how], exported["data"]), capsys)
+    assert message in err, err
+    if how != "static":
+        assert ".train() on its dropout layers only" in err, err  # how to export it instead
+
+
+def test_an_exported_program_needs_trust_code(tmp_path: Path, exported: dict[str, Path], capsys) -> None:
+    args = [
+        "report",
+        "--model",
+        str(exported["eval"]),
+        "--data",
+        str(exported["data"]),
+        "--out",
+        str(tmp_path),
+    ]
+    err = _fails(args, capsys)
+    assert "is an exported program (torch.export.save)" in err and "--trust-code" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# --task regression on a classifier; TorchScript without deprecation noise; the printed summary
+# ------------------------------------------------------------------------------------------------
+def test_regression_on_a_k_class_model_suggests_classification(
+    tmp_path: Path, scripted_model: Path, npz_data: Path, capsys
+) -> None:
+    err = _fails(_report_args(tmp_path, scripted_model, npz_data, "--task", "regression"), capsys)
+    assert "look like the scores of 3 classes" in err and "pass --task classification" in err, err
+    assert (
+        "targets of shape (40,)" in err and "--output J (0 <= J < 3) is for a regressor of 3 targets" in err
+    ), err
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, x=np.zeros((6, 5), np.float32), y=np.zeros((6, 3), np.float32))
+    err = _fails(_report_args(tmp_path, scripted_model, wide, "--task", "regression"), capsys)
+    assert "the targets have 3 columns" in err and "choose it with --output J (0 <= J < 3)" in err, err
+
+
+def test_torchscript_loads_without_deprecation_noise(
+    tmp_path: Path, scripted_model: Path, npz_data: Path, capsys
+) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(_report_args(tmp_path, scripted_model, npz_data)) == 0
+        warnings.warn("`torch.jit.load` is deprecated.", DeprecationWarning, stacklevel=1)  # ours only
+    messages = [str(w.message) for w in caught]
+    assert messages == ["`torch.jit.load` is deprecated."], messages
+    assert "deprecated" not in capsys.readouterr().err
+
+
+def test_report_prints_its_summary_with_title_and_bins(
+    tmp_path: Path, scripted_model: Path, npz_data: Path, capsys
+) -> None:
+    args = [
+        "report",
+        "--model",
+        str(scripted_model),
+        "--trust-code",
+        "--data",
+        str(npz_data),
+        "--n-samples",
+        "4",
+    ]
+    out = tmp_path / "rep"
+    assert main([*args, "--out", str(out), "--title", "Churn model, March", "--n-bins", "4"]) == 0
+    printed = capsys.readouterr().out
+    summary = pd.read_csv(out / "summary.csv").set_index("metric")
+    lines = {line.split("  ")[0].strip(): line for line in printed.splitlines()}
+    accuracy = summary.loc["accuracy"]
+    assert f"{accuracy['value']:.4g}" in lines["accuracy"], printed
+    assert f"[{accuracy['ci_low']:.4g}, {accuracy['ci_high']:.4g}]" in lines["accuracy"], printed
+    assert "ECE" in lines and "n_inputs" in lines, printed
+    assert "Churn model, March" in (out / "report.html").read_text()
+    assert len(pd.read_csv(out / "reliability.csv")) == 4
+    err = _fails([*args, "--out", str(tmp_path / "r2"), "--n-bins", "0"], capsys)
+    assert "--n-bins must be at least 1" in err, err
+
+
+def test_readme_demo_mentions_force() -> None:
+    readme = (REPO / "README.md").read_text()
+    demo = readme[readme.index("Run the demo") : readme.index("Run the tests")]
+    assert "--force" in demo
