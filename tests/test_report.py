@@ -41,7 +41,7 @@ from mcdrop.report import UncertaintyReport, compare, figures  # noqa: E402
 from mcdrop.report._render import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY_COLUMNS = ["metric", "value", "ci_low", "ci_high", "definition", "higher_is_better", "flag"]
+SUMMARY_COLUMNS = ["group", "metric", "value", "ci_low", "ci_high", "definition", "higher_is_better", "flag"]
 OVERLAP = "intervals_overlap"
 
 
@@ -120,6 +120,7 @@ def reg_report(reg):
 
 
 def _values(rep: UncertaintyReport) -> dict[str, float]:
+    """Every summary row, the counts included (as floats), in order."""
     return dict(zip(rep.summary["metric"], rep.summary["value"], strict=True))
 
 
@@ -181,17 +182,29 @@ def test_classification_summary_equals_metrics(cls, cls_report):
         "misclassification AUROC (MI)": metrics.misclassification_auroc(mi, err),
         "mean predictive entropy": float(h.double().mean()),
         "mean mutual information": float(mi.double().mean()),
-        "n_inputs": 120,
-        "n_samples": 8,
         "OOD AUROC (entropy)": metrics.ood_auroc(h, h_out),
         "OOD AUPR-In (entropy)": metrics.ood_aupr(h, h_out),
         "OOD FPR@95TPR (entropy)": metrics.fpr_at_tpr(h, h_out, tpr=0.95),
         "OOD AUROC (MI)": metrics.ood_auroc(mi, mi_out),
         "OOD AUPR-In (MI)": metrics.ood_aupr(mi, mi_out),
         "OOD FPR@95TPR (MI)": metrics.fpr_at_tpr(mi, mi_out, tpr=0.95),
+        "n_inputs": 120,
+        "n_samples": 8,
         "n_ood": 60,
     }
     _assert_values(cls_report, expected)
+    groups = dict(zip(cls_report.summary["metric"], cls_report.summary["group"], strict=True))
+    assert [groups[m] for m in ("accuracy", "ECE", "AURC", "mean mutual information", "OOD AUROC (MI)")] == [
+        "classification",
+        "calibration",
+        "selective prediction",
+        "uncertainty",
+        "OOD: ood",
+    ]
+    assert [m for m, g in groups.items() if g == "counts"] == ["n_inputs", "n_samples", "n_ood"]
+    assert cls_report.counts == {"n_inputs": 120, "n_samples": 8, "n_ood": 60}
+    assert all(type(v) is int for v in cls_report.counts.values())
+    assert cls_report.metrics["n_inputs"] == 120.0 and len(cls_report.metrics) == 22
     summary = cls_report.summary
     assert list(summary.columns) == SUMMARY_COLUMNS
     assert summary["value"].dtype == np.float64
@@ -203,7 +216,7 @@ def test_classification_summary_equals_metrics(cls, cls_report):
     assert [n for n in cls_report.notes if "reliability bins hold fewer" not in n] == []
     assert (
         repr(cls_report)
-        == "UncertaintyReport(task='classification', n_inputs=120, n_samples=8, n_ood=60, metrics=22)"
+        == "UncertaintyReport(task='classification', n_inputs=120, n_samples=8, ood={'ood': 60}, metrics=19)"
     )
 
 
@@ -342,14 +355,14 @@ def test_regression_summary_equals_metrics(reg, reg_report):
         "sharpness": metrics.sharpness(sd),
         "mean epistemic std": float(epi.double().mean()),
         "mean aleatoric std": float(ale.double().mean()),
-        "n_inputs": 80,
-        "n_samples": 10,
         "OOD AUROC (total std)": metrics.ood_auroc(sd, sd_out),
         "OOD AUPR-In (total std)": metrics.ood_aupr(sd, sd_out),
         "OOD FPR@95TPR (total std)": metrics.fpr_at_tpr(sd, sd_out),
         "OOD AUROC (epistemic std)": metrics.ood_auroc(epi, epi_out),
         "OOD AUPR-In (epistemic std)": metrics.ood_aupr(epi, epi_out),
         "OOD FPR@95TPR (epistemic std)": metrics.fpr_at_tpr(epi, epi_out),
+        "n_inputs": 80,
+        "n_samples": 10,
         "n_ood": 30,
     }
     # the report works in float64; the metrics agree to float32 rounding of their inputs
@@ -450,31 +463,81 @@ def test_reliability_diagram(cls):
     assert len(bars) == 10 and len(gaps) == 10
     np.testing.assert_allclose([b.get_height() for b in bars], np.nan_to_num(table.accuracy))
     np.testing.assert_allclose([b.get_width() for b in bars], table.upper - table.lower)
-    assert f"{metrics.expected_calibration_error(probs, y, n_bins=10):.3f}" in ax.get_title()
-    assert len(ax.get_lines()) == 1 and ax.get_legend() is not None
+    ece = metrics.expected_calibration_error(probs, y, n_bins=10)
+    assert f"ECE = {ece:#.3g}" in ax.get_title()
+    # the diagonal is drawn over the bars and the gaps, not hidden behind them
+    (diagonal,) = ax.get_lines()
+    assert diagonal.get_label() == "perfect calibration"
+    assert diagonal.get_zorder() > max(p.get_zorder() for p in [*bars, *gaps])
+    # a bin's bar is as opaque as its share of the inputs: the fullest is solid, a small one faint
+    alphas = np.array([b.get_alpha() for b in bars])
+    full = int(np.argmax(table.count))
+    assert alphas[full] == pytest.approx(1.0)
+    small = [i for i in range(10) if 0 < table.count[i] < table.count[full] / 4]
+    assert small and all(alphas[i] < 0.7 for i in small)
     mass = [a for a in fig.axes if a is not ax]
     assert len(mass) == 1
     np.testing.assert_allclose([b.get_height() for b in mass[0].patches], table.weight)
+    # every non-empty bin is labelled with its count under the diagram
+    labels = sorted(int(t.get_text()) for t in mass[0].texts)
+    assert labels == sorted(int(c) for c in table.count if c > 0)
+    # the legend lies outside the diagram (below it), so it covers no bar
+    fig.canvas.draw()
+    legend_box = mass[0].get_legend().get_window_extent()
+    assert legend_box.y1 < ax.get_window_extent().y0 and ax.get_legend() is None
     # a prediction with targets works alone
     ax2 = figures.reliability_diagram(replace(cls["pred"], targets=y))
     assert len(ax2.containers[0]) == 15 and ax2.figure is not fig
+
+
+def test_reliability_diagram_overlay(cls):
+    probs, y = cls["pred"].probs, cls["labels"]
+    sharp = torch.softmax(4 * torch.log(probs), dim=1)  # the same ranking, sharper
+    ax = figures.reliability_diagram(probs, y, n_bins=8, label="MC", overlay={"sharp": sharp})
+    table = metrics.reliability_table(sharp, y, n_bins=8)
+    keep = table.count > 0
+    line = next(line for line in ax.get_lines() if line.get_label().startswith("sharp"))
+    np.testing.assert_allclose(line.get_xdata(), table.confidence[keep])
+    np.testing.assert_allclose(line.get_ydata(), table.accuracy[keep])
+    ece = metrics.expected_calibration_error(sharp, y, n_bins=8)
+    assert line.get_label() == f"sharp (ECE = {ece:#.3g})"
+    points = ax.collections[-1]
+    sizes = points.get_sizes()
+    assert np.argmax(sizes) == np.argmax(table.count[keep])  # marker area grows with the count
+    assert line.get_zorder() > ax.containers[0][0].get_zorder()
+    legend = [t.get_text() for t in ax.figure.axes[1].get_legend().get_texts()]
+    assert legend[0] == "MC: accuracy" and legend[-1] == line.get_label()
+    with pytest.raises(InvalidInputError, match="same inputs"):
+        figures.reliability_diagram(probs, y, overlay={"short": sharp[:-1]})
 
 
 def test_confidence_histogram(cls):
     probs, y = cls["pred"].probs, cls["labels"]
     ax = figures.confidence_histogram(probs, y, bins=12)
     assert len(ax.patches) == 2 * 12
+    wrong = int((probs.argmax(1) != y).sum())
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert texts[:2] == ["correct", "wrong"]
-    assert f"accuracy = {metrics.accuracy(probs, y):.3f}" in texts
+    assert texts[:2] == [f"correct (n = {120 - wrong})", f"wrong (n = {wrong})"]
+    assert f"accuracy = {metrics.accuracy(probs, y):#.3g}" in texts
     assert sum(p.get_height() for p in ax.patches) == 120
+    # a log count axis, whose bottom lies below one input, so a bin of one wrong prediction shows
+    assert ax.get_yscale() == "log" and 0 < ax.get_ylim()[0] < 1
+    # side by side, not stacked: every bar starts at the axis
+    assert all(p.get_y() == 0 for p in ax.patches)
 
 
 def test_uncertainty_histogram(cls):
-    ax = figures.uncertainty_histogram(cls["pred"])
+    ax = figures.uncertainty_histogram(cls["pred"], bins=25)
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
     assert len(texts) == 2 and texts[0].startswith("predictive entropy (mean")
-    assert len(ax.collections) == 2  # one filled step histogram per score
+    assert len(ax.patches) == 2  # one filled step histogram per score
+    # both on the same bin edges: the step outlines turn at the same x positions
+    xs = [np.unique(np.round(p.get_xy()[:, 0], 12)) for p in ax.patches]
+    np.testing.assert_array_equal(xs[0], xs[1])
+    assert len(xs[0]) == 26
+    h = cls["pred"].predictive_entropy.double().numpy()
+    mi = cls["pred"].mutual_information.double().numpy()
+    assert xs[0][0] == 0 and xs[0][-1] == pytest.approx(max(h.max(), mi.max()))
     ax = figures.uncertainty_histogram([0.1, 0.4, 0.2])
     assert len(ax.get_legend().get_texts()) == 1
     with pytest.raises(InvalidInputError, match="one value per input"):
@@ -491,27 +554,66 @@ def test_risk_coverage_plot(cls):
     curve = metrics.risk_coverage_curve(pred.predictive_entropy, err)
     np.testing.assert_allclose(lines[0].get_xdata(), curve.coverage)
     np.testing.assert_allclose(lines[0].get_ydata(), curve.risk)
-    assert lines[0].get_label() == f"entropy (AURC = {metrics.aurc(pred.predictive_entropy, err):.3f})"
+    assert lines[0].get_label() == f"entropy (AURC = {metrics.aurc(pred.predictive_entropy, err):#.3g})"
     assert lines[2].get_label().startswith("oracle")
     assert len(figures.risk_coverage_plot(replace(pred, targets=y), oracle=False).get_lines()) == 2
     with pytest.raises(InvalidInputError, match="errors are needed"):
         figures.risk_coverage_plot(pred.predictive_entropy)
 
 
+def test_risk_coverage_keeps_zero_risk_and_small_risks_visible():
+    """An accurate model: risk 0 over most of the coverage, then a few errors among 500 inputs."""
+    g = _gen(21)
+    n = 500
+    errors = torch.zeros(n)
+    errors[torch.randperm(n, generator=g)[:6]] = 1.0
+    uncertainty = torch.rand(n, generator=g) + 2.0 * errors * torch.rand(n, generator=g)
+    fig, ax = plt.subplots()
+    figures.risk_coverage_plot({"u": uncertainty}, errors, ax=ax)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    assert ax.get_yscale() == "symlog" and low < 0 < high  # zero risk lies inside the axes
+    to_pixels = ax.transData.transform
+    bottom = ax.get_window_extent().y0
+    for line in ax.get_lines():
+        x, risk = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+        assert (risk == 0).any()
+        # points of zero risk are drawn at least 5 pixels above the bottom spine ...
+        zero_y = to_pixels(np.column_stack([x[risk == 0], risk[risk == 0]]))[:, 1]
+        assert (zero_y > bottom + 5).all()
+        # ... and the smallest non-zero risk (1/n) at least 10 pixels above zero risk
+        small = to_pixels([[1.0, 1.0 / n]])[0, 1]
+        assert small > zero_y.max() + 10
+        # markers every tenth of the points, across the whole coverage range
+        assert line.get_marker() not in ("None", "", None) and line.get_markevery() >= 1
+    # the AURC values of the legend have 3 significant digits, so that 0.00104 and 0.00099 differ
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    area = metrics.aurc(uncertainty, errors)
+    assert area < 0.01 and f"AURC = {area:#.3g}" in texts[0]
+
+
 def test_ood_histogram(cls):
     pred, ood = cls["pred"], cls["ood"]
     auroc = metrics.ood_auroc(pred.predictive_entropy, ood.predictive_entropy)
     ax = figures.ood_histogram(pred, ood)
-    assert ax.get_legend().get_title().get_text() == f"AUROC = {auroc:.3f}"
-    assert f"{auroc:.3f}" in ax.get_title()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "in-distribution (n=120)",
-        "out-of-distribution (n=60)",
-    ]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == ["in-distribution (n = 120)", f"out-of-distribution (n = 60, AUROC = {auroc:#.3g})"]
+    # the AUROC is printed once: not in the title, nor as the legend's title
+    assert "AUROC" not in ax.get_title() and ax.get_legend().get_title().get_text() == ""
+    # several named sets, on shared bin edges
+    far = cls["mc"].predict(torch.randn(25, 6, generator=_gen(30)) * 20)
+    ax = figures.ood_histogram(pred, {"wide": ood, "far": far}, bins=20)
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    auroc_far = metrics.ood_auroc(pred.predictive_entropy, far.predictive_entropy)
+    assert texts[1].startswith("wide (n = 60") and texts[2] == f"far (n = 25, AUROC = {auroc_far:#.3g})"
+    xs = [np.unique(np.round(p.get_xy()[:, 0], 12)) for p in ax.patches]
+    assert len(xs) == 3 and all(np.array_equal(x, xs[0]) for x in xs) and len(xs[0]) == 21
     ax = figures.ood_histogram(pred, ood, score="mutual_information")
     assert ax.get_xlabel() == "mutual information"
     with pytest.raises(InvalidInputError, match="not a per-input tensor"):
         figures.ood_histogram(pred, ood, score="nope")
+    with pytest.raises(InvalidInputError, match="empty mapping"):
+        figures.ood_histogram(pred, {})
 
 
 def test_regression_figures(reg):
@@ -522,7 +624,7 @@ def test_regression_figures(reg):
     assert len(ax.get_lines()) == 2 and len(ax.collections) == 1
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), curve.observed)
     area = metrics.miscalibration_area(mu, sd, y)
-    assert f"miscalibration area = {area:.3f}" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert f"miscalibration area = {area:#.3g}" in [t.get_text() for t in ax.get_legend().get_texts()]
 
     ax = figures.ordered_intervals_plot(replace(pred, targets=y), level=0.9)
     assert ax.get_title() == f"90% intervals ordered by std (PICP = {metrics.picp(mu, sd, y, level=0.9):.3f})"
@@ -559,7 +661,10 @@ def test_figure_input_errors(cls, reg):
 def test_report_figure(cls_report):
     fig = cls_report.figure("ood")
     assert len(fig.axes) == 2
-    assert all("AUROC" in ax.get_title() for ax in fig.axes)
+    for ax in fig.axes:  # the AUROC once per panel, in the OOD set's legend entry
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert sum("AUROC" in t for t in texts) == 1 and "AUROC" not in ax.get_title()
+        assert texts[1].startswith("ood (n = 60")
     with pytest.raises(InvalidInputError, match="unknown figure 'nope'.*'reliability'"):
         cls_report.figure("nope")
 
@@ -604,13 +709,23 @@ def test_to_markdown_needs_no_tabulate(cls_report, monkeypatch):
     text = cls_report.to_markdown()
     lines = text.splitlines()
     assert lines[0] == "# cls <&> test"
-    assert "## Summary" in lines and "| metric | value | 95% interval | better | definition |" in lines
+    header = "| metric | MC dropout (N = 8) | better | definition |"
+    assert "## Summary" in lines and header in lines
+    for group in (
+        "classification",
+        "calibration",
+        "selective prediction",
+        "uncertainty",
+        "OOD: ood",
+        "counts",
+    ):
+        assert f"### {group}" in lines
     for metric in cls_report.summary["metric"]:
         assert f"| {metric} |" in text
     ece = cls_report.summary.set_index("metric").loc["ECE"]
-    interval = f"[{ece.ci_low:.4f}, {ece.ci_high:.4f}]"
-    assert f"| ECE | {ece.value:.4f} | {interval} | ↓ |" in text
-    assert "| n_inputs | 120 |" in text
+    interval = f"[{ece.ci_low:#.3g}, {ece.ci_high:#.3g}]"
+    assert f"| ECE | {ece.value:#.4g} {interval} | ↓ |" in text
+    assert "| n_inputs | 120 |  |" in text and "| n_ood | 60 |  |" in text  # counts as integers
     assert "## Stochastic sites" in text and "`reliability.png`" in text
     header = next(line for line in lines if line.startswith("| input | predicted"))
     assert header.count("|") - 1 == 1 + len(cls_report.per_input.columns)
@@ -776,17 +891,21 @@ def test_regression_report_saves(reg_report, tmp_path):
 def test_compare_layout(cls, cls_report):
     small = mcdrop.report(cls["pred"], cls["labels"], title="no ood")
     table = compare([small, cls_report], names=["N=8", "with OOD"])
-    assert list(table.columns) == ["N=8", "with OOD", OVERLAP] and table.index.name == "metric"
-    assert list(table.index) == list(cls_report.summary["metric"])  # union, in order
+    assert list(table.columns) == ["group", "N=8", "with OOD", OVERLAP] and table.index.name == "metric"
+    assert list(table.index) == list(cls_report.summary["metric"])  # union, in order, counts last
+    assert table["group"].tolist() == cls_report.summary["group"].tolist()
     assert table.loc["ECE", "N=8"] == table.loc["ECE", "with OOD"] == _values(cls_report)["ECE"]
     assert math.isnan(table.loc["OOD AUROC (entropy)", "N=8"])
-    assert table.dtypes.tolist() == [np.float64, np.float64, object]
+    assert table.dtypes.tolist() == [object, np.float64, np.float64, object]
+    assert table.loc["n_ood", "with OOD"] == 60 and math.isnan(table.loc["n_ood", "N=8"])
     by_title = compare([small, cls_report])
-    assert list(by_title.columns) == ["no ood", "cls <&> test", OVERLAP]
+    assert list(by_title.columns) == ["group", "no ood", "cls <&> test", OVERLAP]
     same_title = compare([small, small])
-    assert list(same_title.columns) == ["report 1", "report 2", OVERLAP]
+    assert list(same_title.columns) == ["group", "report 1", "report 2", OVERLAP]
     mapping = compare({"a": small, "b": cls_report})
-    assert list(mapping.columns) == ["a", "b", OVERLAP]
+    assert list(mapping.columns) == ["group", "a", "b", OVERLAP]
+    with pytest.raises(InvalidInputError, match="'group' is a column"):
+        compare([small, cls_report], names=["group", "x"])
 
 
 def test_compare_errors(cls_report, reg_report):
@@ -829,6 +948,9 @@ def test_intervals_are_the_percentiles_of_the_metrics_on_the_resamples(cls, cls_
         assert (ci.loc[metric, "ci_low"], ci.loc[metric, "ci_high"]) == metrics.percentile_interval(values)
     counts = ci.loc[["n_inputs", "n_samples", "n_ood"]]
     assert counts[["ci_low", "ci_high"]].isna().all().all()
+    assert (
+        cls_report.summary.set_index("metric").loc[["n_inputs", "n_samples", "n_ood"], "group"] == "counts"
+    ).all()
     rest = ci.drop(["n_inputs", "n_samples", "n_ood"])
     assert rest[["ci_low", "ci_high"]].notna().all().all()
     assert (rest["ci_low"] <= rest["ci_high"]).all()
@@ -896,11 +1018,16 @@ def test_summary_json_and_csv_carry_the_intervals(cls_report, saved):
     assert info["bootstrap"]["level"] == 0.95 and info["bootstrap"]["min_bin_inputs"] == 20
     ci = _ci(cls_report)
     assert info["intervals"]["ECE"] == [ci.loc["ECE", "ci_low"], ci.loc["ECE", "ci_high"]]
-    assert info["intervals"]["n_inputs"] == [None, None]
+    assert "n_inputs" not in info["intervals"] and "n_inputs" not in info["metrics"]
+    assert info["counts"] == {"n_inputs": 120, "n_samples": 8, "n_ood": 60}
+    row = next(r for r in info["summary"] if r["metric"] == "n_inputs")
+    assert row["value"] == 120 and isinstance(row["value"], int) and row["group"] == "counts"
     row = next(r for r in info["summary"] if r["metric"] == "MCE")
     assert row["flag"] and row["ci_low"] <= row["ci_high"]
     csv = pd.read_csv(saved / "summary.csv")
     np.testing.assert_allclose(csv["ci_low"], cls_report.summary["ci_low"], rtol=1e-12)
+    text = (saved / "summary.csv").read_text(encoding="utf-8")
+    assert "\ncounts,n_inputs,120," in text and "120.0" not in text  # counts written as integers
 
 
 def test_compare_says_whether_the_intervals_overlap(cls, cls_report):

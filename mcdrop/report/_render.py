@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from mcdrop.report._tables import COUNT_METRICS
+from mcdrop.report._tables import COUNTS, VARIANTS
 
 
 class ReportView(Protocol):
@@ -38,6 +39,14 @@ class ReportView(Protocol):
     reliability: pd.DataFrame
     per_input: pd.DataFrame
     sites: pd.DataFrame | None
+    ood: dict[str, Any] | None
+    variants: dict[str, str]
+    recalibration: dict[str, Any] | None
+    run: dict[str, Any]
+
+    @property
+    def counts(self) -> dict[str, int | float]:
+        """The count rows, ``{name: value}``."""
 
     @property
     def n_inputs(self) -> int:
@@ -61,6 +70,9 @@ class ReportView(Protocol):
 
     def _figsize(self, name: str) -> tuple[float, float]:
         """Width and height (inches) of figure ``name``."""
+
+    def _main_label(self) -> str:
+        """The heading of the MC dropout column."""
 
 
 #: rows of the per-input table shown in the HTML and Markdown (the CSV has all of them)
@@ -96,6 +108,13 @@ _CSS = """
 .mcdrop-report figcaption { color: #57606a; font-size: 0.88em; margin-top: 6px; }
 .mcdrop-report dl.glossary dt { font-weight: 600; }
 .mcdrop-report dl.glossary dd { margin: 0 0 0.4em 1.4em; color: #3d444d; }
+.mcdrop-report tr.group th { background: #eaeef2; text-align: left; font-size: 0.95em; }
+.mcdrop-report td.num .ci { display: block; color: #57606a; font-size: 0.86em; }
+.mcdrop-report table.summary td.num { min-width: 7.5em; }
+.mcdrop-report dl.run { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 0.4em 0; }
+.mcdrop-report dl.run dt { font-weight: 600; }
+.mcdrop-report dl.run dd { margin: 0; font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.9em;
+  word-break: break-all; }
 .mcdrop-report footer { color: #8c959f; font-size: 0.82em; margin-top: 2em; }
 """
 
@@ -146,16 +165,29 @@ GLOSSARY = {
 }
 
 
-def format_value(metric: str, value: Any) -> str:
-    """A summary value for display: counts as integers, NaN as ``n/a``, others with 4 decimals."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def format_value(value: Any, *, count: bool = False, digits: int = 4) -> str:
+    """A summary value for display: counts as integers, NaN as ``n/a``, others to ``digits`` significant digits.
+
+    Significant digits, not decimals, so that small values stay apart: ``0.001035`` and ``0.0009942``,
+    not ``0.0010`` twice.
+
+    Example:
+        >>> from mcdrop.report._render import format_value
+        >>> format_value(0.0010354), format_value(0.97407), format_value(540.0, count=True)
+        ('0.001035', '0.9741', '540')
+    """
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
         return "n/a"
-    if metric in COUNT_METRICS:
-        return f"{int(value):,}"
     value = float(value)
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-4):
-        return f"{value:.4g}"
-    return f"{value:.4f}"
+    if count and value == int(value):
+        return f"{int(value):,}"
+    if value == 0:
+        return "0"
+    if 1e-4 <= abs(value) < 10**digits:
+        return f"{value:#.{digits}g}".rstrip(".")
+    if 10**digits <= abs(value) < 1e9:
+        return f"{value:,.0f}"
+    return f"{value:.{digits - 1}e}"
 
 
 def format_cell(value: Any) -> str:
@@ -216,32 +248,83 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def format_interval(metric: str, low: Any, high: Any) -> str:
-    """A bootstrap interval for display, ``[low, high]`` as :func:`format_value`; blank without one."""
+def format_interval(low: Any, high: Any) -> str:
+    """A bootstrap interval for display, ``[low, high]`` to 3 significant digits; blank without one."""
     if low is None or high is None or math.isnan(float(low)) or math.isnan(float(high)):
         return ""
-    return f"[{format_value(metric, low)}, {format_value(metric, high)}]"
+    return f"[{format_value(low, digits=3)}, {format_value(high, digits=3)}]"
 
 
-def _summary_display(report: ReportView) -> pd.DataFrame:
-    summary = report.summary
-    columns = {
-        "metric": summary["metric"],
-        "value": [
-            format_value(m, v) + (" ⚠" if f else "")
-            for m, v, f in zip(summary["metric"], summary["value"], summary["flag"], strict=True)
-        ],
-    }
-    if report.n_resamples > 0:
-        columns[f"{report.ci_level * 100:g}% interval"] = [
-            format_interval(m, lo, hi)
-            for m, lo, hi in zip(summary["metric"], summary["ci_low"], summary["ci_high"], strict=True)
-        ]
-    columns["better"] = [better_arrow(b) for b in summary["higher_is_better"]]
-    columns["definition"] = [
-        d + (f" ⚠ {f}" if f else "") for d, f in zip(summary["definition"], summary["flag"], strict=True)
-    ]
-    return pd.DataFrame(columns)
+def _value_columns(report: ReportView) -> list[tuple[str, str]]:
+    """``(summary column, heading)`` of the value columns, in display order."""
+    columns = []
+    if "deterministic" in report.variants:
+        columns.append(("deterministic", report.variants["deterministic"]))
+    columns.append(("value", report._main_label()))
+    columns += [(key, report.variants[key]) for key in VARIANTS[1:] if key in report.variants]
+    return columns
+
+
+def _cell(report: ReportView, row: dict[str, Any], column: str) -> tuple[str, str]:
+    """The value and the interval text of one summary cell."""
+    if row["group"] == COUNTS:
+        value = report.counts.get(row["metric"], row["value"]) if column == "value" else row[column]
+        return format_value(value, count=True), ""
+    low, high = ("ci_low", "ci_high") if column == "value" else (f"{column}_ci_low", f"{column}_ci_high")
+    flag = " ⚠" if column == "value" and row["flag"] else ""
+    return format_value(row[column]) + flag, format_interval(row[low], row[high])
+
+
+def _groups(report: ReportView) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The summary's rows by group, in order of first appearance."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in report.summary.to_dict("records"):
+        out.setdefault(str(row["group"]), []).append(row)
+    return list(out.items())
+
+
+def _summary_markdown(report: ReportView) -> list[str]:
+    columns = _value_columns(report)
+    lines: list[str] = []
+    for group, rows in _groups(report):
+        frame = pd.DataFrame(
+            {
+                "metric": [r["metric"] for r in rows],
+                **{
+                    heading: [" ".join(t for t in _cell(report, r, col) if t) for r in rows]
+                    for col, heading in columns
+                },
+                "better": [better_arrow(r["higher_is_better"]) for r in rows],
+                "definition": [r["definition"] + (f" ⚠ {r['flag']}" if r["flag"] else "") for r in rows],
+            }
+        )
+        lines += [f"### {group}", "", markdown_table(frame), ""]
+    return lines
+
+
+def _summary_html(report: ReportView) -> str:
+    columns = _value_columns(report)
+    ci = f" [{report.ci_level * 100:g}% interval]" if report.n_resamples > 0 else ""
+    head = (
+        "<th>metric</th>"
+        + "".join(f"<th>{_esc(heading)}{_esc(ci)}</th>" for _, heading in columns)
+        + "<th>better</th><th>definition</th>"
+    )
+    width = 3 + len(columns)
+    body = []
+    for group, rows in _groups(report):
+        body.append(f'<tr class="group"><th colspan="{width}">{_esc(group)}</th></tr>')
+        for r in rows:
+            cells = [f"<td>{_esc(r['metric'])}</td>"]
+            for col, _ in columns:
+                value, interval = _cell(report, r, col)
+                extra = f'<span class="ci">{_esc(interval)}</span>' if interval else ""
+                cells.append(f'<td class="num">{_esc(value)}{extra}</td>')
+            cells.append(f"<td>{better_arrow(r['higher_is_better'])}</td>")
+            definition = r["definition"] + (f" ⚠ {r['flag']}" if r["flag"] else "")
+            cells.append(f'<td class="def">{_esc(definition)}</td>')
+            body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def _interval_text(report: ReportView) -> str:
@@ -272,12 +355,34 @@ def _meta(report: ReportView) -> list[tuple[str, str]]:
         ("inputs (n)", f"{report.n_inputs:,}"),
         ("MC samples per input (N)", f"{report.n_samples:,}"),
     ]
-    if report.n_ood is not None:
-        items.append(("OOD inputs", f"{report.n_ood:,}"))
+    if report.ood is not None:
+        sets = ", ".join(f"{name} ({len(o):,})" for name, o in report.ood.items())
+        items.append(("OOD sets (inputs)", sets))
     if report.task == "regression":
         items.append(("interval level", f"{report.level:g}"))
     else:
         items.append(("calibration bins", f"{report.n_bins}"))
+    if report.recalibration is not None:
+        r = report.recalibration
+        items.append(
+            (
+                "recalibration",
+                f"{r['method']}, {r['parameter']} = {r['value']:.4g} (fitted on {r['n_inputs']:,} inputs)",
+            )
+        )
+    return items
+
+
+def _run_items(report: ReportView) -> list[tuple[str, str]]:
+    """The run's seed, device and metadata (input paths and the like), as text."""
+    items = []
+    run = report.run
+    if run.get("seed") is not None:
+        items.append(("sampling seed", str(run["seed"])))
+    if run.get("device"):
+        items.append(("device", str(run["device"])))
+    for key, value in (run.get("metadata") or {}).items():
+        items.append((str(key), value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)))
     return items
 
 
@@ -288,7 +393,10 @@ def to_markdown(report: ReportView) -> str:
     out.append("")
     if report.notes:
         out += ["> **Notes**", ">"] + [f"> - {_md_escape(n)}" for n in report.notes] + [""]
-    out += ["## Summary", "", markdown_table(_summary_display(report)), "", _interval_text(report), ""]
+    run = _run_items(report)
+    if run:
+        out += ["## Run", ""] + [f"- **{_md_escape(k)}**: {_md_escape(v)}" for k, v in run] + [""]
+    out += ["## Summary", "", *_summary_markdown(report), _interval_text(report), ""]
     rel, caption = _reliability_display(report)
     heading = "Reliability (per confidence bin)" if report.task == "classification" else "Calibration curve"
     if len(rel):
@@ -363,11 +471,15 @@ def body_html(report: ReportView, images: dict[str, bytes]) -> str:
     parts = [f"<style>{_CSS}</style>", '<div class="mcdrop-report">', f"<h1>{_esc(report.title)}</h1>"]
     meta = "".join(f"<span><b>{_esc(k)}:</b> {_esc(v)}</span>" for k, v in _meta(report))
     parts.append(f'<p class="meta">{meta}</p>')
+    run = _run_items(report)
+    if run:
+        items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in run)
+        parts.append(f'<dl class="run">{items}</dl>')
     if report.notes:
         items = "".join(f"<li>{_esc(n)}</li>" for n in report.notes)
         parts.append(f'<div class="notes"><b>Notes</b><ul>{items}</ul></div>')
     parts.append("<h2>Summary</h2>")
-    parts.append(html_table(_summary_display(report), classes={"value": "num", "definition": "def"}))
+    parts.append(_summary_html(report))
     parts.append(f'<p class="intervals">{_esc(_interval_text(report))}</p>')
     if images:
         parts.append("<h2>Figures</h2>")

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import uuid
@@ -41,6 +42,33 @@ def _version() -> str:
     return str(getattr(mcdrop, "__version__", "unknown"))
 
 
+def _environment() -> dict[str, str]:
+    """The versions that made a report: mcdrop, torch, numpy, pandas, matplotlib, Python."""
+    import matplotlib
+    import numpy
+    import torch
+
+    return {
+        "mcdrop": _version(),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "numpy": str(numpy.__version__),
+        "pandas": str(pd.__version__),
+        "matplotlib": str(matplotlib.__version__),
+    }
+
+
+def _variant_label(key: str, prediction: Prediction, recalibration: dict[str, Any] | None) -> str:
+    """How the summary's column ``key`` is headed in the page and named in the figures."""
+    if key == "deterministic":
+        return "deterministic (dropout off)"
+    if recalibration is None:  # pragma: no cover - the column exists only with a recalibration
+        return "recalibrated"
+    symbol = "T" if recalibration["parameter"] == "temperature" else "s"
+    short = "temperature" if symbol == "T" else "std scaling"
+    return f"MC + {short} ({symbol} = {recalibration['value']:.3g})"
+
+
 class UncertaintyReport:
     """Tables, figures and files describing how uncertain a model is and how well calibrated.
 
@@ -62,7 +90,7 @@ class UncertaintyReport:
         tables: The summary, per-input and reliability tables, the notes and the data the figures
             are drawn from (an internal ``Tables`` record of :mod:`mcdrop.report`); its tables
             become :attr:`summary`, :attr:`per_input`, :attr:`reliability` and :attr:`notes`.
-        ood: The out-of-distribution prediction, prepared the same way, or ``None``.
+        ood: The out-of-distribution predictions by name, prepared the same way, or ``None``.
         sites: The stochastic sites of the model (``MCDropout.describe()``), or ``None``.
         n_bins: Number of confidence bins the classification tables were computed with; the
             reliability diagram and the page use it too.
@@ -72,15 +100,24 @@ class UncertaintyReport:
             or ``"input order"``); shown in the HTML page and saved in ``summary.json``.
         intervals: How the summary's bootstrap intervals were computed (an internal ``Intervals``
             record: ``n_resamples``, ``seed``, ``level``); default: 1000 resamples, seed 0, 95%.
+        counts: The count rows, ``{name: (value, definition)}`` (already in ``tables.summary``).
+        recalibration: What ``calibration=`` fitted (method, parameter, value, inputs), or ``None``.
+        run: Facts of the run (``seed``, ``device``, ``n_samples`` and ``metadata``), for
+            ``summary.json`` and the page; default: none known.
 
     Attributes:
         title: The report's title.
         task: ``"classification"`` or ``"regression"``.
-        summary: One row per metric, columns ``metric, value, ci_low, ci_high, definition,
-            higher_is_better, flag``: ``ci_low``/``ci_high`` the percentile bootstrap interval over
-            inputs (NaN for counts, undefined values, or without intervals); ``higher_is_better`` is
+        summary: One row per metric, columns ``group, metric, value, ci_low, ci_high, definition,
+            higher_is_better, flag``: ``group`` one of ``classification``/``regression``,
+            ``calibration``, ``selective prediction``, ``uncertainty``, ``OOD: <name>`` (one per OOD
+            set) and ``counts`` (numbers of inputs and samples, last); ``value`` the MC dropout
+            prediction's; ``ci_low``/``ci_high`` the percentile bootstrap interval over inputs
+            (NaN for counts, undefined values, or without intervals); ``higher_is_better`` is
             ``None`` for descriptive rows such as counts; ``flag`` says why a value is fragile (an
-            MCE resting on a bin of fewer than 20 inputs), else ``""``.
+            MCE resting on a bin of fewer than 20 inputs), else ``""``. With a baseline, three more
+            columns ``deterministic, deterministic_ci_low, deterministic_ci_high``; with
+            ``calibration=``, ``recalibrated, recalibrated_ci_low, recalibrated_ci_high``.
         per_input: One row per input, most uncertain first by default (index: the input's position).
         reliability: Classification: the per-bin reliability table (``bin, lower, upper, count,
             confidence, accuracy, gap, weight, few_inputs``; ``few_inputs``: a non-empty bin of fewer
@@ -91,7 +128,13 @@ class UncertaintyReport:
         created: When the report was built (local time, timezone-aware).
         prediction: The evaluated prediction (on the CPU; for multi-output regression the chosen output).
         targets: The targets it was evaluated against (a CPU tensor).
-        ood: The out-of-distribution prediction, or ``None``.
+        ood: The out-of-distribution predictions as ``{name: prediction}`` (a bare prediction is
+            named ``"ood"``), or ``None``.
+        variants: The summary's other columns and what they hold, ``{"deterministic": label,
+            "recalibrated": label}`` for those present (empty without baseline or calibration).
+        recalibration: What ``calibration=`` fitted, ``{"method", "parameter", "value",
+            "n_inputs"}``, or ``None``.
+        run: ``{"seed", "device", "n_samples", "metadata"}`` of the run (``None`` where unknown).
         n_bins: Number of confidence bins (as given to :func:`mcdrop.report`).
         level: Nominal coverage of the regression intervals (as given to :func:`mcdrop.report`).
         sort_by: How :attr:`per_input` is sorted, in words.
@@ -106,11 +149,13 @@ class UncertaintyReport:
         ...                           torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)).eval()
         >>> mc = mcdrop.MCDropout(net, n_samples=10, seed=0)
         >>> x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
-        >>> rep = mcdrop.report(mc.predict(x), y, ood=mc.predict(3 * torch.randn(20, 4)), model=mc)
+        >>> rep = mcdrop.report(mc.predict(x), y, ood={"noise": mc.predict(3 * torch.randn(20, 4))}, model=mc)
         >>> rep
-        UncertaintyReport(task='classification', n_inputs=40, n_samples=10, n_ood=20, metrics=22)
+        UncertaintyReport(task='classification', n_inputs=40, n_samples=10, ood={'noise': 20}, metrics=19)
         >>> list(rep.summary.columns)
-        ['metric', 'value', 'ci_low', 'ci_high', 'definition', 'higher_is_better', 'flag']
+        ['group', 'metric', 'value', 'ci_low', 'ci_high', 'definition', 'higher_is_better', 'flag']
+        >>> rep.counts
+        {'n_inputs': 40, 'n_samples': 10, 'n_ood [noise]': 20}
         >>> rep.figure_names
         ('reliability', 'confidence', 'uncertainty', 'risk_coverage', 'ood')
         >>> rep.sort_by, rep.n_bins, rep.level
@@ -124,19 +169,22 @@ class UncertaintyReport:
         prediction: Prediction,
         targets: Any,
         tables: _tables.Tables,
-        ood: Prediction | None,
+        ood: dict[str, Prediction] | None,
         sites: pd.DataFrame | None,
         n_bins: int,
         level: float,
         sort_by: str,
         intervals: _tables.Intervals | None = None,
+        counts: dict[str, tuple[int | float, str]] | None = None,
+        recalibration: dict[str, Any] | None = None,
+        run: dict[str, Any] | None = None,
     ) -> None:
         intervals = intervals or _tables.Intervals()
         self.title = title
         self.task = prediction.task
         self.prediction = prediction
         self.targets = targets
-        self.ood = ood
+        self.ood = ood or None
         self.summary = tables.summary
         self.per_input = tables.per_input
         self.reliability = tables.reliability
@@ -148,9 +196,17 @@ class UncertaintyReport:
         self.n_resamples = intervals.n_resamples
         self.seed = intervals.seed
         self.ci_level = intervals.level
+        self.recalibration = recalibration
+        self.run = {"seed": None, "device": None, "n_samples": None, "metadata": {}, **(run or {})}
         self.created = datetime.now().astimezone()
         self.version = _version()
+        self._counts = dict(counts or {})
         self._data = tables.data
+        self.variants = {
+            key: _variant_label(key, prediction, recalibration)
+            for key in _tables.VARIANTS
+            if key in self.summary.columns
+        }
 
     # ------------------------------------------------------------------ facts
     @property
@@ -160,25 +216,45 @@ class UncertaintyReport:
 
     @property
     def n_samples(self) -> int:
-        """Number of MC dropout passes per input."""
+        """Number of MC dropout passes per input (the most any input got, with adaptive sampling)."""
         return int(self.prediction.n_samples)
 
     @property
     def n_ood(self) -> int | None:
-        """Number of out-of-distribution inputs, or ``None`` without OOD data."""
-        return None if self.ood is None else len(self.ood)
+        """Number of out-of-distribution inputs over all OOD sets, or ``None`` without OOD data."""
+        return None if self.ood is None else sum(len(o) for o in self.ood.values())
+
+    @property
+    def counts(self) -> dict[str, int | float]:
+        """The counts as ``{name: value}``: integers, but the mean samples per input.
+
+        ``n_inputs``, ``n_samples``, one ``n_ood`` per OOD set (``n_ood [name]`` for a named set),
+        and, with adaptive sampling, ``samples per input (min/mean/max)`` and ``inputs that reached
+        max_samples``. They are the rows of the ``counts`` group of :attr:`summary`.
+
+        Example:
+            >>> import torch, mcdrop
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+            >>> pred = mcdrop.MCDropout(net.eval(), n_samples=5, seed=0).predict(torch.randn(10, 2))
+            >>> mcdrop.report(pred, torch.zeros(10, dtype=torch.long)).counts
+            {'n_inputs': 10, 'n_samples': 5}
+        """
+        return {name: value for name, (value, _) in self._counts.items()}
 
     @property
     def metrics(self) -> dict[str, float]:
-        """The summary as a ``{metric: value}`` dict.
+        """The summary as a ``{metric: value}`` dict (the MC dropout column), counts included as floats.
+
+        The integer counts are :attr:`counts`; the deterministic and recalibrated columns are in
+        :attr:`summary`.
 
         Example:
             >>> import torch, mcdrop
             >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
             >>> pred = mcdrop.MCDropout(net.eval(), n_samples=5, seed=0).predict(torch.randn(10, 2))
             >>> rep = mcdrop.report(pred, torch.zeros(10, dtype=torch.long))
-            >>> rep.metrics["n_inputs"]
-            10.0
+            >>> rep.metrics["n_inputs"], rep.counts["n_inputs"], "ECE" in rep.metrics
+            (10.0, 10, True)
         """
         return dict(zip(self.summary["metric"], self.summary["value"].astype(float), strict=True))
 
@@ -189,7 +265,7 @@ class UncertaintyReport:
             names = ["reliability", "confidence", "uncertainty", "risk_coverage"]
         else:
             names = ["calibration", "intervals", "residuals"] if self._data["std_ok"] else []
-        if self.ood is not None:
+        if self.ood is not None and (self.task == "classification" or self._data["ood_scores"]):
             names.append("ood")
         return tuple(names)
 
@@ -197,28 +273,33 @@ class UncertaintyReport:
     def figure_captions(self) -> dict[str, str]:
         """One sentence per figure saying what it shows."""
         pct = f"{self.level * 100:g}%"
+        others = " and ".join(self.variants.values())
+        overlay = f" Lines with markers: {others} (marker area ∝ inputs in the bin)." if others else ""
         captions = {
             "reliability": (
-                f"Accuracy against top-label confidence in {self.n_bins} equal-width bins; hatched: the gap "
-                "to the bin's mean confidence; dashed: perfect calibration; bottom strip: fraction of inputs "
-                "per bin. Title: ECE."
+                f"Accuracy against top-label confidence in {self.n_bins} equal-width bins of the MC dropout "
+                "prediction, each bar as opaque as its share of the inputs and labelled with its count; "
+                "hatched: the gap to the bin's mean confidence; dashed: perfect calibration; bottom strip: "
+                f"fraction of inputs per bin. Title: ECE.{overlay}"
             ),
             "confidence": (
-                "Top-label confidence of right and wrong predictions (stacked), with the accuracy and the "
-                "mean confidence: a mean confidence right of the accuracy is over-confidence."
+                "Top-label confidence of right and wrong predictions side by side on a logarithmic count "
+                "axis (so a handful of wrong predictions stays visible), with the accuracy and the mean "
+                "confidence: a mean confidence right of the accuracy is over-confidence."
             ),
             "uncertainty": (
                 "Distributions of the predictive entropy (total uncertainty) and the mutual information "
-                "(epistemic part), in nats."
+                "(epistemic part), in nats, on the same bins."
             ),
             "risk_coverage": (
                 "Selective risk (error rate of the kept inputs) when the most uncertain inputs are rejected "
-                "first, ranked by predictive entropy and by mutual information; dashed: the oracle. "
-                "Legend: AURC."
+                "first, ranked by predictive entropy and by mutual information; dashed: the oracle. The risk "
+                "axis is linear up to one error among all inputs and logarithmic above it, so stretches of "
+                "zero risk stay visible above the axis. Legend: AURC (3 significant digits)."
             ),
             "calibration": (
                 "Observed against expected coverage of the central predictive intervals at 100 levels; "
-                "shaded: the miscalibration area. Below the diagonal the intervals are too narrow."
+                f"shaded: the miscalibration area. Below the diagonal the intervals are too narrow.{overlay}"
             ),
             "intervals": (
                 f"The {pct} central intervals ordered by predicted std, relative to the predicted mean; dots: "
@@ -229,22 +310,26 @@ class UncertaintyReport:
                 "uncertainty fans out with the residuals."
             ),
         }
+        sets = ", ".join(f"{name!r} ({len(o)} inputs)" for name, o in (self.ood or {}).items())
         if self.task == "classification":
             captions["ood"] = (
-                "Predictive entropy (left) and mutual information (right) on in-distribution and "
-                "out-of-distribution inputs, with the OOD AUROC of each."
+                "Predictive entropy (left) and mutual information (right) on the in-distribution inputs and "
+                f"on each out-of-distribution set ({sets}), on shared bins; the legend gives each set's OOD "
+                "AUROC."
             )
         else:
             captions["ood"] = (
-                "Predicted std on in-distribution and out-of-distribution inputs, with the OOD AUROC."
+                f"Predicted std on the in-distribution inputs and on each out-of-distribution set ({sets}); "
+                "the legend gives each set's OOD AUROC."
             )
         return {name: captions[name] for name in self.figure_names}
 
     def __repr__(self) -> str:
-        ood = "" if self.ood is None else f", n_ood={self.n_ood}"
+        ood = "" if self.ood is None else f", ood={ {name: len(o) for name, o in self.ood.items()} }"
+        n_metrics = int((self.summary["group"] != _tables.COUNTS).sum())
         return (
             f"UncertaintyReport(task={self.task!r}, n_inputs={self.n_inputs}, n_samples={self.n_samples}"
-            f"{ood}, metrics={len(self.summary)})"
+            f"{ood}, metrics={n_metrics})"
         )
 
     # ------------------------------------------------------------------ figures
@@ -253,19 +338,28 @@ class UncertaintyReport:
         if name == "ood":
             if self.task == "classification":
                 left, right = fig.subplots(1, 2)
-                figures.ood_histogram(
-                    d["entropy"], d["ood_entropy"], score_name="predictive entropy (nats)", ax=left
-                )
-                figures.ood_histogram(d["mi"], d["ood_mi"], score_name="mutual information (nats)", ax=right)
+                for ax, key, label in (
+                    (left, "entropy", "predictive entropy (nats)"),
+                    (right, "MI", "mutual information (nats)"),
+                ):
+                    scores = {n: s[key] for n, s in d["ood"].items()}
+                    figures.ood_histogram(
+                        d["entropy"] if key == "entropy" else d["mi"], scores, score_name=label, ax=ax
+                    )
             else:
-                scores = d["ood_scores"]
-                axes = fig.subplots(1, len(scores), squeeze=False)[0]
-                for ax, (tag, (s_in, s_out)) in zip(axes, scores.items(), strict=True):
-                    figures.ood_histogram(s_in, s_out, score_name=f"predicted {tag}", ax=ax)
+                tags = list(next(iter(d["ood_scores"].values())))
+                axes = fig.subplots(1, len(tags), squeeze=False)[0]
+                for ax, tag in zip(axes, tags, strict=True):
+                    s_in = next(iter(d["ood_scores"].values()))[tag][0]
+                    outs = {n: s[tag][1] for n, s in d["ood_scores"].items()}
+                    figures.ood_histogram(s_in, outs, score_name=f"predicted {tag}", ax=ax)
             return
         ax = fig.add_subplot()
+        overlay = {self.variants[k]: v for k, v in d["variants"].items()}
         if name == "reliability":
-            figures.reliability_diagram(d["probs"], d["labels"], n_bins=self.n_bins, ax=ax)
+            figures.reliability_diagram(
+                d["probs"], d["labels"], n_bins=self.n_bins, ax=ax, label=self._main_label(), overlay=overlay
+            )
         elif name == "confidence":
             figures.confidence_histogram(d["probs"], d["labels"], ax=ax)
         elif name == "uncertainty":
@@ -274,7 +368,9 @@ class UncertaintyReport:
             scores = {"predictive entropy": d["entropy"], "mutual information": d["mi"]}
             figures.risk_coverage_plot(scores, d["errors"], ax=ax)
         elif name == "calibration":
-            figures.regression_calibration_plot(d["mean"], d["std"], d["targets"], ax=ax)
+            figures.regression_calibration_plot(
+                d["mean"], d["std"], d["targets"], ax=ax, label=self._main_label(), overlay=overlay
+            )
         elif name == "intervals":
             figures.ordered_intervals_plot(d["mean"], d["std"], d["targets"], level=self.level, ax=ax)
         elif name == "residuals":
@@ -282,13 +378,22 @@ class UncertaintyReport:
         else:  # pragma: no cover - guarded by figure()
             raise AssertionError(name)
 
+    def _main_label(self) -> str:
+        return f"MC dropout (N = {self.n_samples})"
+
     def _figsize(self, name: str) -> tuple[float, float]:
         if name == "ood":
-            n_panels = 2 if self.task == "classification" or len(self._data["ood_scores"]) > 1 else 1
-            return (6.0 * n_panels, 4.5)
-        return {"reliability": (5.5, 6.2), "calibration": (5.5, 5.2), "intervals": (7.5, 4.5)}.get(
-            name, (6.5, 4.5)
-        )
+            if self.task == "classification":
+                n_panels = 2
+            else:
+                n_panels = len(next(iter(self._data["ood_scores"].values())))
+            return (6.0 * n_panels, 5.6)
+        return {
+            "reliability": (5.8, 7.0),
+            "calibration": (6.4, 5.4),
+            "intervals": (7.5, 4.5),
+            "risk_coverage": (6.5, 4.8),
+        }.get(name, (6.5, 4.5))
 
     def figure(self, name: str) -> Figure:
         """Draw one of the report's figures on a new matplotlib Figure (Agg canvas; no window opens).
@@ -405,27 +510,53 @@ class UncertaintyReport:
                 return None
             return value
 
-        rows = [
-            {
-                "metric": str(r.metric),
-                "value": clean(float(r.value)),
-                "ci_low": clean(float(r.ci_low)),
-                "ci_high": clean(float(r.ci_high)),
-                "definition": str(r.definition),
-                "higher_is_better": None if r.higher_is_better is None else bool(r.higher_is_better),
-                "flag": str(r.flag),
-            }
-            for r in self.summary.itertuples(index=False)
+        counts = self.counts
+        variant_columns = [
+            (key, key + "_ci_low", key + "_ci_high")
+            for key in _tables.VARIANTS
+            if key in self.summary.columns
         ]
+        rows = []
+        for r in self.summary.to_dict("records"):
+            metric = str(r["metric"])
+            row: dict[str, Any] = {
+                "group": str(r["group"]),
+                "metric": metric,
+                "value": counts[metric] if r["group"] == _tables.COUNTS else clean(float(r["value"])),
+                "ci_low": clean(float(r["ci_low"])),
+                "ci_high": clean(float(r["ci_high"])),
+            }
+            for columns in variant_columns:
+                row.update({c: clean(float(r[c])) for c in columns})
+            row.update(
+                {
+                    "definition": str(r["definition"]),
+                    "higher_is_better": None
+                    if r["higher_is_better"] is None
+                    else bool(r["higher_is_better"]),
+                    "flag": str(r["flag"]),
+                }
+            )
+            rows.append(row)
+        metric_rows = [row for row in rows if row["group"] != _tables.COUNTS]
         payload = {
             "generator": _GENERATOR,
             "mcdrop_version": self.version,
+            "versions": _environment(),
             "title": self.title,
             "created": self.created.isoformat(timespec="seconds"),
             "task": self.task,
             "n_inputs": self.n_inputs,
             "n_samples": self.n_samples,
             "n_ood": self.n_ood,
+            "ood_sets": None if self.ood is None else {name: len(o) for name, o in self.ood.items()},
+            "counts": counts,
+            "run": {
+                "seed": self.run["seed"],
+                "device": self.run["device"],
+                "n_samples": self.run["n_samples"],
+            },
+            "metadata": self.run["metadata"],
             "n_bins": self.n_bins,
             "level": self.level,
             "sort_by": self.sort_by,
@@ -436,14 +567,30 @@ class UncertaintyReport:
                 "over": "inputs (the MC samples of each input held fixed)",
                 "min_bin_inputs": _tables.MIN_BIN_INPUTS,
             },
-            "metrics": {row["metric"]: row["value"] for row in rows},
-            "intervals": {row["metric"]: [row["ci_low"], row["ci_high"]] for row in rows},
+            "columns": {"value": self._main_label(), **self.variants},
+            "recalibration": self.recalibration,
+            "metrics": {row["metric"]: row["value"] for row in metric_rows},
+            "intervals": {row["metric"]: [row["ci_low"], row["ci_high"]] for row in metric_rows},
             "summary": rows,
             "notes": self.notes,
             "figures": self.figure_captions,
             "files": files,
         }
         return json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def _summary_csv(self) -> pd.DataFrame:
+        """The summary as written to ``summary.csv``: counts as integers, metrics as floats."""
+        frame = self.summary.copy()
+        counts = self.counts
+        frame["value"] = pd.Series(
+            [
+                counts[m] if g == _tables.COUNTS else v
+                for g, m, v in zip(frame["group"], frame["metric"], frame["value"], strict=True)
+            ],
+            index=frame.index,
+            dtype=object,
+        )
+        return frame
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -491,7 +638,7 @@ class UncertaintyReport:
                 writer(tmp / name)
                 files.append(name)
 
-            write("summary.csv", lambda p: self.summary.to_csv(p, index=False))
+            write("summary.csv", lambda p: self._summary_csv().to_csv(p, index=False))
             write("per_input.csv", lambda p: self.per_input.to_csv(p, index=True, index_label="input"))
             write("reliability.csv", lambda p: self.reliability.to_csv(p, index=False))
             if self.sites is not None:
@@ -643,11 +790,152 @@ def _sort_per_input(frame: pd.DataFrame, sort_by: str | None, default: str) -> t
     return ordered, f"{column} ({'smallest' if ascending else 'largest'} first)"
 
 
+def _ood_sets(ood: Any, prediction: Prediction) -> dict[str, Prediction]:
+    """``ood`` as ``{name: prediction}`` (a bare prediction is named ``"ood"``), each validated."""
+    if ood is None:
+        return {}
+    if isinstance(ood, Prediction):
+        items = {_tables.DEFAULT_OOD: ood}
+    elif isinstance(ood, Mapping):
+        items = dict(ood)
+        if not items:
+            raise InvalidInputError("ood is an empty mapping; give {name: prediction} entries, or ood=None.")
+    else:
+        raise InvalidTypeError(
+            f"ood must be a prediction of the same task as prediction ({type(prediction).__name__}, made by "
+            "the same model on out-of-distribution inputs) or a mapping {name: prediction} of several "
+            f"such sets; got {type(ood).__name__}."
+        )
+    out: dict[str, Prediction] = {}
+    for name, o in items.items():
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidInputError(f"the names of ood sets must be non-empty strings; got {name!r}.")
+        if not isinstance(o, type(prediction)):
+            raise InvalidTypeError(
+                f"ood[{name!r}] must be a prediction of the same task as prediction "
+                f"({type(prediction).__name__}, made by the same model on out-of-distribution inputs); got "
+                f"{type(o).__name__}."
+            )
+        out[name.strip()] = o
+    return out
+
+
+def _check_same_model(other: Prediction, pred: Prediction, name: str) -> None:
+    """Raise unless ``other`` (already on the CPU) can be compared with ``pred`` class for class."""
+    if isinstance(pred, ClassificationPrediction):
+        assert isinstance(other, ClassificationPrediction)
+        _tables.check_classification(other, name)
+        if other.n_classes != pred.n_classes:
+            raise InvalidInputError(
+                f"{name} has {other.n_classes} classes but prediction has {pred.n_classes}; both must come "
+                "from the same model."
+            )
+
+
+def _strip(pred: Prediction) -> Prediction:
+    """A CPU copy without raw samples or nested deterministic prediction (nothing the tables need)."""
+    return (
+        replace(pred, samples=None, deterministic=None).cpu()
+        if hasattr(pred, "deterministic")
+        else (replace(pred, samples=None).cpu())
+    )
+
+
+def _device_of(pred: Prediction) -> str:
+    first = pred.probs if isinstance(pred, ClassificationPrediction) else pred.mean  # type: ignore[attr-defined]
+    return str(first.device)
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """``value`` as JSON can hold it: paths become strings; anything else that JSON lacks is refused."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    item = getattr(value, "item", None)  # numpy and torch scalars
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        return _jsonable(item(), where)
+    raise InvalidTypeError(
+        f"{where} is a {type(value).__name__}, which summary.json cannot hold; give strings, numbers, "
+        "booleans, paths, lists or mappings of them."
+    )
+
+
+def _recalibrate(
+    pred: Prediction,
+    ood: dict[str, Prediction],
+    calibration: Any,
+    output: int | None,
+) -> tuple[Prediction, dict[str, Prediction | None], dict[str, Any], list[str]]:
+    """Fit the recalibrator on ``calibration = (prediction, targets)`` and apply it to ``pred`` and ``ood``.
+
+    Returns the recalibrated prediction, the recalibrated OOD predictions (``None`` where the
+    recalibrator could not be applied), what was fitted, and notes.
+    """
+    from mcdrop.errors import McdropError
+    from mcdrop.recalibration import TemperatureScaling, VarianceScaling
+
+    if not isinstance(calibration, (tuple, list)) or len(calibration) != 2:
+        raise InvalidInputError(
+            "calibration must be a pair (prediction, targets) of held-out data: the same model's prediction "
+            "on a validation set and its targets, e.g. calibration=(mc.predict_loader(val_loader), None) "
+            f"with the targets in the prediction; got {type(calibration).__name__}."
+        )
+    val_pred, val_targets = calibration
+    if not isinstance(val_pred, type(pred)):
+        raise InvalidTypeError(
+            f"calibration[0] must be a prediction of the same task as prediction ({type(pred).__name__}) on "
+            f"held-out data; got {type(val_pred).__name__}."
+        )
+    val_y = _tables.resolve_targets(val_pred, val_targets)
+    notes: list[str] = []
+    out_ood: dict[str, Prediction | None] = {}
+    if isinstance(pred, ClassificationPrediction):
+        scaler: Any = TemperatureScaling().fit(val_pred, val_y)
+        info = {
+            "method": "temperature scaling",
+            "parameter": "temperature",
+            "value": float(scaler.temperature_),
+            "n_inputs": len(val_pred),
+        }
+        recal = scaler.transform(pred)
+        for name, o in ood.items():
+            try:
+                out_ood[name] = scaler.transform(o)
+            except McdropError as err:
+                out_ood[name] = None
+                notes.append(
+                    f"recalibrated: the OOD set {name!r} could not be recalibrated ({err}); its rows are NaN."
+                )
+    else:
+        val_one, val_y1 = _tables.select_output(val_pred, val_y, output, "calibration[0]")  # type: ignore[arg-type]
+        scaler = VarianceScaling().fit(val_one, val_y1)
+        info = {
+            "method": "variance scaling",
+            "parameter": "std factor",
+            "value": float(scaler.factor_),
+            "n_inputs": len(val_pred),
+        }
+        recal = scaler.transform(pred)
+        out_ood = {name: scaler.transform(o) for name, o in ood.items()}
+    notes.append(
+        f"recalibrated: {info['method']} fitted on {info['n_inputs']} held-out inputs "
+        f"({info['parameter']} = {info['value']:.4g}) and applied to these predictions."
+    )
+    return recal, out_ood, info, notes
+
+
 def report(
     prediction: Prediction,
     targets: Any = None,
     *,
-    ood: Prediction | None = None,
+    ood: Prediction | Mapping[str, Prediction] | None = None,
     title: str = "mcdrop uncertainty report",
     model: Any = None,
     n_bins: int = 15,
@@ -657,29 +945,41 @@ def report(
     n_resamples: int = 1000,
     seed: int = 0,
     ci_level: float = 0.95,
+    baseline: Prediction | None = None,
+    calibration: tuple[Prediction, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> UncertaintyReport:
     """Build the uncertainty report of a prediction: metrics, per-input table, calibration, figures.
 
-    Classification (``probs`` of shape ``(n, K)``) summary rows: accuracy, NLL, Brier, ECE, MCE,
-    adaptive ECE, classwise ECE (all with ``n_bins`` bins), AURC and E-AURC (inputs ranked by
-    predictive entropy), misclassification AUROC by predictive entropy and by mutual information,
-    the mean predictive entropy and mutual information, ``n_inputs`` and ``n_samples``; with
-    ``ood``: OOD AUROC, AUPR-In and FPR@95TPR by predictive entropy and by mutual information, and
-    ``n_ood``.
+    Classification (``probs`` of shape ``(n, K)``) summary rows, by group: *classification*
+    accuracy, NLL, Brier; *calibration* ECE, MCE, adaptive ECE, classwise ECE (all with ``n_bins``
+    bins); *selective prediction* AURC and E-AURC (inputs ranked by predictive entropy),
+    misclassification AUROC by predictive entropy and by mutual information; *uncertainty* the mean
+    predictive entropy and mutual information; per OOD set (*OOD: name*) OOD AUROC, AUPR-In and
+    FPR@95TPR by predictive entropy and by mutual information; *counts* ``n_inputs``,
+    ``n_samples``, ``n_ood`` per set (and, with adaptive sampling, the samples per input).
 
     Regression (``mean`` of shape ``(n,)`` or ``(n, 1)``; Gaussian with the total std ``σ``):
-    RMSE, MAE, Gaussian NLL, CRPS, PICP and MPIW at ``level``, miscalibration area, MACE, RMSCE,
-    sharpness, the mean epistemic std (and mean aleatoric std with an aleatoric head), counts;
-    with ``ood``: OOD AUROC, AUPR-In and FPR@95TPR by the std (and by the epistemic std alone with
-    an aleatoric head). A multi-output model is reported one output at a time (``output=j``).
+    *regression* RMSE, MAE, Gaussian NLL, CRPS; *calibration* PICP and MPIW at ``level``,
+    miscalibration area, MACE, RMSCE, sharpness; *uncertainty* the mean epistemic std (and mean
+    aleatoric std with an aleatoric head); per OOD set OOD AUROC, AUPR-In and FPR@95TPR by the std
+    (and by the epistemic std alone with an aleatoric head); counts. A multi-output model is
+    reported one output at a time (``output=j``).
 
-    Every metric row but the counts has a percentile bootstrap interval over the inputs
-    (``ci_low``, ``ci_high``): the inputs are resampled with replacement ``n_resamples`` times
-    (OOD inputs apart from the others), the metric is recomputed on each resample with the same
-    function as its value (:mod:`mcdrop.metrics.bootstrap`, all resamples at once), and the interval
-    is the ``(1 - ci_level)/2`` and ``(1 + ci_level)/2`` quantiles. It is over inputs, not over MC
-    samples. The MCE is flagged when its bin holds fewer than 20 inputs, and so are such bins of
-    the reliability table (``few_inputs``).
+    Every metric row has a percentile bootstrap interval over the inputs (``ci_low``,
+    ``ci_high``): the inputs are resampled with replacement ``n_resamples`` times (OOD inputs apart
+    from the others), the metric is recomputed on each resample with the same function as its value
+    (:mod:`mcdrop.metrics.bootstrap`, all resamples at once), and the interval is the
+    ``(1 - ci_level)/2`` and ``(1 + ci_level)/2`` quantiles. It is over inputs, not over MC
+    samples. The MCE is flagged when its bin holds fewer than 20 inputs, and so are such bins of the
+    reliability table (``few_inputs``).
+
+    With ``baseline`` (or a prediction whose ``deterministic`` field holds the dropout-off
+    prediction) the summary gets a ``deterministic`` column (with its interval) beside the MC one,
+    and the reliability diagram overlays it: whether MC dropout helps is then in the report. With
+    ``calibration`` the recalibrator is fitted on the held-out pair and the summary gets a
+    ``recalibrated`` column; its fitted temperature (or std factor) is in
+    :attr:`UncertaintyReport.recalibration`, the page and ``summary.json``.
 
     Every value comes from :mod:`mcdrop.metrics`; every row states its exact definition. A metric
     that is undefined for the data (e.g. misclassification AUROC when every prediction is right) is
@@ -689,10 +989,13 @@ def report(
         prediction: A :class:`~mcdrop.ClassificationPrediction` or :class:`~mcdrop.RegressionPrediction`.
         targets: Labels ``(n,)`` (classification) or targets ``(n,)``/``(n, 1)``/``(n, d)``
             (regression); defaults to ``prediction.targets``.
-        ood: A prediction of the same model on out-of-distribution inputs (targets not needed).
+        ood: A prediction of the same model on out-of-distribution inputs (targets not needed; it is
+            named ``"ood"``), or a mapping ``{name: prediction}`` of several OOD sets, each reported
+            under its name.
         title: The report's title.
         model: The :class:`~mcdrop.MCDropout` that made the prediction; its stochastic sites
-            (``describe()``) are shown in the report and saved as ``sites.csv``.
+            (``describe()``) are shown in the report and saved as ``sites.csv``, and its seed and
+            device go into ``summary.json``.
         n_bins: Number of confidence bins of the calibration errors and the reliability diagram.
         level: Nominal coverage of the regression intervals (PICP, MPIW, figures), in ``(0, 1)``.
         sort_by: Column of the per-input table to sort by, largest first (prefix ``"+"`` for
@@ -702,15 +1005,25 @@ def report(
         n_resamples: Bootstrap resamples of the intervals (default 1000); 0 for no intervals.
         seed: Seed of the bootstrap resamples (default 0: the same report every time).
         ci_level: Nominal coverage of the intervals, in ``(0, 1)`` (default 0.95).
+        baseline: The same model's prediction of the same inputs with dropout off
+            (``MCDropout.predict_deterministic``). Default: ``prediction.deterministic`` when set.
+            Its OOD rows use each OOD prediction's ``deterministic`` field (NaN, with a note, without).
+        calibration: A pair ``(prediction, targets)`` of held-out data (``targets`` may be ``None``
+            when the prediction carries them): temperature scaling (classification; needs
+            ``keep_samples=True`` on both predictions) or variance scaling (regression) is fitted on
+            it and applied to ``prediction`` and the OOD sets.
+        metadata: Facts to record in ``summary.json`` and the page, e.g. the input paths
+            (``{"data": "test.npz"}``); strings, numbers, booleans, paths, lists and mappings.
 
     Returns:
         An :class:`UncertaintyReport`.
 
     Raises:
         InvalidInputError: No targets, targets whose length differs from the prediction's, invalid
-            values (e.g. labels out of range), an ``ood`` of another task, a multi-output regression
-            without ``output``, or an unknown ``sort_by`` column.
-        InvalidTypeError: ``prediction``, ``ood`` or ``model`` of the wrong type.
+            values (e.g. labels out of range), a multi-output regression without ``output``, an
+            unknown ``sort_by`` column, a baseline of other inputs, or a malformed ``calibration``.
+        InvalidTypeError: ``prediction``, ``ood``, ``baseline``, ``calibration``, ``model`` or
+            ``metadata`` of the wrong type.
 
     Example:
         >>> import torch, mcdrop
@@ -747,12 +1060,24 @@ def report(
     )
     if output is not None:
         output = check_int(output, "output", minimum=0)
-    if ood is not None and not isinstance(ood, type(prediction)):
+    ood_given = _ood_sets(ood, prediction)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InvalidTypeError(f"metadata must be a mapping {{name: value}}; got {type(metadata).__name__}.")
+    meta = _jsonable(dict(metadata or {}), "metadata")
+    if baseline is None:
+        baseline = getattr(prediction, "deterministic", None)
+    if baseline is not None and not isinstance(baseline, type(prediction)):
         raise InvalidTypeError(
-            f"ood must be a prediction of the same task as prediction ({type(prediction).__name__}, made by "
-            f"the same model on out-of-distribution inputs); got {type(ood).__name__}."
+            f"baseline must be the same model's {type(prediction).__name__} of the same inputs with dropout "
+            f"off (MCDropout.predict_deterministic); got {type(baseline).__name__}."
+        )
+    if baseline is not None and len(baseline) != len(prediction):
+        raise InvalidInputError(
+            f"baseline has {len(baseline)} inputs but prediction has {len(prediction)}; the baseline must be "
+            "the dropout-off prediction of exactly the same inputs, in order."
         )
     sites = None
+    run: dict[str, Any] = {"device": _device_of(prediction), "n_samples": int(prediction.n_samples)}
     if model is not None:
         if not isinstance(model, MCDropout):
             raise InvalidTypeError(
@@ -760,43 +1085,94 @@ def report(
                 f"{type(model).__name__}. Wrap it: mcdrop.MCDropout(model)."
             )
         sites = model.describe()
+        run["seed"] = model.seed
+        param = next(iter(model.model.parameters()), None)
+        if param is not None:
+            run["device"] = str(param.device)
+    run["metadata"] = meta
 
-    pred = replace(prediction, samples=None).cpu()  # raw samples are not needed: don't copy them
+    # recalibrate first: temperature scaling needs the kept samples that the tables drop
+    variants_raw: dict[str, tuple[Prediction, dict[str, Prediction | None]]] = {}
+    recal_info = None
+    recal_notes: list[str] = []
+    if calibration is not None:
+        recal, recal_ood, recal_info, recal_notes = _recalibrate(prediction, ood_given, calibration, output)
+        variants_raw["recalibrated"] = (recal, recal_ood)
+    if baseline is not None:
+        base_ood = {name: getattr(o, "deterministic", None) for name, o in ood_given.items()}
+        variants_raw = {"deterministic": (baseline, base_ood), **variants_raw}
+
+    pred = _strip(prediction)  # raw samples are not needed: don't copy them
     target = _tables.resolve_targets(pred, targets)
-    ood_pred = None if ood is None else replace(ood, samples=None).cpu()
+    ood_preds = {name: _strip(o) for name, o in ood_given.items()}
+    variants = {
+        key: (_strip(p), {n: None if o is None else _strip(o) for n, o in outs.items()})
+        for key, (p, outs) in variants_raw.items()
+    }
     if isinstance(pred, ClassificationPrediction):
         _tables.check_classification(pred, "prediction")
-        if ood_pred is not None:
-            assert isinstance(ood_pred, ClassificationPrediction)
-            _tables.check_classification(ood_pred, "ood")
-            if ood_pred.n_classes != pred.n_classes:
-                raise InvalidInputError(
-                    f"ood has {ood_pred.n_classes} classes but prediction has {pred.n_classes}; both must come "
-                    "from the same model."
-                )
-        tables = _tables.classification_tables(pred, target, ood_pred, n_bins, intervals)
+        for name, o in ood_preds.items():
+            _check_same_model(o, pred, f"ood[{name!r}]")
+        for key, (p, outs) in variants.items():
+            _check_same_model(p, pred, key)
+            for name, o in outs.items():
+                if o is not None:
+                    _check_same_model(o, pred, f"the {key} prediction of ood[{name!r}]")
+        tables = _tables.classification_tables(
+            pred,
+            target,
+            ood_preds,
+            n_bins,
+            intervals,
+            variants,  # type: ignore[arg-type]
+        )
         default_sort = "predictive_entropy"
         # per_input labels as integers (metrics accepted integer-valued floats)
         target = target.long()
     else:
         pred, target = _tables.select_output(pred, target, output, "prediction")  # type: ignore[arg-type]
-        if ood_pred is not None:
-            ood_pred, _ = _tables.select_output(ood_pred, None, output, "ood")  # type: ignore[arg-type]
+        ood_preds = {
+            name: _tables.select_output(o, None, output, f"ood[{name!r}]")[0]  # type: ignore[arg-type]
+            for name, o in ood_preds.items()
+        }
+        variants = {
+            key: (
+                _tables.select_output(p, None, output, key)[0],  # type: ignore[arg-type]
+                {
+                    n: None if o is None else _tables.select_output(o, None, output, key)[0]  # type: ignore[arg-type]
+                    for n, o in outs.items()
+                },
+            )
+            for key, (p, outs) in variants.items()
+        }
         assert target is not None
-        tables = _tables.regression_tables(pred, target, ood_pred, level, intervals)  # type: ignore[arg-type]
+        tables = _tables.regression_tables(
+            pred,
+            target,
+            ood_preds,
+            level,
+            intervals,
+            variants,  # type: ignore[arg-type]
+        )
         default_sort = "total_std"
+    counts = _tables.counts_of(pred, ood_preds)
+    tables.summary = _tables.with_counts(tables.summary, counts)
+    tables.notes += recal_notes
     tables.per_input, sort_text = _sort_per_input(tables.per_input, sort_by, default_sort)
     return UncertaintyReport(
         title=title,
         prediction=pred,
         targets=target,
         tables=tables,
-        ood=ood_pred,
+        ood=ood_preds or None,
         sites=sites,
         n_bins=n_bins,
         level=level,
         sort_by=sort_text,
         intervals=intervals,
+        counts=counts,
+        recalibration=recal_info,
+        run=run,
     )
 
 
@@ -807,12 +1183,15 @@ def compare(
     """The summaries of several reports side by side: one row per metric, one column per report.
 
     Use it for before/after recalibration, N = 10 against N = 100 samples, two models, ... Rows
-    keep the order of the first report, then any metric only later reports have; a metric a report
-    lacks (e.g. OOD rows) is NaN in its column. The last column, ``intervals_overlap``, says whether
-    the reports' bootstrap intervals of the metric have a point in common (for two reports: whether
-    they overlap); ``None`` where a report has no interval for it. Overlapping intervals do not
-    show that two values are equal, and disjoint 95% intervals are a conservative sign of a
-    difference (the reports' inputs are resampled independently).
+    keep the order of the first report, then any metric only later reports have, with the counts
+    last; a metric a report lacks (e.g. OOD rows) is NaN in its column. The first column, ``group``,
+    is the metric's group in the summaries. A report with a deterministic baseline adds the column
+    ``"<name> (deterministic)"`` before its own, one with ``calibration=`` the column
+    ``"<name> (recalibrated)"`` after it. The last column, ``intervals_overlap``, says whether
+    the reports' bootstrap intervals of the metric (of their MC columns) have a point in common (for
+    two reports: whether they overlap); ``None`` where a report has no interval for it. Overlapping
+    intervals do not show that two values are equal, and disjoint 95% intervals are a conservative
+    sign of a difference (the reports' inputs are resampled independently).
 
     Args:
         reports: Reports of the same task, as a sequence, or a mapping ``{name: report}``.
@@ -820,12 +1199,13 @@ def compare(
             titles when they are distinct, else ``"report 1"``, ``"report 2"``, ...
 
     Returns:
-        A DataFrame indexed by ``metric`` with one float column per report and the object column
-        ``intervals_overlap`` (``True``, ``False`` or ``None``).
+        A DataFrame indexed by ``metric``: the object column ``group``, float columns per report
+        (counts as floats too), and the object column ``intervals_overlap`` (``True``, ``False`` or
+        ``None``).
 
     Raises:
-        InvalidInputError: No reports, reports of different tasks, or names of the wrong number or
-            not unique.
+        InvalidInputError: No reports, reports of different tasks, or names of the wrong number, not
+            unique, or ``"group"``/``"intervals_overlap"``.
         InvalidTypeError: An element that is not an :class:`UncertaintyReport`.
 
     Example:
@@ -835,7 +1215,7 @@ def compare(
         >>> reps = [mcdrop.report(mcdrop.MCDropout(net, n_samples=n, seed=0).predict(x), y) for n in (5, 50)]
         >>> table = mcdrop.compare(reps, names=["N=5", "N=50"])
         >>> table.columns.tolist(), table.loc["n_samples", ["N=5", "N=50"]].tolist()
-        (['N=5', 'N=50', 'intervals_overlap'], [5.0, 50.0])
+        (['group', 'N=5', 'N=50', 'intervals_overlap'], [5.0, 50.0])
         >>> table.loc["accuracy", "intervals_overlap"], table.loc["n_samples", "intervals_overlap"]
         (True, None)
     """
@@ -866,23 +1246,37 @@ def compare(
         raise InvalidInputError(
             f"names has {len(names)} entries for {len(items)} reports; give one name per report."
         )
-    if "intervals_overlap" in names:
-        raise InvalidInputError(
-            "'intervals_overlap' is the column of the intervals; choose another report name."
-        )
+    for reserved in ("intervals_overlap", "group"):
+        if reserved in names:
+            raise InvalidInputError(f"{reserved!r} is a column of the table; choose another report name.")
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise InvalidInputError(
             f"names must be unique (they become columns); repeated: {_render.names_list(dupes)}."
         )
     order: list[str] = []
+    groups: dict[str, str] = {}
     for rep in items:
-        order.extend(m for m in rep.summary["metric"] if m not in order)
-    columns = {
-        name: rep.summary.set_index("metric")["value"].astype(float).reindex(order)
-        for name, rep in zip(names, items, strict=True)
-    }
-    frame = pd.DataFrame(columns, index=pd.Index(order, name="metric"))
+        for group, metric in zip(rep.summary["group"], rep.summary["metric"], strict=True):
+            if metric not in groups:
+                order.append(metric)
+                groups[metric] = str(group)
+    order = [m for m in order if groups[m] != _tables.COUNTS] + [
+        m for m in order if groups[m] == _tables.COUNTS
+    ]
+    frame = pd.DataFrame(
+        {"group": pd.Series([groups[m] for m in order], index=order, dtype=object)},
+        index=pd.Index(order, name="metric"),
+    )
+    for name, rep in zip(names, items, strict=True):
+        indexed = rep.summary.set_index("metric")
+        for key in _tables.VARIANTS[:1]:  # the deterministic column goes before the MC one
+            if key in indexed.columns:
+                frame[f"{name} ({key})"] = indexed[key].astype(float).reindex(order)
+        frame[name] = indexed["value"].astype(float).reindex(order)
+        for key in _tables.VARIANTS[1:]:
+            if key in indexed.columns:
+                frame[f"{name} ({key})"] = indexed[key].astype(float).reindex(order)
     frame.columns.name = None
     lows = pd.DataFrame(
         {

@@ -19,8 +19,14 @@ from mcdrop import metrics
 from mcdrop.errors import InvalidInputError
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction
 
-SUMMARY_COLUMNS = ["metric", "value", "ci_low", "ci_high", "definition", "higher_is_better", "flag"]
-COUNT_METRICS = ("n_inputs", "n_samples", "n_ood")
+SUMMARY_COLUMNS = ["group", "metric", "value", "ci_low", "ci_high", "definition", "higher_is_better", "flag"]
+#: the group of the count rows (numbers of inputs and samples, not metrics)
+COUNTS = "counts"
+#: the predictions a report can score besides the MC one, each a column triple of the summary
+#: (``<variant>``, ``<variant>_ci_low``, ``<variant>_ci_high``), in display order around ``value``
+VARIANTS = ("deterministic", "recalibrated")
+#: the default name of an OOD set given as a bare prediction (its rows carry no ``[name]``)
+DEFAULT_OOD = "ood"
 #: a reliability bin, or an MCE, resting on fewer inputs than this is flagged
 MIN_BIN_INPUTS = 20
 
@@ -52,11 +58,12 @@ class _Rows:
         self.rows: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.flags: dict[str, str] = {}
-        self.resamples: dict[str, np.ndarray] = {}
+        self.group = ""
 
     def add(self, metric: str, value: float | int, definition: str, higher_is_better: bool | None) -> None:
         self.rows.append(
             {
+                "group": self.group,
                 "metric": metric,
                 "value": float(value),
                 "definition": definition,
@@ -76,7 +83,6 @@ class _Rows:
 
     def intervals(self, resamples: dict[str, np.ndarray], level: float) -> None:
         """Percentile intervals of the rows named in ``resamples`` (each: its values on the resamples)."""
-        self.resamples.update(resamples)
         for row in self.rows:
             values = resamples.get(row["metric"])
             if values is not None and np.isfinite(row["value"]):
@@ -88,12 +94,80 @@ class _Rows:
             for row in self.rows
         ]
         frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-        frame["value"] = frame["value"].astype(np.float64)
-        frame["ci_low"] = frame["ci_low"].astype(np.float64)
-        frame["ci_high"] = frame["ci_high"].astype(np.float64)
+        for column in ("value", "ci_low", "ci_high"):
+            frame[column] = frame[column].astype(np.float64)
         frame["flag"] = frame["flag"].astype(object)
         frame["higher_is_better"] = frame["higher_is_better"].astype(object)
         return frame
+
+
+def ood_suffix(name: str) -> str:
+    """What OOD row names of the set ``name`` end with: ``""`` for the default set, else ``" [name]"``."""
+    return "" if name == DEFAULT_OOD else f" [{name}]"
+
+
+def ood_group(name: str) -> str:
+    """The summary group of the OOD set ``name``."""
+    return f"OOD: {name}"
+
+
+def merge_variants(main: pd.DataFrame, variants: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """``main`` with a column triple per variant (its value and interval for each of main's metrics)."""
+    out = main.copy()
+    for key, frame in variants.items():
+        indexed = frame.set_index("metric")
+        for column, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+            out[key + suffix] = out["metric"].map(indexed[column]).astype(np.float64)
+    return out
+
+
+def counts_of(pred: Prediction, ood: dict[str, Prediction]) -> dict[str, tuple[int | float, str]]:
+    """The count rows: ``{name: (value, definition)}``; integers but the mean samples per input.
+
+    With per-input sample numbers (``samples_per_input``, adaptive sampling) also their minimum,
+    mean and maximum, and with ``max_samples`` the number of inputs that reached it.
+    """
+    counts: dict[str, tuple[int | float, str]] = {
+        "n_inputs": (len(pred), "number of evaluated inputs n"),
+        "n_samples": (int(pred.n_samples), "stochastic forward passes per input N"),
+    }
+    per_input = getattr(pred, "samples_per_input", None)
+    if isinstance(per_input, torch.Tensor) and per_input.numel() == len(pred) and len(pred):
+        k = per_input.detach().cpu().reshape(-1).to(torch.int64)
+        counts["samples per input (min)"] = (int(k.min()), "fewest stochastic passes any input got")
+        counts["samples per input (mean)"] = (float(k.double().mean()), "mean stochastic passes per input")
+        counts["samples per input (max)"] = (int(k.max()), "most stochastic passes any input got")
+        cap = getattr(pred, "max_samples", None)
+        if cap is not None:
+            counts["inputs that reached max_samples"] = (
+                int((k >= int(cap)).sum()),
+                f"inputs that stopped at max_samples = {int(cap)} (their uncertainty may not have settled)",
+            )
+    for name, o in ood.items():
+        counts[f"n_ood{ood_suffix(name)}"] = (len(o), f"number of out-of-distribution inputs of {name!r}")
+    return counts
+
+
+def with_counts(summary: pd.DataFrame, counts: dict[str, tuple[int | float, str]]) -> pd.DataFrame:
+    """The summary with one row per count appended, in the group ``counts``, without an interval."""
+    rows = pd.DataFrame(
+        {
+            "group": COUNTS,
+            "metric": list(counts),
+            "value": [float(v) for v, _ in counts.values()],
+            "ci_low": np.nan,
+            "ci_high": np.nan,
+            "definition": [d for _, d in counts.values()],
+            "higher_is_better": pd.Series([None] * len(counts), dtype=object),
+            "flag": "",
+        }
+    )
+    for column in summary.columns:
+        if column not in rows.columns:
+            rows[column] = np.nan
+    frame = pd.concat([summary, rows[list(summary.columns)]], ignore_index=True)
+    frame["higher_is_better"] = frame["higher_is_better"].astype(object)
+    return frame
 
 
 def _pct(level: float) -> str:
@@ -191,31 +265,30 @@ def check_classification(pred: ClassificationPrediction, name: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # classification
 # ----------------------------------------------------------------------------------------------
-def classification_tables(
-    pred: ClassificationPrediction,
-    targets: torch.Tensor,
-    ood: ClassificationPrediction | None,
-    n_bins: int,
-    intervals: Intervals = Intervals(),
-) -> Tables:
-    """Summary, per-input and reliability tables of a classifier, with bootstrap intervals."""
-    if targets.dim() != 1:
-        raise InvalidInputError(
-            f"classification targets must be integer class labels of shape (n,); got shape "
-            f"{tuple(targets.shape)}."
-            + (" One-hot rows? Use targets.argmax(-1)." if targets.dim() == 2 else "")
-        )
-    probs = pred.probs.detach().cpu()
-    labels = targets
-    entropy = pred.predictive_entropy.detach().cpu()
-    mi = pred.mutual_information.detach().cpu()
-    # validation (shapes, ranges, label values) happens in the metric functions, with their messages
-    reliability = metrics.reliability_table(probs, labels, n_bins=n_bins)
-    errors = (probs.argmax(1) != labels.long()).to(torch.int64)
-    k = pred.n_classes
-    m = n_bins
+#: what the OOD rows of a classifier are scored by: (tag, symbol)
+_CLS_SCORES = (("entropy", "H[p̄]"), ("MI", "MI"))
 
+
+def _classification_rows(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    entropy: torch.Tensor,
+    mi: torch.Tensor | None,
+    ood: dict[str, dict[str, torch.Tensor | None] | None],
+    n_bins: int,
+    intervals: Intervals,
+) -> _Rows:
+    """The metric rows of one set of class probabilities (``mi=None``: no MC spread, MI rows NaN).
+
+    ``ood`` maps each OOD set to its ``{"entropy": ..., "MI": ...}`` scores, or to ``None`` when this
+    prediction has none for it (its rows are then NaN).
+    """
+    errors = (probs.argmax(1) != labels.long()).to(torch.int64)
+    k = probs.shape[1]
+    m = n_bins
+    nan = float("nan")
     rows = _Rows()
+    rows.group = "classification"
     rows.add("accuracy", metrics.accuracy(probs, labels), "(1/n) Σ_i [argmax_k p̄_ik = y_i]", True)
     rows.add(
         "NLL",
@@ -224,6 +297,7 @@ def classification_tables(
         False,
     )
     rows.add("Brier", metrics.brier_score(probs, labels), "(1/n) Σ_i Σ_k (p̄_ik − [y_i = k])²", False)
+    rows.group = "calibration"
     rows.add(
         "ECE",
         metrics.expected_calibration_error(probs, labels, n_bins=m, norm="l1"),
@@ -248,6 +322,7 @@ def classification_tables(
         f"(1/K) Σ_k Σ_m (|B_mk|/n)·|freq(y = k | B_mk) − mean p̄_k(B_mk)|, {m} bins per class, K = {k}",
         False,
     )
+    rows.group = "selective prediction"
     rows.add(
         "AURC",
         metrics.aurc(entropy, errors),
@@ -266,12 +341,13 @@ def classification_tables(
         "P(H[p̄] of a wrong prediction > H[p̄] of a right one) + ½ P(tie)",
         True,
     )
-    rows.try_add(
-        "misclassification AUROC (MI)",
-        lambda: metrics.misclassification_auroc(mi, errors),
-        "P(MI of a wrong prediction > MI of a right one) + ½ P(tie)",
-        True,
-    )
+    mi_auroc = "misclassification AUROC (MI)"
+    mi_definition = "P(MI of a wrong prediction > MI of a right one) + ½ P(tie)"
+    if mi is None:
+        rows.add(mi_auroc, nan, mi_definition, True)
+    else:
+        rows.try_add(mi_auroc, lambda: metrics.misclassification_auroc(mi, errors), mi_definition, True)
+    rows.group = "uncertainty"
     rows.add(
         "mean predictive entropy",
         float(entropy.double().mean()),
@@ -280,60 +356,150 @@ def classification_tables(
     )
     rows.add(
         "mean mutual information",
-        float(mi.double().mean()),
+        nan if mi is None else float(mi.double().mean()),
         "(1/n) Σ_i (H[p̄_i] − (1/N) Σ_t H[p_it]) (nats; epistemic uncertainty)",
         None,
     )
-    rows.add("n_inputs", len(pred), "number of evaluated inputs n", None)
-    rows.add("n_samples", pred.n_samples, "stochastic forward passes per input N", None)
-
-    data: dict[str, Any] = {"probs": probs, "labels": labels, "errors": errors, "entropy": entropy, "mi": mi}
-    if ood is not None:
-        ent_out = ood.predictive_entropy.detach().cpu()
-        mi_out = ood.mutual_information.detach().cpu()
-        for tag, s_in, s_out, sym in (("entropy", entropy, ent_out, "H[p̄]"), ("MI", mi, mi_out, "MI")):
+    scores_in = {"entropy": entropy, "MI": mi}
+    for name, scores_out in ood.items():
+        rows.group = ood_group(name)
+        sfx = ood_suffix(name)
+        for tag, sym in _CLS_SCORES:
+            s_in = scores_in[tag]
+            s_out = None if scores_out is None else scores_out.get(tag)
+            ok = s_in is not None and s_out is not None
             rows.add(
-                f"OOD AUROC ({tag})",
-                metrics.ood_auroc(s_in, s_out),
+                f"OOD AUROC ({tag}){sfx}",
+                metrics.ood_auroc(s_in, s_out) if ok else nan,
                 f"P({sym} of an OOD input > {sym} of an in-distribution input) + ½ P(tie)",
                 True,
             )
             rows.add(
-                f"OOD AUPR-In ({tag})",
-                metrics.ood_aupr(s_in, s_out, positive="in"),
+                f"OOD AUPR-In ({tag}){sfx}",
+                metrics.ood_aupr(s_in, s_out, positive="in") if ok else nan,
                 f"average precision with in-distribution inputs as positives, scored by −{sym}",
                 True,
             )
             rows.add(
-                f"OOD FPR@95TPR ({tag})",
-                metrics.fpr_at_tpr(s_in, s_out, tpr=0.95, positive="in"),
+                f"OOD FPR@95TPR ({tag}){sfx}",
+                metrics.fpr_at_tpr(s_in, s_out, tpr=0.95, positive="in") if ok else nan,
                 f"fraction of OOD inputs with {sym} ≤ the threshold that keeps 95% of in-distribution inputs",
                 False,
             )
-        rows.add("n_ood", len(ood), "number of out-of-distribution inputs", None)
-        data.update(ood_entropy=ent_out, ood_mi=mi_out)
 
     if intervals.n_resamples > 0:
         opts = {"n_resamples": intervals.n_resamples, "seed": intervals.seed}
-        scores = {"entropy": entropy, "MI": mi}
+        scores = {"entropy": entropy} if mi is None else {"entropy": entropy, "MI": mi}
         boot = metrics.bootstrap_classification(probs, labels, scores, scores, n_bins=m, **opts)
         named = {
             "AURC": boot["AURC (entropy)"],
             "E-AURC": boot["E-AURC (entropy)"],
             "mean predictive entropy": boot["mean (entropy)"],
-            "mean mutual information": boot["mean (MI)"],
         }
-        if ood is not None:
-            for tag, s_in, s_out in (("entropy", entropy, ent_out), ("MI", mi, mi_out)):
+        if mi is not None:
+            named["mean mutual information"] = boot["mean (MI)"]
+        for name, scores_out in ood.items():
+            sfx = ood_suffix(name)
+            for tag, _ in _CLS_SCORES:
+                s_in = scores_in[tag]
+                s_out = None if scores_out is None else scores_out.get(tag)
+                if s_in is None or s_out is None:
+                    continue
                 o = metrics.bootstrap_ood(s_in, s_out, tpr=0.95, **opts)
                 named.update(
                     {
-                        f"OOD AUROC ({tag})": o["AUROC"],
-                        f"OOD AUPR-In ({tag})": o["AUPR-In"],
-                        f"OOD FPR@95TPR ({tag})": o["FPR@TPR"],
+                        f"OOD AUROC ({tag}){sfx}": o["AUROC"],
+                        f"OOD AUPR-In ({tag}){sfx}": o["AUPR-In"],
+                        f"OOD FPR@95TPR ({tag}){sfx}": o["FPR@TPR"],
                     }
                 )
         rows.intervals({**boot, **named}, intervals.level)
+    return rows
+
+
+def _cls_scores(pred: ClassificationPrediction, spread: bool = True) -> dict[str, torch.Tensor | None]:
+    return {
+        "entropy": pred.predictive_entropy.detach().cpu(),
+        "MI": pred.mutual_information.detach().cpu() if spread else None,
+    }
+
+
+def classification_tables(
+    pred: ClassificationPrediction,
+    targets: torch.Tensor,
+    ood: dict[str, ClassificationPrediction],
+    n_bins: int,
+    intervals: Intervals = Intervals(),
+    variants: dict[str, tuple[ClassificationPrediction, dict[str, ClassificationPrediction | None]]]
+    | None = None,
+) -> Tables:
+    """Summary, per-input and reliability tables of a classifier, with bootstrap intervals.
+
+    ``variants`` maps ``"deterministic"`` and/or ``"recalibrated"`` to another prediction of the
+    same inputs and its OOD predictions (``None`` where it has none for a set); their metrics become
+    the column triples of the summary. A deterministic prediction has no MC spread: its rows that
+    need one (mutual information) are NaN.
+    """
+    if targets.dim() != 1:
+        raise InvalidInputError(
+            f"classification targets must be integer class labels of shape (n,); got shape "
+            f"{tuple(targets.shape)}."
+            + (" One-hot rows? Use targets.argmax(-1)." if targets.dim() == 2 else "")
+        )
+    probs = pred.probs.detach().cpu()
+    labels = targets
+    entropy = pred.predictive_entropy.detach().cpu()
+    mi = pred.mutual_information.detach().cpu()
+    # validation (shapes, ranges, label values) happens in the metric functions, with their messages
+    reliability = metrics.reliability_table(probs, labels, n_bins=n_bins)
+    errors = (probs.argmax(1) != labels.long()).to(torch.int64)
+    ood_scores = {name: _cls_scores(o) for name, o in ood.items()}
+    rows = _classification_rows(probs, labels, entropy, mi, ood_scores, n_bins, intervals)
+
+    data: dict[str, Any] = {
+        "probs": probs,
+        "labels": labels,
+        "errors": errors,
+        "entropy": entropy,
+        "mi": mi,
+        "ood": ood_scores,
+        "variants": {},
+    }
+    frames: dict[str, pd.DataFrame] = {}
+    notes: list[str] = []
+    for key, (other, other_ood) in (variants or {}).items():
+        spread = key != "deterministic"
+        other_scores = {name: None if o is None else _cls_scores(o, spread) for name, o in other_ood.items()}
+        o_probs = other.probs.detach().cpu()
+        o_rows = _classification_rows(
+            o_probs,
+            labels,
+            other.predictive_entropy.detach().cpu(),
+            other.mutual_information.detach().cpu() if spread else None,
+            other_scores,
+            n_bins,
+            intervals,
+        )
+        frames[key] = o_rows.frame()
+        notes += [f"{key}: {n}" for n in o_rows.notes]
+        missing = [name for name, o in other_ood.items() if o is None]
+        if missing:
+            notes.append(
+                f"{key}: no {key} prediction of the OOD set(s) {', '.join(repr(n) for n in missing)}, so "
+                f"their {key} OOD rows are NaN"
+                + (
+                    " (predict them with MCDropout.predict_deterministic, or predict_loader(..., "
+                    "deterministic=True), and pass that as the OOD prediction's deterministic field)."
+                    if key == "deterministic"
+                    else "."
+                )
+            )
+        data["variants"][key] = o_probs
+    if "deterministic" in frames:
+        notes.append(
+            "deterministic: dropout off gives one output per input and no spread between passes, so "
+            "its mutual-information rows (mean MI, misclassification and OOD AUROC by MI) are NaN."
+        )
 
     per_input = replace(pred.cpu(), targets=labels, samples=None).to_frame()
     per_input.insert(per_input.columns.get_loc("correct") + 1, "error", errors.numpy())
@@ -342,7 +508,8 @@ def classification_tables(
     rel["weight"] = reliability.weight
     rel["few_inputs"] = (rel["count"] > 0) & (rel["count"] < MIN_BIN_INPUTS)
     _flag_small_bins(rows, rel)
-    return Tables(rows.frame(), per_input, rel, rows.notes, data)
+    summary = merge_variants(rows.frame(), frames)
+    return Tables(summary, per_input, rel, rows.notes + notes, data)
 
 
 def _flag_small_bins(rows: _Rows, rel: pd.DataFrame) -> None:
@@ -368,87 +535,89 @@ def _flag_small_bins(rows: _Rows, rel: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------------------------------
 # regression
 # ----------------------------------------------------------------------------------------------
-def regression_tables(
-    pred: RegressionPrediction,
-    targets: torch.Tensor,
-    ood: RegressionPrediction | None,
+def _regression_rows(
+    mean: np.ndarray,
+    y: np.ndarray,
+    sigma: np.ndarray | None,
+    epistemic: np.ndarray | None,
+    aleatoric: np.ndarray | None,
+    scores_in: dict[str, np.ndarray | None],
+    ood: dict[str, dict[str, np.ndarray | None] | None],
     level: float,
-    intervals: Intervals = Intervals(),
-) -> Tables:
-    """Summary, per-input and calibration-curve tables of a regression model (one output)."""
-    mean = _flat(pred.mean)
-    y = _flat(targets)
-    sigma = _flat(pred.total_std)
-    epistemic = _flat(pred.std)
-    aleatoric = None if pred.aleatoric_variance is None else np.sqrt(_flat(pred.aleatoric_variance))
-    z = NormalDist().inv_cdf((1 + level) / 2)
-    std_ok = bool((sigma > 0).all())
-    sigma_text = "σ_i = total std" if aleatoric is not None else "σ_i = MC std"
-    notes: list[str] = []
+    intervals: Intervals,
+) -> tuple[_Rows, bool]:
+    """The metric rows of one regression prediction; ``sigma=None``: no predictive spread (NaN rows).
 
+    Returns the rows and whether every predicted std is positive (the Gaussian metrics defined).
+    """
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    std_ok = sigma is not None and bool((sigma > 0).all())
+    sigma_text = "σ_i = total std" if aleatoric is not None else "σ_i = MC std"
+    nan = float("nan")
     rows = _Rows()
+    rows.group = "regression"
     rows.add("RMSE", metrics.rmse(mean, y), "√((1/n) Σ_i (μ_i − y_i)²), μ_i = MC mean", False)
     rows.add("MAE", metrics.mae(mean, y), "(1/n) Σ_i |μ_i − y_i|", False)
-    gaussian: list[tuple[str, Callable[[], float], str, bool | None]] = [
+    s: np.ndarray = sigma if sigma is not None else np.ones_like(mean)
+    gaussian: list[tuple[str, str, Callable[[], float], str, bool | None]] = [
         (
+            "regression",
             "Gaussian NLL",
-            lambda: metrics.gaussian_nll(mean, sigma, y),
+            lambda: metrics.gaussian_nll(mean, s, y),
             f"(1/n) Σ_i [½ ln(2πσ_i²) + (y_i − μ_i)²/(2σ_i²)], {sigma_text} (nats)",
             False,
         ),
         (
+            "regression",
             "CRPS",
-            lambda: metrics.crps_gaussian(mean, sigma, y),
+            lambda: metrics.crps_gaussian(mean, s, y),
             "(1/n) Σ_i σ_i [z_i(2Φ(z_i) − 1) + 2φ(z_i) − 1/√π], z_i = (y_i − μ_i)/σ_i",
             False,
         ),
         (
+            "calibration",
             f"PICP ({_pct(level)})",
-            lambda: metrics.picp(mean, sigma, y, level=level),
+            lambda: metrics.picp(mean, s, y, level=level),
             f"(1/n) Σ_i [|y_i − μ_i| ≤ z·σ_i], z = Φ⁻¹((1 + {level:g})/2) = {z:.3f}; ideal {level:g}",
             None,
         ),
         (
+            "calibration",
             f"MPIW ({_pct(level)})",
-            lambda: metrics.mpiw(sigma, level=level),
+            lambda: metrics.mpiw(s, level=level),
             f"(1/n) Σ_i 2·z·σ_i, z = {z:.3f}",
             False,
         ),
         (
+            "calibration",
             "miscalibration area",
-            lambda: metrics.miscalibration_area(mean, sigma, y),
+            lambda: metrics.miscalibration_area(mean, s, y),
             "area between observed and expected coverage of central intervals, 100 levels on [0, 1]",
             False,
         ),
         (
+            "calibration",
             "MACE",
-            lambda: metrics.mean_absolute_calibration_error(mean, sigma, y),
+            lambda: metrics.mean_absolute_calibration_error(mean, s, y),
             "(1/L) Σ_j |p_obs(p_j) − p_j|, L = 100 coverage levels p_j on [0, 1]",
             False,
         ),
         (
+            "calibration",
             "RMSCE",
-            lambda: metrics.root_mean_squared_calibration_error(mean, sigma, y),
+            lambda: metrics.root_mean_squared_calibration_error(mean, s, y),
             "√((1/L) Σ_j (p_obs(p_j) − p_j)²), L = 100 coverage levels",
             False,
         ),
-        ("sharpness", lambda: metrics.sharpness(sigma), "√((1/n) Σ_i σ_i²)", False),
+        ("calibration", "sharpness", lambda: metrics.sharpness(s), "√((1/n) Σ_i σ_i²)", False),
     ]
-    for metric, compute, definition, better in gaussian:
-        if std_ok:
-            rows.add(metric, compute(), definition, better)
-        else:
-            rows.add(metric, float("nan"), definition, better)
-    if not std_ok:
-        n_zero = int((sigma <= 0).sum())
-        notes.append(
-            f"{n_zero} of {sigma.size} inputs have a predicted std of 0 (all N = {pred.n_samples} passes "
-            "agreed), so the Gaussian metrics and the interval figures are undefined (NaN, omitted). "
-            "Use more samples, a higher dropout rate, or an aleatoric head."
-        )
+    for group, metric, compute, definition, better in gaussian:
+        rows.group = group
+        rows.add(metric, compute() if std_ok else nan, definition, better)
+    rows.group = "uncertainty"
     rows.add(
         "mean epistemic std",
-        float(epistemic.mean()),
+        nan if epistemic is None else float(epistemic.mean()),
         "(1/n) Σ_i √((1/N) Σ_t (y_it − μ_i)²), the spread of the N passes",
         None,
     )
@@ -459,58 +628,162 @@ def regression_tables(
             "(1/n) Σ_i √((1/N) Σ_t σ²_it), the noise the model predicts",
             None,
         )
-    rows.add("n_inputs", len(pred), "number of evaluated inputs n", None)
-    rows.add("n_samples", pred.n_samples, "stochastic forward passes per input N", None)
-
-    data: dict[str, Any] = {"mean": mean, "std": sigma, "targets": y, "std_ok": std_ok}
-    if ood is not None:
-        sigma_out = _flat(ood.total_std)
-        scores = [("total std" if aleatoric is not None else "std", sigma, sigma_out)]
-        if aleatoric is not None:
-            scores.append(("epistemic std", epistemic, _flat(ood.std)))
-        for tag, s_in, s_out in scores:
+    for name, scores_out in ood.items():
+        rows.group = ood_group(name)
+        sfx = ood_suffix(name)
+        for tag, s_in in scores_in.items():
+            s_out = None if scores_out is None else scores_out.get(tag)
+            ok = s_in is not None and s_out is not None
             rows.add(
-                f"OOD AUROC ({tag})",
-                metrics.ood_auroc(s_in, s_out),
+                f"OOD AUROC ({tag}){sfx}",
+                metrics.ood_auroc(s_in, s_out) if ok else nan,
                 f"P({tag} of an OOD input > {tag} of an in-distribution input) + ½ P(tie)",
                 True,
             )
             rows.add(
-                f"OOD AUPR-In ({tag})",
-                metrics.ood_aupr(s_in, s_out, positive="in"),
+                f"OOD AUPR-In ({tag}){sfx}",
+                metrics.ood_aupr(s_in, s_out, positive="in") if ok else nan,
                 f"average precision with in-distribution inputs as positives, scored by −({tag})",
                 True,
             )
             rows.add(
-                f"OOD FPR@95TPR ({tag})",
-                metrics.fpr_at_tpr(s_in, s_out, tpr=0.95, positive="in"),
+                f"OOD FPR@95TPR ({tag}){sfx}",
+                metrics.fpr_at_tpr(s_in, s_out, tpr=0.95, positive="in") if ok else nan,
                 f"fraction of OOD inputs with {tag} ≤ the threshold that keeps 95% of in-distribution inputs",
                 False,
             )
-        rows.add("n_ood", len(ood), "number of out-of-distribution inputs", None)
-        data["ood_scores"] = {tag: (s_in, s_out) for tag, s_in, s_out in scores}
 
     if intervals.n_resamples > 0:
         opts = {"n_resamples": intervals.n_resamples, "seed": intervals.seed}
-        averaged = (
-            {"epistemic": epistemic}
-            if aleatoric is None
-            else {"epistemic": epistemic, "aleatoric": aleatoric}
+        averaged = {
+            tag: v for tag, v in (("epistemic", epistemic), ("aleatoric", aleatoric)) if v is not None
+        }
+        boot = metrics.bootstrap_regression(
+            mean, sigma if std_ok else None, y, averaged or None, level=level, **opts
         )
-        boot = metrics.bootstrap_regression(mean, sigma if std_ok else None, y, averaged, level=level, **opts)
         named = {f"PICP ({_pct(level)})": boot.get("PICP"), f"MPIW ({_pct(level)})": boot.get("MPIW")}
         named.update({f"mean {tag} std": boot[f"mean ({tag})"] for tag in averaged})
-        if ood is not None:
-            for tag, s_in, s_out in scores:
+        for name, scores_out in ood.items():
+            sfx = ood_suffix(name)
+            for tag, s_in in scores_in.items():
+                s_out = None if scores_out is None else scores_out.get(tag)
+                if s_in is None or s_out is None:
+                    continue
                 o = metrics.bootstrap_ood(s_in, s_out, tpr=0.95, **opts)
                 named.update(
                     {
-                        f"OOD AUROC ({tag})": o["AUROC"],
-                        f"OOD AUPR-In ({tag})": o["AUPR-In"],
-                        f"OOD FPR@95TPR ({tag})": o["FPR@TPR"],
+                        f"OOD AUROC ({tag}){sfx}": o["AUROC"],
+                        f"OOD AUPR-In ({tag}){sfx}": o["AUPR-In"],
+                        f"OOD FPR@95TPR ({tag}){sfx}": o["FPR@TPR"],
                     }
                 )
         rows.intervals({**boot, **{k: v for k, v in named.items() if v is not None}}, intervals.level)
+    return rows, std_ok
+
+
+def _reg_arrays(
+    pred: RegressionPrediction, spread: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """``(mean, sigma, epistemic, aleatoric)`` of one output; without MC spread sigma is the aleatoric std."""
+    mean = _flat(pred.mean)
+    aleatoric = None if pred.aleatoric_variance is None else np.sqrt(_flat(pred.aleatoric_variance))
+    if spread:
+        return mean, _flat(pred.total_std), _flat(pred.std), aleatoric
+    return mean, aleatoric, None, aleatoric
+
+
+def _reg_scores(
+    sigma: np.ndarray | None, epistemic: np.ndarray | None, with_aleatoric: bool
+) -> dict[str, np.ndarray | None]:
+    if with_aleatoric:
+        return {"total std": sigma, "epistemic std": epistemic}
+    return {"std": sigma if epistemic is not None else None}
+
+
+def regression_tables(
+    pred: RegressionPrediction,
+    targets: torch.Tensor,
+    ood: dict[str, RegressionPrediction],
+    level: float,
+    intervals: Intervals = Intervals(),
+    variants: dict[str, tuple[RegressionPrediction, dict[str, RegressionPrediction | None]]] | None = None,
+) -> Tables:
+    """Summary, per-input and calibration-curve tables of a regression model (one output).
+
+    ``variants`` as for :func:`classification_tables`. A deterministic prediction (dropout off) has
+    no epistemic spread: its Gaussian rows use the aleatoric std when the model has an aleatoric
+    head and are NaN otherwise; its epistemic rows are NaN.
+    """
+    mean, sigma, epistemic, aleatoric = _reg_arrays(pred, spread=True)
+    assert sigma is not None
+    y = _flat(targets)
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    with_aleatoric = aleatoric is not None
+    scores_in = _reg_scores(sigma, epistemic, with_aleatoric)
+    ood_scores: dict[str, dict[str, np.ndarray | None] | None] = {}
+    for name, o in ood.items():
+        _, s_out, e_out, _ = _reg_arrays(o, spread=True)
+        ood_scores[name] = _reg_scores(s_out, e_out, with_aleatoric)
+    rows, std_ok = _regression_rows(
+        mean, y, sigma, epistemic, aleatoric, scores_in, ood_scores, level, intervals
+    )
+    notes: list[str] = []
+    if not std_ok:
+        n_zero = int((sigma <= 0).sum())
+        notes.append(
+            f"{n_zero} of {sigma.size} inputs have a predicted std of 0 (all N = {pred.n_samples} passes "
+            "agreed), so the Gaussian metrics and the interval figures are undefined (NaN, omitted). "
+            "Use more samples, a higher dropout rate, or an aleatoric head."
+        )
+    data: dict[str, Any] = {
+        "mean": mean,
+        "std": sigma,
+        "targets": y,
+        "std_ok": std_ok,
+        "ood_scores": {
+            name: {tag: (scores_in[tag], s[tag]) for tag in scores_in} for name, s in ood_scores.items() if s
+        },
+        "variants": {},
+    }
+    frames: dict[str, pd.DataFrame] = {}
+    for key, (other, other_ood) in (variants or {}).items():
+        spread = key != "deterministic"
+        o_mean, o_sigma, o_epi, o_ale = _reg_arrays(other, spread)
+        o_ood = {}
+        for name, o in other_ood.items():
+            if o is None:
+                o_ood[name] = None
+            else:
+                _, s_out, e_out, _ = _reg_arrays(o, spread)
+                o_ood[name] = _reg_scores(s_out, e_out, with_aleatoric)
+        o_rows, o_ok = _regression_rows(
+            o_mean,
+            y,
+            o_sigma,
+            o_epi,
+            o_ale,
+            _reg_scores(o_sigma, o_epi, with_aleatoric),
+            o_ood,
+            level,
+            intervals,
+        )
+        frames[key] = o_rows.frame()
+        notes += [f"{key}: {n}" for n in o_rows.notes]
+        if key == "deterministic":
+            notes.append(
+                "deterministic: dropout off gives one output per input and no epistemic spread; "
+                + (
+                    "its Gaussian metrics use the aleatoric std alone and its epistemic rows are NaN."
+                    if with_aleatoric
+                    else "without an aleatoric head it has no predictive std, so its Gaussian, interval "
+                    "and OOD rows are NaN: only RMSE and MAE compare."
+                )
+            )
+        elif not o_ok:
+            notes.append(f"{key}: some predicted std is 0, so its Gaussian rows are NaN.")
+        if o_ok:
+            assert o_sigma is not None
+            data["variants"][key] = (o_mean, o_sigma)
 
     per_input = replace(pred.cpu(), targets=torch.as_tensor(y), samples=None).to_frame(level=level)
     residual = y - mean
@@ -526,4 +799,5 @@ def regression_tables(
         calib["gap"] = calib["observed"] - calib["expected"]
     else:
         calib = pd.DataFrame({"expected": [], "observed": [], "gap": []}, dtype=np.float64)
-    return Tables(rows.frame(), per_input, calib, rows.notes + notes, data)
+    summary = merge_variants(rows.frame(), frames)
+    return Tables(summary, per_input, calib, rows.notes + notes, data)

@@ -179,6 +179,21 @@ def _pct(level: float) -> str:
     return f"{level * 100:g}%"
 
 
+def _sig(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits (``0.00104``, not ``0.001``)."""
+    text = f"{float(value):#.{digits}g}"
+    return text.rstrip(".") if "e" not in text else text
+
+
+def _shared_edges(values: list[np.ndarray], bins: int, low: float | None = None) -> np.ndarray:
+    """``bins + 1`` equal-width bin edges spanning every array (from ``low`` when given)."""
+    lo = min(float(v.min()) for v in values) if low is None else min(low, *(float(v.min()) for v in values))
+    hi = max(float(v.max()) for v in values)
+    if hi <= lo:
+        hi = lo + 1e-9 if lo == 0 else lo + abs(lo) * 1e-6
+    return np.linspace(lo, hi, bins + 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # classification
 # ----------------------------------------------------------------------------------------------
@@ -188,14 +203,20 @@ def reliability_diagram(
     *,
     n_bins: int = 15,
     binning: str = "uniform",
+    label: str = "model",
+    overlay: Mapping[str, Any] | None = None,
     ax: Axes | None = None,
 ) -> Axes:
     """Reliability diagram: accuracy against confidence per bin, the gap, and the bin mass below.
 
     One bar per bin (empty bins have height 0) shows the accuracy of the inputs whose top-label
-    confidence falls in the bin; a hatched bar shows the gap to the bin's mean confidence (red above
-    the bar: over-confident). The dashed diagonal is perfect calibration. A strip appended below the
-    axes shows the fraction of inputs in each bin. The title gives the ECE of
+    confidence falls in the bin, as opaque as the bin's share of the inputs (a bin of one input is
+    faint, the fullest bin solid); a hatched bar shows the gap to the bin's mean confidence. The
+    dashed diagonal (perfect calibration) is drawn over the bars. A strip appended below the axes
+    shows the fraction of inputs in each bin, labelled with each bin's count. Each ``overlay``
+    prediction (e.g. the same model with dropout off) is a line through its bins' (mean confidence,
+    accuracy) points, with markers whose area grows with the bin's count. The legend sits right of
+    the axes, off the bars. The title gives the ECE of
     :func:`mcdrop.metrics.expected_calibration_error` with the same bins; the bars are
     :func:`mcdrop.metrics.reliability_table`.
 
@@ -205,6 +226,9 @@ def reliability_diagram(
         labels: Integer class labels ``(n,)``.
         n_bins: Number of bins (default 15).
         binning: ``"uniform"`` (default) or ``"quantile"`` (equal-mass bins).
+        label: Name of the prediction drawn as bars, for the legend (default ``"model"``).
+        overlay: ``{name: probabilities}`` of other predictions of the same inputs to draw as
+            lines (same labels, same bins); each name's legend entry gives its ECE.
         ax: Axes to draw on; a new figure when ``None``.
 
     Returns:
@@ -219,23 +243,44 @@ def reliability_diagram(
         >>> import matplotlib; matplotlib.use("Agg")
         >>> import matplotlib.pyplot as plt
         >>> from mcdrop.report.figures import reliability_diagram
-        >>> ax = reliability_diagram([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]], [0, 1, 1], n_bins=5)
+        >>> ax = reliability_diagram([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]], [0, 1, 1], n_bins=5,
+        ...                          overlay={"dropout off": [[0.8, 0.2], [0.6, 0.4], [0.4, 0.6]]})
         >>> len(ax.containers[0]), ax.get_title()
         (5, 'Reliability diagram (ECE = 0.333)')
+        >>> diagonal = next(line for line in ax.get_lines() if line.get_label() == "perfect calibration")
+        >>> diagonal.get_zorder() > ax.containers[0][0].get_zorder()  # drawn over the bars
+        True
         >>> plt.close(ax.figure)
     """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     n_bins = check_int(n_bins, "n_bins", minimum=1)
     given, y, _, _ = _classification_inputs(probs, labels)
     table = metrics.reliability_table(given, y, n_bins=n_bins, binning=binning)
     ece = metrics.expected_calibration_error(given, y, n_bins=n_bins, binning=binning)
-    ax = _axes(ax, (5.5, 6.0))
+    others = {}
+    for name, other in (overlay or {}).items():
+        raw = other.probs if isinstance(other, ClassificationPrediction) else other
+        n_other = len(raw) if isinstance(raw, (torch.Tensor, np.ndarray, list, tuple)) else -1
+        if n_other != given.shape[0]:
+            raise InvalidInputError(
+                f"overlay[{name!r}] has {n_other} inputs but probs has {given.shape[0]}; an overlay must be "
+                "the probabilities of the same inputs."
+            )
+        o_given, _, _, _ = _classification_inputs(raw, y)
+        others[str(name)] = (
+            metrics.reliability_table(o_given, y, n_bins=n_bins, binning=binning),
+            metrics.expected_calibration_error(o_given, y, n_bins=n_bins, binning=binning),
+        )
+    ax = _axes(ax, (6.6, 6.0))
     palette = sns.color_palette()
     width = table.upper - table.lower
     accuracy = np.nan_to_num(table.accuracy)
     confidence = np.where(table.count > 0, table.confidence, accuracy)
-    ax.bar(
+    share = np.sqrt(table.count / max(int(table.count.max()), 1))
+    bars = ax.bar(
         table.lower,
         accuracy,
         width=width,
@@ -243,9 +288,14 @@ def reliability_diagram(
         color=palette[0],
         edgecolor="white",
         linewidth=0.8,
-        label="accuracy",
+        label=f"{label}: accuracy",
+        zorder=2,
     )
-    ax.bar(
+    for bar, s, count in zip(bars, share, table.count, strict=True):
+        bar.set_alpha(0.2 + 0.8 * float(s))
+        if count == 0:
+            bar.set_linewidth(0)
+    gaps = ax.bar(
         table.lower,
         np.abs(confidence - accuracy),
         bottom=np.minimum(confidence, accuracy),
@@ -256,31 +306,100 @@ def reliability_diagram(
         hatch="///",
         linewidth=1.0,
         label="gap to mean confidence",
+        zorder=3,
     )
-    ax.plot([0, 1], [0, 1], linestyle="--", color="0.4", linewidth=1.2, label="perfect calibration")
+    for gap, count in zip(gaps, table.count, strict=True):
+        if count == 0:  # an empty bin has no gap: no outline either
+            gap.set_linewidth(0)
+    (diagonal,) = ax.plot(
+        [0, 1], [0, 1], linestyle="--", color="0.25", linewidth=1.4, label="perfect calibration", zorder=4
+    )
+    handles: list[Any] = [
+        Patch(facecolor=palette[0], edgecolor="white", label=f"{label}: accuracy"),
+        gaps,
+        diagonal,
+    ]
+    markers = ["o", "s", "^", "D"]
+    colours = [palette[1], palette[4], palette[2], palette[5]]
+    for i, (name, (o_table, o_ece)) in enumerate(others.items()):
+        keep = o_table.count > 0
+        sizes = 12 + 140 * o_table.count[keep] / max(int(o_table.count.max()), 1)
+        colour = colours[i % len(colours)]
+        ax.plot(
+            o_table.confidence[keep],
+            o_table.accuracy[keep],
+            color=colour,
+            linewidth=1.4,
+            label=f"{name} (ECE = {_sig(o_ece)})",
+            zorder=5,
+        )
+        ax.scatter(
+            o_table.confidence[keep],
+            o_table.accuracy[keep],
+            s=sizes,
+            color=colour,
+            marker=markers[i % len(markers)],
+            edgecolors="white",
+            linewidths=0.6,
+            zorder=6,
+        )
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color=colour,
+                linewidth=1.4,
+                marker=markers[i % len(markers)],
+                markersize=6,
+                label=f"{name} (ECE = {_sig(o_ece)})",
+            )
+        )
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE = {ece:.3f})")
-    ax.legend(loc="upper left")
+    ax.set_title(f"Reliability diagram (ECE = {_sig(ece)})")
     ax.tick_params(labelbottom=False)
-    mass = make_axes_locatable(ax).append_axes("bottom", size="22%", pad=0.08, sharex=ax)
+    mass = make_axes_locatable(ax).append_axes("bottom", size="24%", pad=0.08, sharex=ax)
     mass.bar(
         table.lower, table.weight, width=width, align="edge", color="0.55", edgecolor="white", linewidth=0.8
     )
+    top = max(float(table.weight.max()), 1e-9)
+    for lower, w, count, weight in zip(table.lower, width, table.count, table.weight, strict=True):
+        if count > 0:
+            mass.text(
+                lower + w / 2,
+                weight + 0.04 * top,
+                f"{int(count)}",
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+                rotation=90 if n_bins > 12 else 0,
+                color="0.25",
+            )
     mass.set_xlim(0, 1)
-    mass.set_ylim(0, max(float(table.weight.max()) * 1.15, 1e-9))
+    mass.set_ylim(0, top * 1.6)
     mass.set_xlabel("confidence (max predicted probability)")
-    mass.set_ylabel("bin mass")
+    mass.set_ylabel("bin mass\n(count)")
     mass.grid(axis="x", visible=False)
+    # the legend goes below the axes, off the bars and the diagonal
+    mass.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.55),
+        ncol=2,
+        fontsize="small",
+        frameon=False,
+    )
     return ax
 
 
 def confidence_histogram(probs: Any, labels: Any = None, *, bins: int = 20, ax: Axes | None = None) -> Axes:
-    """Histogram of the top-label confidence, stacked by right and wrong predictions.
+    """Histogram of the top-label confidence of right and wrong predictions, on a log count axis.
 
-    Two vertical lines mark the accuracy (:func:`mcdrop.metrics.accuracy`) and the mean confidence:
-    a mean confidence to the right of the accuracy is over-confidence on average.
+    The two groups are drawn side by side in each bin on a logarithmic count axis, so that a handful
+    of wrong predictions among hundreds of right ones stays visible; the legend gives each group's
+    size. Two vertical lines mark the accuracy (:func:`mcdrop.metrics.accuracy`) and the mean
+    confidence: a mean confidence to the right of the accuracy is over-confidence on average.
 
     Args:
         probs: Predicted probabilities ``(n, K)`` (or binary ``(n,)``), or a
@@ -300,8 +419,8 @@ def confidence_histogram(probs: Any, labels: Any = None, *, bins: int = 20, ax: 
         >>> import matplotlib.pyplot as plt
         >>> from mcdrop.report.figures import confidence_histogram
         >>> ax = confidence_histogram([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]], [0, 1, 1], bins=10)
-        >>> [t.get_text() for t in ax.get_legend().get_texts()][:2]
-        ['correct', 'wrong']
+        >>> [t.get_text() for t in ax.get_legend().get_texts()][:2], ax.get_yscale()
+        (['correct (n = 2)', 'wrong (n = 1)'], 'log')
         >>> plt.close(ax.figure)
     """
     bins = check_int(bins, "bins", minimum=1)
@@ -309,29 +428,36 @@ def confidence_histogram(probs: Any, labels: Any = None, *, bins: int = 20, ax: 
     confidence = p.max(axis=1)
     correct = p.argmax(axis=1) == y
     acc = metrics.accuracy(given, labels_t)
-    frame = pd.DataFrame({"confidence": confidence, "prediction": np.where(correct, _RIGHT, _WRONG)})
+    right = f"{_RIGHT} (n = {int(correct.sum())})"
+    wrong = f"{_WRONG} (n = {int((~correct).sum())})"
+    frame = pd.DataFrame({"confidence": confidence, "prediction": np.where(correct, right, wrong)})
     ax = _axes(ax)
     palette = sns.color_palette()
     sns.histplot(
         frame,
         x="confidence",
         hue="prediction",
-        hue_order=[_RIGHT, _WRONG],
-        palette={_RIGHT: palette[2], _WRONG: palette[3]},
+        hue_order=[right, wrong],
+        palette={right: palette[2], wrong: palette[3]},
         bins=np.linspace(0, 1, bins + 1),
-        multiple="stack",
+        multiple="dodge",
+        shrink=0.9,
+        alpha=0.85,
         ax=ax,
     )
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.7)
     line_acc = ax.axvline(acc, color="0.15", linestyle="--", linewidth=1.4)
     line_conf = ax.axvline(float(confidence.mean()), color="0.15", linestyle=":", linewidth=1.6)
     ax.set_xlim(0, 1)
     ax.set_xlabel("confidence (max predicted probability)")
-    ax.set_ylabel("inputs")
+    ax.set_ylabel("inputs (log scale)")
     ax.set_title("Confidence of right and wrong predictions")
     _legend(
         ax,
-        [(line_acc, f"accuracy = {acc:.3f}"), (line_conf, f"mean confidence = {confidence.mean():.3f}")],
+        [(line_acc, f"accuracy = {_sig(acc)}"), (line_conf, f"mean confidence = {_sig(confidence.mean())}")],
         loc="upper left",
+        fontsize="small",
     )
     return ax
 
@@ -345,18 +471,18 @@ def uncertainty_histogram(
 ) -> Axes:
     """Distributions of the predictive entropy (total) and mutual information (epistemic), in nats.
 
-    Both are drawn as step histograms normalised to densities, each with its own bins (the mutual
-    information is usually much smaller than the entropy); the legend gives each mean.
+    Both are drawn as filled step histograms normalised to densities on the same bin edges (so
+    their densities compare on one axis); the legend gives each mean.
 
     Args:
         predictive_entropy: Per-input predictive entropy ``(n,)``, or a
             :class:`~mcdrop.ClassificationPrediction` (both scores are then taken from it).
         mutual_information: Per-input mutual information ``(n,)``; ``None`` draws the entropy alone.
-        bins: Number of bins per distribution (default 30).
+        bins: Number of bins spanning both distributions (default 30).
         ax: Axes to draw on; a new figure when ``None``.
 
     Returns:
-        The Axes, with a legend naming each distribution.
+        The Axes, with one filled step patch per distribution and a legend naming each.
 
     Raises:
         InvalidInputError: Inputs that are not 1-D, are empty or differ in length.
@@ -366,9 +492,9 @@ def uncertainty_histogram(
         >>> import matplotlib; matplotlib.use("Agg")
         >>> import matplotlib.pyplot as plt
         >>> from mcdrop.report.figures import uncertainty_histogram
-        >>> ax = uncertainty_histogram([0.1, 0.5, 0.9, 0.3], [0.01, 0.1, 0.3, 0.02])
-        >>> len(ax.get_legend().get_texts())
-        2
+        >>> ax = uncertainty_histogram([0.1, 0.5, 0.9, 0.3], [0.01, 0.1, 0.3, 0.02], bins=4)
+        >>> len(ax.get_legend().get_texts()), len(ax.patches)
+        (2, 2)
         >>> plt.close(ax.figure)
     """
     bins = check_int(bins, "bins", minimum=1)
@@ -388,27 +514,25 @@ def uncertainty_histogram(
                 "predictive_entropy and mutual_information must have one value per input each; got "
                 f"{scores['predictive entropy'].shape[0]} and {scores['mutual information'].shape[0]}."
             )
-    labels = {name: f"{name} (mean {v.mean():.3f})" for name, v in scores.items()}
-    frame = pd.concat(
-        [pd.DataFrame({"nats": v, "score": labels[name]}) for name, v in scores.items()], ignore_index=True
-    )
+    edges = _shared_edges(list(scores.values()), bins, low=0.0)
     ax = _axes(ax)
-    sns.histplot(
-        frame,
-        x="nats",
-        hue="score",
-        hue_order=list(labels.values()),
-        bins=bins,
-        element="step",
-        stat="density",
-        common_norm=False,
-        common_bins=False,
-        ax=ax,
-    )
-    ax.set_xlim(left=0)
+    palette = sns.color_palette()
+    for i, (name, v) in enumerate(scores.items()):
+        ax.hist(
+            v,
+            bins=edges,
+            density=True,
+            histtype="stepfilled",
+            facecolor=(*palette[i][:3], 0.25),
+            edgecolor=palette[i],
+            linewidth=1.5,
+            label=f"{name} (mean {_sig(v.mean())})",
+        )
+    ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("uncertainty (nats)")
-    ax.set_title("Distribution of predictive uncertainty")
-    _legend(ax, loc="upper right")
+    ax.set_ylabel("density")
+    ax.set_title("Distribution of predictive uncertainty (shared bins)")
+    ax.legend(loc="upper right", fontsize="small")
     return ax
 
 
@@ -432,8 +556,15 @@ def risk_coverage_plot(
 
     Rejecting the most uncertain inputs first, each point shows the fraction kept (coverage) and the
     mean error over the kept inputs (selective risk), from :func:`mcdrop.metrics.risk_coverage_curve`;
-    the legend gives each AURC (:func:`mcdrop.metrics.aurc`). The dashed oracle ranks the inputs by
-    their own errors, the best any score can do.
+    the legend gives each AURC (:func:`mcdrop.metrics.aurc`) to 3 significant digits. The dashed
+    oracle ranks the inputs by their own errors, the best any score can do.
+
+    The risk axis is symmetric-logarithmic: linear from 0 up to ``1/n`` (one error among all
+    inputs, the smallest risk above 0 that can occur) and logarithmic above, and its lower limit
+    lies below 0, so the stretches where a curve is at zero risk are drawn as visible lines above
+    the axis instead of hiding in it, and small risks of an accurate model do not collapse onto
+    it. Each curve has its own line style and markers at every tenth of its points, so curves that
+    coincide stay distinguishable.
 
     Args:
         uncertainty: Per-input uncertainty ``(n,)`` (higher means less confident); a mapping
@@ -457,6 +588,8 @@ def risk_coverage_plot(
         >>> ax = risk_coverage_plot({"entropy": [0.1, 0.9, 0.2, 0.4]}, [0, 1, 1, 0])
         >>> [line.get_label() for line in ax.get_lines()]
         ['entropy (AURC = 0.333)', 'oracle (AURC = 0.208)']
+        >>> ax.get_yscale(), bool(ax.get_ylim()[0] < 0)  # zero risk sits above the bottom of the axes
+        ('symlog', True)
         >>> plt.close(ax.figure)
     """
     if isinstance(uncertainty, ClassificationPrediction):
@@ -475,39 +608,40 @@ def risk_coverage_plot(
     e = _vector(errors, "errors")
     ax = _axes(ax)
     palette = sns.color_palette()
+    styles = ["-", "-.", ":", (0, (5, 1, 1, 1))]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    curves: list[tuple[str, Any, dict[str, Any]]] = []
     for i, (name, u) in enumerate(scores.items()):
         curve = metrics.risk_coverage_curve(u, e)
         area = metrics.aurc(u, e)
-        sns.lineplot(
-            x=curve.coverage,
-            y=curve.risk,
-            estimator=None,
-            sort=False,
-            color=palette[i % len(palette)],
-            linewidth=1.8,
-            label=f"{name} (AURC = {area:.3f})",
-            ax=ax,
-        )
+        style = {"color": palette[i % len(palette)], "linestyle": styles[i % len(styles)], "linewidth": 1.8}
+        style["marker"] = markers[i % len(markers)]
+        curves.append((f"{name} (AURC = {_sig(area)})", curve, style))
     if oracle:
         curve = metrics.risk_coverage_curve(e, e)
         area = metrics.aurc(e, e)
-        sns.lineplot(
-            x=curve.coverage,
-            y=curve.risk,
-            estimator=None,
-            sort=False,
-            color="0.35",
-            linestyle="--",
-            linewidth=1.4,
-            label=f"oracle (AURC = {area:.3f})",
-            ax=ax,
+        style = {"color": "0.3", "linestyle": "--", "linewidth": 1.4, "marker": "x"}
+        curves.append((f"oracle (AURC = {_sig(area)})", curve, style))
+    n = e.size
+    top = max(float(np.max(c.risk)) for _, c, _ in curves)
+    for label, curve, style in curves:
+        ax.plot(
+            curve.coverage,
+            curve.risk,
+            label=label,
+            markevery=max(1, len(curve.coverage) // 10),
+            markersize=4.5,
+            markerfacecolor="white",
+            **style,
         )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(bottom=0)
+    linthresh = 1.0 / n
+    ax.set_yscale("symlog", linthresh=linthresh, linscale=0.6)
+    ax.set_ylim(-0.25 * linthresh, max(top * 1.6, 2 * linthresh))
+    ax.set_xlim(0, 1.01)
     ax.set_xlabel("coverage (fraction of inputs kept)")
-    ax.set_ylabel("selective risk (mean error of kept inputs)")
+    ax.set_ylabel(f"selective risk (linear below 1/n = {_sig(linthresh)}, log above)")
     ax.set_title("Risk–coverage: rejecting the most uncertain first")
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize="small")
     return ax
 
 
@@ -535,65 +669,78 @@ def ood_histogram(
 ) -> Axes:
     """An uncertainty score on in-distribution against out-of-distribution (OOD) inputs, with the AUROC.
 
-    Both distributions are step histograms normalised to densities; the title and the legend title
-    give the OOD AUROC of :func:`mcdrop.metrics.ood_auroc` (higher score means more OOD-like).
+    Every distribution is a filled step histogram normalised to a density, all on the same bin
+    edges; each OOD set's legend entry gives its size and its OOD AUROC
+    (:func:`mcdrop.metrics.ood_auroc`, higher score means more OOD-like), printed once. The title
+    is the score's name.
 
     Args:
         scores_in: Scores of in-distribution inputs ``(n_in,)``, or a :class:`~mcdrop.Prediction`.
-        scores_out: Scores of OOD inputs ``(n_out,)``, or a :class:`~mcdrop.Prediction`.
+        scores_out: Scores of OOD inputs ``(n_out,)``, or a :class:`~mcdrop.Prediction`, or a
+            mapping ``{name: scores or prediction}`` of several OOD sets.
         score_name: Name of the score for the axis label (default: ``score``, or "uncertainty").
         score: With predictions, the attribute to use (default ``"predictive_entropy"`` for
             classification, ``"total_std"`` for regression).
-        bins: Number of bins per distribution (default 30).
+        bins: Number of bins spanning all the scores (default 30).
         ax: Axes to draw on; a new figure when ``None``.
 
     Returns:
-        The Axes, with a legend whose title is the AUROC.
+        The Axes, with one filled step patch per distribution (in-distribution first) and a legend.
 
     Raises:
-        InvalidInputError: Inputs that are not 1-D or are empty, or an unknown ``score``.
+        InvalidInputError: Inputs that are not 1-D or are empty, an empty mapping, or an unknown
+            ``score``.
         NonFiniteError: NaN or infinity in the scores.
 
     Example:
         >>> import matplotlib; matplotlib.use("Agg")
         >>> import matplotlib.pyplot as plt
         >>> from mcdrop.report.figures import ood_histogram
-        >>> ax = ood_histogram([0.1, 0.2, 0.6], [0.5, 0.9], score_name="entropy")
-        >>> ax.get_legend().get_title().get_text()
-        'AUROC = 0.833'
+        >>> ax = ood_histogram([0.1, 0.2, 0.6], {"noise": [0.5, 0.9]}, score_name="entropy")
+        >>> [t.get_text() for t in ax.get_legend().get_texts()]
+        ['in-distribution (n = 3)', 'noise (n = 2, AUROC = 0.833)']
         >>> plt.close(ax.figure)
     """
     bins = check_int(bins, "bins", minimum=1)
     if isinstance(scores_in, Prediction):
         scores_in = _ood_scores(scores_in, score)
-    if isinstance(scores_out, Prediction):
-        scores_out = _ood_scores(scores_out, score)
+    outs = dict(scores_out) if isinstance(scores_out, Mapping) else {"out-of-distribution": scores_out}
+    if not outs:
+        raise InvalidInputError("scores_out is an empty mapping; give at least one {name: scores} entry.")
     s_in = _vector(scores_in, "scores_in")
-    s_out = _vector(scores_out, "scores_out")
-    auroc = metrics.ood_auroc(s_in, s_out)
+    sets: dict[str, np.ndarray] = {}
+    for name, s in outs.items():
+        if isinstance(s, Prediction):
+            s = _ood_scores(s, score)
+        sets[str(name)] = _vector(
+            s, f"scores_out[{name!r}]" if isinstance(scores_out, Mapping) else "scores_out"
+        )
     name = score_name or (score.replace("_", " ") if score else "uncertainty")
-    label_in, label_out = f"in-distribution (n={s_in.size})", f"out-of-distribution (n={s_out.size})"
-    frame = pd.concat(
-        [pd.DataFrame({name: s_in, "data": label_in}), pd.DataFrame({name: s_out, "data": label_out})],
-        ignore_index=True,
-    )
+    edges = _shared_edges([s_in, *sets.values()], bins)
     ax = _axes(ax)
     palette = sns.color_palette()
-    sns.histplot(
-        frame,
-        x=name,
-        hue="data",
-        hue_order=[label_in, label_out],
-        palette={label_in: palette[0], label_out: palette[1]},
-        bins=bins,
-        element="step",
-        stat="density",
-        common_norm=False,
-        ax=ax,
-    )
+    series = [(f"in-distribution (n = {s_in.size})", s_in)]
+    series += [
+        (f"{set_name} (n = {s.size}, AUROC = {_sig(metrics.ood_auroc(s_in, s))})", s)
+        for set_name, s in sets.items()
+    ]
+    for i, (label, s) in enumerate(series):
+        colour = palette[i % len(palette)]
+        ax.hist(
+            s,
+            bins=edges,
+            density=True,
+            histtype="stepfilled",
+            facecolor=(*colour[:3], 0.22),
+            edgecolor=colour,
+            linewidth=1.5,
+            label=label,
+        )
+    ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel(name)
-    ax.set_title(f"{name}: OOD AUROC = {auroc:.3f}")
-    _legend(ax, title=f"AUROC = {auroc:.3f}", loc="upper right")
+    ax.set_ylabel("density")
+    ax.set_title(name)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, fontsize="small", frameon=False)
     return ax
 
 
@@ -607,13 +754,16 @@ def regression_calibration_plot(
     *,
     kind: str = "interval",
     n_levels: int = 100,
+    label: str = "model",
+    overlay: Mapping[str, tuple[Any, Any]] | None = None,
     ax: Axes | None = None,
 ) -> Axes:
     """Calibration curve of Gaussian regression: observed against expected coverage.
 
     The curve is :func:`mcdrop.metrics.calibration_curve`; the shaded area between it and the
     diagonal is the miscalibration area of :func:`mcdrop.metrics.miscalibration_area`, given in the
-    legend. Below the diagonal the intervals are too narrow (over-confident).
+    legend. Below the diagonal the intervals are too narrow (over-confident). Each ``overlay``
+    (e.g. the same model with dropout off, or recalibrated) is a further curve with markers.
 
     Args:
         mean: Predictive means ``(n,)``, or a :class:`~mcdrop.RegressionPrediction` (its total std
@@ -622,10 +772,14 @@ def regression_calibration_plot(
         targets: Targets ``(n,)``.
         kind: ``"interval"`` (default: coverage of central intervals) or ``"quantile"``.
         n_levels: Number of expected proportions on ``[0, 1]`` (default 100).
+        label: Name of the main curve in the legend (default ``"model"``).
+        overlay: ``{name: (mean, std)}`` of other predictions of the same targets to draw as well;
+            each legend entry gives its miscalibration area.
         ax: Axes to draw on; a new figure when ``None``.
 
     Returns:
-        The Axes, with the curve and the diagonal as lines, the shaded area and a legend.
+        The Axes, with the curve and the diagonal as lines (then one line per overlay), the shaded
+        area and a legend.
 
     Raises:
         InvalidInputError: Mismatched shapes, empty input, ``std <= 0`` or invalid options.
@@ -645,25 +799,32 @@ def regression_calibration_plot(
     area = metrics.miscalibration_area(mu, sigma, y, kind=kind, n_levels=n_levels)  # type: ignore[arg-type]
     ax = _axes(ax, (5.5, 5.0))
     palette = sns.color_palette()
-    sns.lineplot(
-        x=curve.expected,
-        y=curve.observed,
-        estimator=None,
-        sort=False,
-        color=palette[0],
-        linewidth=2.0,
-        label="model",
-        ax=ax,
-    )
-    ax.plot([0, 1], [0, 1], linestyle="--", color="0.4", linewidth=1.2, label="perfect calibration")
+    ax.plot(curve.expected, curve.observed, color=palette[0], linewidth=2.0, label=label, zorder=3)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=1.2, label="perfect calibration", zorder=4)
     ax.fill_between(
         curve.expected,
         curve.expected,
         curve.observed,
         color=palette[0],
         alpha=0.2,
-        label=f"miscalibration area = {area:.3f}",
+        label=f"miscalibration area = {_sig(area)}",
     )
+    markers = ["o", "s", "^", "D"]
+    for i, (name, (o_mean, o_std)) in enumerate((overlay or {}).items()):
+        o_mu, o_sigma, _ = _regression_inputs(o_mean, o_std, y)
+        o_curve = metrics.calibration_curve(o_mu, o_sigma, y, kind=kind, n_levels=n_levels)  # type: ignore[arg-type]
+        o_area = metrics.miscalibration_area(o_mu, o_sigma, y, kind=kind, n_levels=n_levels)  # type: ignore[arg-type]
+        ax.plot(
+            o_curve.expected,
+            o_curve.observed,
+            color=palette[(i + 1) % len(palette)],
+            linewidth=1.4,
+            marker=markers[i % len(markers)],
+            markevery=max(1, n_levels // 10),
+            markersize=5,
+            label=f"{name} (area = {_sig(o_area)})",
+            zorder=5,
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")
@@ -674,7 +835,7 @@ def regression_calibration_plot(
         ax.set_xlabel("expected proportion (quantile level)")
         ax.set_ylabel("observed proportion of targets below the quantile")
     ax.set_title("Regression calibration curve")
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize="small")
     return ax
 
 
