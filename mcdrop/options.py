@@ -57,7 +57,7 @@ ADAPTIVE_TARGETS = {
 #: What adaptive sampling watches when ``target`` is not given.
 DEFAULT_TARGETS = {"classification": "confidence", "regression": "mean"}
 #: The defaults of adaptive sampling's options (``n_samples="auto"``).
-ADAPTIVE_DEFAULTS = {"tolerance": 0.01, "min_samples": 10, "max_samples": 1000}
+ADAPTIVE_DEFAULTS = {"tolerance": 0.01, "min_samples": 20, "max_samples": 1000}
 
 
 @dataclass(frozen=True)
