@@ -1040,3 +1040,319 @@ def test_compare_says_whether_the_intervals_overlap(cls, cls_report):
     assert compare([cls_report, cls_report]).loc["ECE", OVERLAP] is True
     with pytest.raises(InvalidInputError, match="intervals_overlap"):
         compare([cls_report, right], names=[OVERLAP, "x"])
+
+
+# ----------------------------------------------------------------------------------------------
+# baseline, recalibration, several OOD sets, counts and metadata (issue 20)
+# ----------------------------------------------------------------------------------------------
+VARIANT_COLUMNS = ["deterministic", "deterministic_ci_low", "deterministic_ci_high"]
+
+
+@pytest.fixture(scope="module")
+def kept():
+    """A 4-class MC prediction with kept samples, its dropout-off baseline, a held-out set and OOD sets."""
+    mc = mcdrop.MCDropout(mlp(6, 4, p=0.4), n_samples=12, keep_samples=True, seed=0)
+    x = torch.randn(150, 6, generator=_gen(40)) * 2
+    x_val = torch.randn(100, 6, generator=_gen(41)) * 2
+    teacher = mlp(6, 4, p=0.0, seed=1)
+    with torch.no_grad():
+        y, y_val = teacher(x).argmax(1), teacher(x_val).argmax(1)
+    x_wide, x_far = torch.randn(50, 6, generator=_gen(42)) * 6, torch.randn(30, 6, generator=_gen(43)) * 15
+    wide = mc.predict(x_wide)
+    wide.deterministic = mc.predict_deterministic(x_wide)
+    return {
+        "mc": mc,
+        "pred": mc.predict(x),
+        "base": mc.predict_deterministic(x),
+        "y": y,
+        "val": mc.predict(x_val),
+        "y_val": y_val,
+        "wide": wide,
+        "far": mc.predict(x_far),
+    }
+
+
+@pytest.fixture(scope="module")
+def kept_report(kept):
+    return mcdrop.report(
+        kept["pred"],
+        kept["y"],
+        baseline=kept["base"],
+        calibration=(kept["val"], kept["y_val"]),
+        ood={"wide": kept["wide"], "far": kept["far"]},
+        model=kept["mc"],
+        n_resamples=200,
+        metadata={"data": Path("data/test.npz"), "split": "test", "epochs": 3},
+    )
+
+
+def test_baseline_column_is_the_dropout_off_prediction(kept, kept_report):
+    base, y = kept["base"], kept["y"]
+    summary = kept_report.summary.set_index("metric")
+    assert list(kept_report.summary.columns) == [
+        *SUMMARY_COLUMNS,
+        *VARIANT_COLUMNS,
+        "recalibrated",
+        "recalibrated_ci_low",
+        "recalibrated_ci_high",
+    ]
+    h = base.predictive_entropy
+    err = base.predicted != y
+    expected = {
+        "accuracy": metrics.accuracy(base.probs, y),
+        "NLL": metrics.negative_log_likelihood(base.probs, y),
+        "ECE": metrics.expected_calibration_error(base.probs, y, n_bins=15),
+        "AURC": metrics.aurc(h, err),
+        "misclassification AUROC (entropy)": metrics.misclassification_auroc(h, err),
+        "mean predictive entropy": float(h.double().mean()),
+        "OOD AUROC (entropy) [wide]": metrics.ood_auroc(h, kept["wide"].deterministic.predictive_entropy),
+    }
+    for metric, value in expected.items():
+        assert summary.loc[metric, "deterministic"] == pytest.approx(value, rel=1e-9), metric
+    # the MC column is unchanged by the baseline
+    assert summary.loc["ECE", "value"] == pytest.approx(
+        metrics.expected_calibration_error(kept["pred"].probs, y, n_bins=15), rel=1e-12
+    )
+    # its intervals come from the same bootstrap, on the baseline's probabilities
+    boot = metrics.bootstrap_classification(base.probs, y, {"entropy": h}, n_bins=15, n_resamples=200)
+    assert (summary.loc["ECE", "deterministic_ci_low"], summary.loc["ECE", "deterministic_ci_high"]) == (
+        metrics.percentile_interval(boot["ECE"])
+    )
+    # no spread with dropout off: the MI rows are NaN, and a note says why
+    for metric in ("mean mutual information", "misclassification AUROC (MI)", "OOD AUROC (MI) [wide]"):
+        assert math.isnan(summary.loc[metric, "deterministic"]), metric
+    # no deterministic prediction of the 'far' set: its deterministic OOD rows are NaN
+    assert math.isnan(summary.loc["OOD AUROC (entropy) [far]", "deterministic"])
+    notes = " ".join(kept_report.notes)
+    assert "no spread between passes" in notes and "'far'" in notes and "predict_deterministic" in notes
+    # counts have no variant values
+    assert summary.loc[["n_inputs", "n_samples"], VARIANT_COLUMNS].isna().all().all()
+
+
+def test_baseline_defaults_to_the_predictions_deterministic_field(kept):
+    pred, y = kept["pred"], kept["y"]
+    explicit = mcdrop.report(pred, y, baseline=kept["base"], n_resamples=50)
+    implicit = mcdrop.report(replace(pred, deterministic=kept["base"]), y, n_resamples=50)
+    pd.testing.assert_frame_equal(explicit.summary, implicit.summary)
+    assert implicit.variants == {"deterministic": "deterministic (dropout off)"}
+    plain = mcdrop.report(pred, y, n_resamples=0)
+    assert "deterministic" not in plain.summary.columns and plain.variants == {}
+
+
+def test_baseline_is_overlaid_on_the_reliability_diagram_and_shown_beside_mc(kept, kept_report, fast_png):
+    fig = kept_report.figure("reliability")
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    ece = kept_report.summary.set_index("metric").loc["ECE", "deterministic"]
+    assert f"deterministic (dropout off) (ECE = {ece:#.3g})" in labels
+    page = kept_report._repr_html_()
+    assert (
+        "deterministic (dropout off) [95% interval]" in page and "MC dropout (N = 12) [95% interval]" in page
+    )
+    text = kept_report.to_markdown()
+    header = "| metric | deterministic (dropout off) | MC dropout (N = 12) | MC + temperature"
+    assert any(line.startswith(header) for line in text.splitlines())
+
+
+def test_baseline_errors(kept, reg):
+    pred, y = kept["pred"], kept["y"]
+    with pytest.raises(InvalidTypeError, match="baseline must be the same model's ClassificationPrediction"):
+        mcdrop.report(pred, y, baseline=reg["pred"])
+    with pytest.raises(InvalidInputError, match="baseline has 149 inputs but prediction has 150"):
+        mcdrop.report(pred, y, baseline=kept["mc"].predict_deterministic(torch.randn(149, 6)))
+
+
+def test_recalibrated_column_is_temperature_scaling_fitted_on_the_held_out_pair(kept, kept_report, fast_png):
+    from mcdrop.recalibration import TemperatureScaling
+
+    scaler = TemperatureScaling().fit(kept["val"], kept["y_val"])
+    scaled = scaler.transform(kept["pred"])
+    y = kept["y"]
+    info = kept_report.recalibration
+    assert info["method"] == "temperature scaling" and info["n_inputs"] == 100
+    assert info["value"] == pytest.approx(scaler.temperature_, rel=1e-12) and info["value"] != 1.0
+    summary = kept_report.summary.set_index("metric")
+    for metric, value in {
+        "NLL": metrics.negative_log_likelihood(scaled.probs, y),
+        "ECE": metrics.expected_calibration_error(scaled.probs, y, n_bins=15),
+        "mean mutual information": float(scaled.mutual_information.double().mean()),
+    }.items():
+        assert summary.loc[metric, "recalibrated"] == pytest.approx(value, rel=1e-9), metric
+    # OOD sets are recalibrated too
+    wide = scaler.transform(kept["wide"])
+    assert summary.loc["OOD AUROC (entropy) [wide]", "recalibrated"] == pytest.approx(
+        metrics.ood_auroc(scaled.predictive_entropy, wide.predictive_entropy)
+    )
+    label = f"MC + temperature (T = {scaler.temperature_:.3g})"
+    assert kept_report.variants["recalibrated"] == label
+    assert label in kept_report._repr_html_() and "recalibration" in kept_report.to_markdown()
+
+
+def test_calibration_errors(kept, cls):
+    pred, y = kept["pred"], kept["y"]
+    with pytest.raises(InvalidInputError, match="pair \\(prediction, targets\\)"):
+        mcdrop.report(pred, y, calibration=kept["val"])
+    with pytest.raises(InvalidTypeError, match="calibration\\[0\\] must be a prediction of the same task"):
+        mcdrop.report(pred, y, calibration=(kept["y_val"], kept["y_val"]))
+    with pytest.raises(InvalidInputError, match="kept samples|keep_samples"):  # temperature needs the samples
+        mcdrop.report(cls["pred"], cls["labels"], calibration=(cls["pred"], cls["labels"]))
+
+
+def test_several_named_ood_sets(kept, kept_report, fast_png):
+    pred = kept["pred"]
+    summary = kept_report.summary.set_index("metric")
+    for name in ("wide", "far"):
+        o = kept[name]
+        assert summary.loc[f"OOD AUROC (MI) [{name}]", "value"] == pytest.approx(
+            metrics.ood_auroc(pred.mutual_information, o.mutual_information)
+        )
+        assert summary.loc[f"OOD AUROC (MI) [{name}]", "group"] == f"OOD: {name}"
+    assert kept_report.counts["n_ood [wide]"] == 50 and kept_report.counts["n_ood [far]"] == 30
+    assert kept_report.n_ood == 80 and list(kept_report.ood) == ["wide", "far"]
+    fig = kept_report.figure("ood")
+    for ax in fig.axes:
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert texts[1].startswith("wide (n = 50") and texts[2].startswith("far (n = 30")
+    page = kept_report._repr_html_()
+    assert "OOD: wide" in page and "OOD: far" in page and "wide (50), far (30)" in page
+    # a bare prediction is the set named 'ood', whose rows keep their plain names
+    rep = mcdrop.report(pred, kept["y"], ood=kept["far"], n_resamples=0)
+    assert "OOD AUROC (entropy)" in rep.metrics and list(rep.ood) == ["ood"]
+
+
+def test_ood_errors(kept, reg):
+    pred, y = kept["pred"], kept["y"]
+    with pytest.raises(InvalidTypeError, match="ood\\['x'\\] must be a prediction of the same task"):
+        mcdrop.report(pred, y, ood={"x": reg["ood"]})
+    with pytest.raises(InvalidInputError, match="empty mapping"):
+        mcdrop.report(pred, y, ood={})
+    with pytest.raises(InvalidInputError, match="non-empty strings"):
+        mcdrop.report(pred, y, ood={"": kept["far"]})
+    with pytest.raises(InvalidTypeError, match="or a mapping"):
+        mcdrop.report(pred, y, ood=[kept["far"]])
+
+
+def test_counts_of_adaptive_sampling(kept):
+    pred = kept["pred"]
+    per_input = torch.randint(4, 13, (150,), generator=_gen(44))
+    per_input[:7] = 12
+    adaptive = replace(pred, samples_per_input=per_input, max_samples=12)
+    rep = mcdrop.report(adaptive, kept["y"], n_resamples=0)
+    counts = rep.counts
+    assert counts["samples per input (min)"] == int(per_input.min())
+    assert counts["samples per input (max)"] == 12
+    assert counts["samples per input (mean)"] == pytest.approx(float(per_input.double().mean()))
+    assert counts["inputs that reached max_samples"] == int((per_input == 12).sum()) >= 7
+    assert all(type(counts[k]) is int for k in counts if "mean" not in k)
+    text = rep.to_markdown()
+    assert f"| inputs that reached max_samples | {counts['inputs that reached max_samples']} |" in text
+    assert "samples per input" not in mcdrop.report(pred, kept["y"], n_resamples=0).counts
+
+
+def test_summary_json_records_versions_run_and_metadata(kept_report, tmp_path, fast_png):
+    import platform
+
+    out = kept_report.save(tmp_path / "rep")
+    info = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["versions"]["python"] == platform.python_version()
+    assert info["versions"]["mcdrop"] == mcdrop.__version__
+    assert info["run"] == {"seed": 0, "device": "cpu", "n_samples": 12}
+    assert info["metadata"] == {"data": "data/test.npz", "split": "test", "epochs": 3}
+    assert info["recalibration"]["parameter"] == "temperature"
+    assert info["columns"]["deterministic"] == "deterministic (dropout off)"
+    row = next(r for r in info["summary"] if r["metric"] == "ECE")
+    assert row["deterministic"] == pytest.approx(
+        kept_report.summary.set_index("metric").loc["ECE", "deterministic"]
+    )
+    assert info["ood_sets"] == {"wide": 50, "far": 30}
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "data/test.npz" in page and "sampling seed" in page
+    with pytest.raises(InvalidTypeError, match="metadata\\['x'\\] is a object"):
+        mcdrop.report(kept_report.prediction, kept_report.targets, metadata={"x": object()})
+    with pytest.raises(InvalidTypeError, match="metadata must be a mapping"):
+        mcdrop.report(kept_report.prediction, kept_report.targets, metadata=["a"])
+
+
+def test_values_show_enough_significant_digits(kept_report, fast_png):
+    from mcdrop.report._render import format_value
+
+    assert format_value(0.0010354) == "0.001035" and format_value(0.00099421) == "0.0009942"
+    assert format_value(0.000367) == "0.0003670" and format_value(0.97407) == "0.9741"
+    assert format_value(12345.678) == "12,346" and format_value(float("nan")) == "n/a"
+    assert format_value(540.0, count=True) == "540" and format_value(2.5e-7) == "2.500e-07"
+    page = kept_report._repr_html_()
+    aurc = kept_report.summary.set_index("metric").loc["AURC", "value"]
+    assert f">{aurc:#.4g}<" in page
+    for group in ("classification", "calibration", "selective prediction", "counts"):
+        assert f'<tr class="group"><th colspan="6">{group}</th></tr>' in page
+
+
+def test_compare_keeps_groups_and_baselines(kept, kept_report):
+    plain = mcdrop.report(kept["pred"], kept["y"], n_resamples=200)
+    table = compare({"full": kept_report, "plain": plain})
+    assert list(table.columns) == [
+        "group",
+        "full (deterministic)",
+        "full",
+        "full (recalibrated)",
+        "plain",
+        OVERLAP,
+    ]
+    summary = kept_report.summary.set_index("metric")
+    assert table.loc["ECE", "full (deterministic)"] == summary.loc["ECE", "deterministic"]
+    assert table.loc["ECE", "full"] == table.loc["ECE", "plain"]
+    assert table.loc["ECE", OVERLAP] is True  # the same MC prediction, the same resamples
+    assert table.loc["OOD AUROC (MI) [far]", "group"] == "OOD: far"
+    assert table.index[-1] == "n_ood [far]" and table.loc["n_inputs", "group"] == "counts"
+
+
+def test_regression_baseline_and_variance_scaling(reg):
+    from mcdrop.recalibration import VarianceScaling
+
+    mc, y = reg["mc"], reg["y"]
+    x = torch.randn(80, 3, generator=_gen(5))  # the inputs of reg["pred"]
+    base = mc.predict_deterministic(x)
+    val_x = torch.randn(60, 3, generator=_gen(45))
+    val = mc.predict(val_x)
+    val_y = val_x.sum(1) * 0.3 + 0.5 * torch.randn(60, generator=_gen(46))
+    rep = mcdrop.report(reg["pred"], y, baseline=base, calibration=(val, val_y), level=0.9, n_resamples=100)
+    summary = rep.summary.set_index("metric")
+    mu_d = base.mean[:, 0]
+    ale_d = base.aleatoric_variance[:, 0].sqrt()
+    # dropout off: the aleatoric head is the only spread; the epistemic rows are NaN
+    assert summary.loc["RMSE", "deterministic"] == pytest.approx(metrics.rmse(mu_d, y), rel=1e-6)
+    assert summary.loc["Gaussian NLL", "deterministic"] == pytest.approx(
+        metrics.gaussian_nll(mu_d, ale_d, y), rel=1e-6
+    )
+    assert math.isnan(summary.loc["mean epistemic std", "deterministic"])
+    scaler = VarianceScaling().fit(val, val_y)
+    assert (
+        rep.recalibration["value"] == pytest.approx(scaler.factor_)
+        and rep.recalibration["parameter"] == "std factor"
+    )
+    mu, sd = reg["pred"].mean[:, 0], reg["pred"].total_std[:, 0]
+    assert summary.loc["PICP (90%)", "recalibrated"] == pytest.approx(
+        metrics.picp(mu, scaler.factor_ * sd, y, level=0.9)
+    )
+    assert summary.loc["RMSE", "recalibrated"] == pytest.approx(summary.loc["RMSE", "value"])
+    fig = rep.figure("calibration")
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert any(lab.startswith("deterministic (dropout off) (area = ") for lab in labels)
+    assert any(lab.startswith("MC + std scaling (s = ") for lab in labels)
+
+
+def test_regression_baseline_without_aleatoric_head_compares_point_metrics_only():
+    mc = mcdrop.MCDropout(mlp(3, 1, p=0.3), n_samples=10, task="regression", seed=0)
+    x = torch.randn(60, 3, generator=_gen(47))
+    y = torch.randn(60, generator=_gen(48))
+    rep = mcdrop.report(mc.predict(x), y, baseline=mc.predict_deterministic(x), n_resamples=50)
+    summary = rep.summary.set_index("metric")
+    groups = summary["group"]
+    for metric in summary.index[groups != "counts"]:
+        value = summary.loc[metric, "deterministic"]
+        if metric in ("RMSE", "MAE"):
+            assert math.isfinite(value), metric
+        else:
+            assert math.isnan(value), metric
+    assert any("only RMSE and MAE compare" in note for note in rep.notes)
