@@ -1,8 +1,9 @@
 """The saved report.html renders in a real browser (headless Chromium), offline.
 
 A copy of the page gets a small probe script that, once the page has loaded, writes into
-``document.title`` whether every ``<img>`` decoded (``complete && naturalWidth > 0``) and how much
-text the page shows; Chromium's ``--dump-dom`` prints the DOM, and the test reads the title back. A
+``document.title`` whether every ``<img>`` decoded (``complete && naturalWidth > 0``), how much
+text the page shows, the summary's group rows and column headings, and whether anything is wider
+than the window; Chromium's ``--dump-dom`` prints the DOM, and the test reads the title back. A
 screenshot of the untouched page must not be blank. All host names resolve to nothing, so the page
 passes only if it needs no network.
 
@@ -55,7 +56,14 @@ window.addEventListener("load", function () {
   document.title = "PROBE:" + JSON.stringify({
     imgs: imgs,
     text: document.body.innerText.length,
-    tables: document.querySelectorAll("table").length
+    tables: document.querySelectorAll("table").length,
+    groups: Array.prototype.map.call(document.querySelectorAll("tr.group th"), function (t) {
+      return t.textContent;
+    }),
+    headings: Array.prototype.map.call(document.querySelectorAll("table.summary thead th"), function (t) {
+      return t.textContent;
+    }),
+    overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth
   });
 });
 </script>
@@ -85,7 +93,7 @@ def _run_chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]
 def saved(tmp_path_factory) -> tuple[mcdrop.UncertaintyReport, Path]:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 3)).eval()
-    mc = mcdrop.MCDropout(net, n_samples=6, seed=0)
+    mc = mcdrop.MCDropout(net, n_samples=6, seed=0, keep_samples=True)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(90, 5, generator=gen)
     pred = mc.predict(x)
@@ -93,7 +101,22 @@ def saved(tmp_path_factory) -> tuple[mcdrop.UncertaintyReport, Path]:
         torch.rand(90, generator=gen) < 0.7, pred.predicted, torch.randint(0, 3, (90,), generator=gen)
     )
     ood = mc.predict(torch.randn(40, 5, generator=gen) * 5)
-    rep = mcdrop.report(pred, labels, ood=ood, model=mc, title="browser check")
+    far = mc.predict(torch.randn(30, 5, generator=gen) * 20)
+    x_val = torch.randn(60, 5, generator=gen)
+    val = mc.predict(x_val)
+    val_labels = torch.where(
+        torch.rand(60, generator=gen) < 0.7, val.predicted, torch.randint(0, 3, (60,), generator=gen)
+    )
+    rep = mcdrop.report(
+        pred,
+        labels,
+        ood={"wide": ood, "far": far},
+        baseline=mc.predict_deterministic(x),
+        calibration=(val, val_labels),
+        model=mc,
+        title="browser check",
+        metadata={"data": "inputs/test.npz"},
+    )
     out = rep.save(tmp_path_factory.mktemp("html") / "report")
     return rep, out
 
@@ -103,7 +126,13 @@ def test_every_image_loads_offline(saved, tmp_path):
     page = (out / "report.html").read_text(encoding="utf-8")
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    done = _run_chromium(tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    done = _run_chromium(
+        tmp_path / "profile",
+        "--virtual-time-budget=10000",
+        "--window-size=1280,1000",
+        "--dump-dom",
+        probe.as_uri(),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     match = re.search(r"<title>PROBE:(.*?)</title>", done.stdout, re.S)
     assert match, f"the probe did not run; DOM starts with {done.stdout[:500]!r}"
@@ -114,6 +143,20 @@ def test_every_image_loads_offline(saved, tmp_path):
     )
     assert result["text"] > 2000  # the summary, definitions and tables are there as text
     assert result["tables"] >= 4  # summary, reliability, stochastic sites, per-input
+    # the summary is grouped, one block per OOD set, and shows the three predictions side by side
+    assert result["groups"] == [
+        "classification",
+        "calibration",
+        "selective prediction",
+        "uncertainty",
+        "OOD: wide",
+        "OOD: far",
+        "counts",
+    ]
+    headings = result["headings"]
+    assert headings[0] == "metric" and headings[1].startswith("deterministic (dropout off)")
+    assert headings[2].startswith("MC dropout (N = 6)") and headings[3].startswith("MC + temperature (T = ")
+    assert result["overflow"] <= 0  # nothing wider than a 1280-pixel window
 
 
 def test_screenshot_is_not_blank(saved, tmp_path):
