@@ -498,9 +498,10 @@ def _joint_entropies(
     n, n_samples, n_classes = probs.shape
     configs = joint.shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, configs * n_classes))
+    joint = joint / n_samples
     for start in range(0, n, step):
         chunk = probs[start : start + step]
-        pair = torch.einsum("mt,btk->bmk", joint, chunk) / n_samples  # p(y_batch = m, y_i = k)
+        pair = torch.einsum("mt,btk->bmk", joint, chunk)  # p(y_batch = m, y_i = k)
         nats = torch.special.entr(pair)
         if weights is None:
             out[start : start + step] = nats.sum((1, 2))

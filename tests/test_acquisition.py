@@ -8,6 +8,8 @@ classes)``).
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -417,3 +419,14 @@ def test_loader_errors_are_clear() -> None:
         select_from_loader(mc, [], 3)
     with pytest.raises(InvalidTypeError, match="iterable of batches"):
         select_from_loader(mc, "pool.pt", 3)
+
+
+def test_the_examples_of_docs_acquisition_run() -> None:
+    """The Python blocks of docs/acquisition.md, run in order in one namespace (they assert what they say)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "acquisition.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/acquisition.md", "exec"), namespace)  # noqa: S102
+    assert namespace["picked"].shape == (10,) and namespace["joint"].indices.shape == (10,)

@@ -37,3 +37,25 @@ def test_example_runs(tmp_path: Path, script: str, args: list[str], expected: li
         assert text in done.stdout, (text, done.stdout)
     if "--out" in args:
         assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
+
+
+@pytest.mark.slow  # ~15 s of CPU: 2 seeds x 3 rounds x 3 methods of training
+def test_active_learning_example_runs(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "active_learning_digits.py"),
+            "--quick",
+            "--out",
+            "curves.png",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for text in ["BALD", "BatchBALD", "random", "paired by seed", "learning curves written"]:
+        assert text in done.stdout, (text, done.stdout)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
