@@ -11,6 +11,7 @@ import platform
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -21,7 +22,7 @@ import pandas as pd
 import seaborn as sns
 
 from mcdrop._checks import check_int, check_real
-from mcdrop.errors import InvalidInputError, InvalidTypeError, ReportExistsError
+from mcdrop.errors import InvalidInputError, InvalidTypeError, McdropWarning, ReportExistsError
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction
 from mcdrop.report import _render, _tables, figures
 
@@ -659,6 +660,40 @@ class UncertaintyReport:
             raise
         return target
 
+    # ------------------------------------------------------------------ experiment trackers
+    def log_to(
+        self, logger: Any, step: int | None = None, prefix: str = "mc/", *, run_id: str | None = None
+    ) -> dict[str, float]:
+        """Log the metrics (scalars), figures (images) and summary (a table) to an experiment tracker.
+
+        A TensorBoard ``SummaryWriter``, an MLflow run (the ``mlflow`` module with an active run, an
+        ``mlflow.ActiveRun``, or an ``MlflowClient`` with ``run_id``), a Lightning logger, or a list of
+        them; see :func:`mcdrop.report.trackers.log_report` for what each gets. NaN metrics
+        (undefined for the data) are not logged as scalars; the table keeps them.
+
+        Args:
+            logger: The tracker.
+            step: The step to log at (``None``: the tracker's default).
+            prefix: Put before every key (default ``"mc/"``: ``mc/ECE``).
+            run_id: The run, with an ``MlflowClient`` only.
+
+        Returns:
+            The scalars logged, ``{key: value}``.
+
+        Example:
+            >>> import tempfile, torch, mcdrop
+            >>> from torch.utils.tensorboard import SummaryWriter
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+            >>> pred = mcdrop.MCDropout(net.eval(), n_samples=5, seed=0).predict(torch.randn(30, 2))
+            >>> rep = mcdrop.report(pred, torch.randint(0, 2, (30,)), n_resamples=0)
+            >>> with SummaryWriter(tempfile.mkdtemp()) as writer:
+            ...     sorted(rep.log_to(writer, step=0))[:3]
+            ['mc/AURC', 'mc/Brier', 'mc/E-AURC']
+        """
+        from mcdrop.report.trackers import log_report
+
+        return log_report(self, logger, step, prefix, run_id=run_id)
+
 
 # ----------------------------------------------------------------------------------------------
 # file helpers
@@ -878,9 +913,6 @@ def _recalibrate(
     Returns the recalibrated prediction, the recalibrated OOD predictions (``None`` where the
     recalibrator could not be applied), what was fitted, and notes.
     """
-    from mcdrop.errors import McdropError
-    from mcdrop.recalibration import TemperatureScaling, VarianceScaling
-
     if not isinstance(calibration, (tuple, list)) or len(calibration) != 2:
         raise InvalidInputError(
             "calibration must be a pair (prediction, targets) of held-out data: the same model's prediction "
@@ -895,6 +927,31 @@ def _recalibrate(
         )
     val_y = _tables.resolve_targets(val_pred, val_targets)
     notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recal, out_ood, info = _fit_and_apply(pred, ood, val_pred, val_y, output, notes)
+    for w in caught:  # the recalibrator's warnings go into the report's notes, and on to the caller
+        if issubclass(w.category, McdropWarning):
+            notes.append(f"recalibrated: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes.append(
+        f"recalibrated: {info['method']} fitted on {info['n_inputs']} held-out inputs "
+        f"({info['parameter']} = {info['value']:.4g}) and applied to these predictions."
+    )
+    return recal, out_ood, info, notes
+
+
+def _fit_and_apply(
+    pred: Prediction,
+    ood: dict[str, Prediction],
+    val_pred: Prediction,
+    val_y: Any,
+    output: int | None,
+    notes: list[str],
+) -> tuple[Prediction, dict[str, Prediction | None], dict[str, Any]]:
+    from mcdrop.errors import McdropError
+    from mcdrop.recalibration import TemperatureScaling, VarianceScaling
+
     out_ood: dict[str, Prediction | None] = {}
     if isinstance(pred, ClassificationPrediction):
         scaler: Any = TemperatureScaling().fit(val_pred, val_y)
@@ -924,11 +981,7 @@ def _recalibrate(
         }
         recal = scaler.transform(pred)
         out_ood = {name: scaler.transform(o) for name, o in ood.items()}
-    notes.append(
-        f"recalibrated: {info['method']} fitted on {info['n_inputs']} held-out inputs "
-        f"({info['parameter']} = {info['value']:.4g}) and applied to these predictions."
-    )
-    return recal, out_ood, info, notes
+    return recal, out_ood, info
 
 
 def report(
