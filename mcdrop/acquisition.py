@@ -415,7 +415,7 @@ def sample_probs(pred: ClassificationPrediction, *, output_type: str | None = No
             "this needs the per-sample outputs of the pool, which the prediction did not keep: build "
             "the wrapper with keep_samples=True, e.g. MCDropout(model, n_samples=..., keep_samples=True)."
         )
-    per_input = getattr(pred, "samples_per_input", None)  # adaptive sampling: a count per input
+    per_input = pred.samples_per_input  # adaptive sampling: a count per input
     if per_input is not None and bool((per_input != pred.n_samples).any()):
         raise InvalidInputError(
             "the inputs of this prediction received different numbers of MC samples (adaptive sampling, "
@@ -423,7 +423,7 @@ def sample_probs(pred: ClassificationPrediction, *, output_type: str | None = No
             "Predict the pool with a fixed n_samples for BatchBALD."
         )
     if output_type is None:
-        output_type = getattr(pred, "output_type", None)  # what the wrapper read, where recorded
+        output_type = pred.output_type  # what the wrapper read (None for a prediction built by hand)
     samples = pred.samples
     n, n_classes = pred.probs.shape
     if samples.dim() == 2:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -98,8 +100,8 @@ def test_batch_bald_equals_the_reference_in_the_exact_regime(reference) -> None:
     log_probs = reference_log_probs(n=30, n_samples=12, n_classes=3, seed=0)
     # 3^4 = 81 configurations at the last step, below n_joint_samples: every joint entropy is exact
     expected = reference.get_batchbald_batch(log_probs, 5, 1000, dtype=torch.double)
-    for given in (prediction_from_log_probs(log_probs), log_probs.exp().permute(1, 0, 2)):
-        ours = batch_bald(given, 5, n_joint_samples=1000)
+    for pool in (prediction_from_log_probs(log_probs), log_probs.exp().permute(1, 0, 2)):
+        ours = batch_bald(pool, 5, n_joint_samples=1000)
         assert ours.indices.tolist() == expected.indices
         torch.testing.assert_close(
             ours.scores, torch.tensor(expected.scores, dtype=torch.float64), rtol=0, atol=1e-12
@@ -163,6 +165,37 @@ def test_batch_bald_is_seeded() -> None:
     first = batch_bald(probs, 4, n_joint_samples=50, seed=7)
     again = batch_bald(probs, 4, n_joint_samples=50, generator=torch.Generator().manual_seed(7))
     assert torch.equal(first.indices, again.indices) and torch.equal(first.scores, again.scores)
+
+
+@settings(settings.get_profile("mcdrop-ci"), max_examples=40)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_samples=st.integers(1, 6),
+    n=st.integers(2, 8),
+    n_classes=st.integers(2, 4),
+    scale=st.sampled_from([0.0, 0.5, 2.0, 60.0]),  # 0: every sample alike; 60: one-hot rows with exact zeros
+    data=st.data(),
+)
+def test_batch_bald_properties(seed: int, n_samples: int, n: int, n_classes: int, scale: float, data) -> None:
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(n_samples, n, n_classes, generator=g, dtype=torch.float64)
+    probs = torch.softmax(logits, -1)
+    k = data.draw(st.integers(1, n))
+    result = batch_bald(probs, k, n_joint_samples=10**6)  # at most 4^7 configurations: exact
+    bald = torch.special.entr(probs.mean(0)).sum(-1) - torch.special.entr(probs).sum(-1).mean(0)
+    assert result.indices.shape == (k,) and len(set(result.indices.tolist())) == k
+    assert bool(torch.isfinite(result.scores).all())
+    # joint MI: starts at the top BALD score, never decreases, is at most log N (the N samples are
+    # the only uncertainty) and at most the sum of the chosen inputs' BALD scores (labels are
+    # independent given the weights)
+    assert abs(float(result.scores[0]) - float(bald.max())) < 1e-9
+    assert bool((result.scores.diff() >= -1e-9).all())
+    assert float(result.scores[-1]) <= math.log(n_samples) + 1e-9
+    assert float(result.scores[-1]) <= float(bald[result.indices].sum()) + 1e-9
+    # relabelling the pool relabels the choice (the joint information of each prefix is the same)
+    perm = torch.randperm(n, generator=g)
+    again = batch_bald(probs[:, perm], k, n_joint_samples=10**6)
+    torch.testing.assert_close(again.scores, result.scores, rtol=0, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -392,6 +425,28 @@ def test_errors_are_clear() -> None:
         stochastic_top_k(torch.tensor([float("nan"), 2.0]), 1)
     with pytest.raises(InvalidTypeError, match="ClassificationPrediction"):
         select(torch.rand(10), 2)
+
+    kept = pool_prediction(n=10)
+    wrong = permuted(kept, torch.arange(10))
+    wrong.probs = wrong.probs.flip(1)  # samples that do not average to the probabilities
+    with pytest.raises(InvalidInputError, match="output_type="):
+        batch_bald(wrong, 2)
+    adaptive = permuted(kept, torch.arange(10))
+    adaptive.samples_per_input = torch.full((10,), kept.n_samples).index_fill(0, torch.tensor([3]), 5)
+    with pytest.raises(InvalidInputError, match="different numbers of MC samples"):
+        batch_bald(adaptive, 2)
+    with pytest.raises(InvalidInputError, match="sum to 1"):
+        batch_bald(torch.rand(4, 10, 3), 2)
+
+    dense = mcdrop.ClassificationPrediction(
+        n_samples=2,
+        probs=torch.full((3, 2, 4, 4), 0.5),
+        predictive_entropy=torch.zeros(3, 4, 4),
+        expected_entropy=torch.zeros(3, 4, 4),
+        variation_ratio=torch.zeros(3, 4, 4),
+    )
+    with pytest.raises(InvalidInputError, match="segmentation map"):
+        select(dense, 1)
 
     regression = mcdrop.MCDropout(
         nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.5), nn.Linear(8, 1)).eval(),
