@@ -379,13 +379,16 @@ class MCDropoutCallback(pl.Callback):
                 for name, value in metrics.items():
                     if np.isfinite(value):
                         to_log[metric_key(name, prefix) + suffix] = float(value)
+        # every rank holds the same values (all-reduced, or sent by rank 0): averaging them over the
+        # ranks changes nothing, and it is what Lightning expects of epoch-level values under DDP
+        sync = distributed.get_world_size() > 1
         for key, value in to_log.items():
             pl_module.log(
                 key,
                 value,
                 on_step=False,
                 on_epoch=True,
-                sync_dist=False,
+                sync_dist=sync,
                 add_dataloader_idx=False,
                 batch_size=1,
             )
