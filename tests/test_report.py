@@ -1356,3 +1356,19 @@ def test_regression_baseline_without_aleatoric_head_compares_point_metrics_only(
         else:
             assert math.isnan(value), metric
     assert any("only RMSE and MAE compare" in note for note in rep.notes)
+
+
+def test_a_recalibration_warning_reaches_the_notes(kept):
+    from mcdrop.errors import McdropWarning
+
+    # held-out samples that all agree and labels that match them: the NLL falls towards T = 0, so no
+    # temperature fits and TemperatureScaling warns
+    val = kept["val"]
+    same = replace(val, samples=val.samples[:1].expand_as(val.samples).clone())
+    with pytest.warns(McdropWarning, match="lower bound"):
+        rep = mcdrop.report(
+            kept["pred"], kept["y"], calibration=(same, same.samples[0].argmax(-1)), n_resamples=0
+        )
+    assert any(
+        note.startswith("recalibrated: TemperatureScaling") and "lower bound" in note for note in rep.notes
+    )
