@@ -660,6 +660,40 @@ class UncertaintyReport:
             raise
         return target
 
+    # ------------------------------------------------------------------ experiment trackers
+    def log_to(
+        self, logger: Any, step: int | None = None, prefix: str = "mc/", *, run_id: str | None = None
+    ) -> dict[str, float]:
+        """Log the metrics (scalars), figures (images) and summary (a table) to an experiment tracker.
+
+        A TensorBoard ``SummaryWriter``, an MLflow run (the ``mlflow`` module with an active run, an
+        ``mlflow.ActiveRun``, or an ``MlflowClient`` with ``run_id``), a Lightning logger, or a list of
+        them; see :func:`mcdrop.report.trackers.log_report` for what each gets. NaN metrics
+        (undefined for the data) are not logged as scalars; the table keeps them.
+
+        Args:
+            logger: The tracker.
+            step: The step to log at (``None``: the tracker's default).
+            prefix: Put before every key (default ``"mc/"``: ``mc/ECE``).
+            run_id: The run, with an ``MlflowClient`` only.
+
+        Returns:
+            The scalars logged, ``{key: value}``.
+
+        Example:
+            >>> import tempfile, torch, mcdrop
+            >>> from torch.utils.tensorboard import SummaryWriter
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+            >>> pred = mcdrop.MCDropout(net.eval(), n_samples=5, seed=0).predict(torch.randn(30, 2))
+            >>> rep = mcdrop.report(pred, torch.randint(0, 2, (30,)), n_resamples=0)
+            >>> with SummaryWriter(tempfile.mkdtemp()) as writer:
+            ...     sorted(rep.log_to(writer, step=0))[:3]
+            ['mc/AURC', 'mc/Brier', 'mc/E-AURC']
+        """
+        from mcdrop.report.trackers import log_report
+
+        return log_report(self, logger, step, prefix, run_id=run_id)
+
 
 # ----------------------------------------------------------------------------------------------
 # file helpers
