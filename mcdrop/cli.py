@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--device", default="cpu", help="where to evaluate, e.g. cpu or cuda:0 (default: cpu)")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also evaluate the model once with dropout off and compare MC dropout with it (default: on)",
+    )
+    rep.add_argument(
         "--title", default=None, help="the report's title (default: the model and data file names)"
     )
     rep.add_argument(
@@ -175,9 +181,21 @@ def _demo(args: argparse.Namespace) -> int:
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data.x_test, data.y_test), batch_size=256
     )
-    pred = mc.predict_loader(loader, progress=False)  # about a second: no bar needed
+    pred = mc.predict_loader(loader, progress=False, deterministic=True)  # about a second: no bar needed
     ood = mc.predict(data.x_ood)
-    report = mcdrop.report(pred, ood=ood, title="mcdrop demo: dropout MLP on scikit-learn digits", model=mc)
+    ood.deterministic = mc.predict_deterministic(data.x_ood)  # the baseline's OOD rows
+    report = mcdrop.report(
+        pred,
+        ood={"pixel-shuffled digits": ood},
+        title="mcdrop demo: dropout MLP on scikit-learn digits",
+        model=mc,
+        metadata={
+            "command": "mcdrop demo",
+            "data": "scikit-learn's digits (8x8 images), a stratified 70/30 split",
+            "ood": "the test digits with their 64 pixels shuffled",
+            "epochs": args.epochs,
+        },
+    )
     if not args.quiet:
         print(_summary_text(report.summary), flush=True)
     report.save(out, overwrite=args.force)
@@ -736,7 +754,7 @@ def _report(args: argparse.Namespace) -> int:
     mc = mcdrop.MCDropout(model, n_samples=args.n_samples, task=args.task, seed=args.seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch_size)
     with _model_errors(x, args.data):
-        pred = mc.predict_loader(loader, progress=not args.quiet)
+        pred = mc.predict_loader(loader, progress=not args.quiet, deterministic=args.baseline)
     ood = None
     if args.ood:
         x_ood, _ = _load_data(args.ood, args, need_target=False)
@@ -745,15 +763,33 @@ def _report(args: argparse.Namespace) -> int:
                 f"--ood inputs have shape {tuple(x_ood.shape[1:])} per row; --data has {tuple(x.shape[1:])}"
             )
         with _model_errors(x_ood, args.ood):
-            ood = mcdrop.concat_predictions(
-                [mc.predict(x_ood[i : i + args.batch_size]) for i in range(0, len(x_ood), args.batch_size)]
-            )
+            ood = _predict_in_batches(mc, x_ood, args)
     report = _build_report(args, pred, ood, mc)
     _say_weights(args)
     _print_summary(args, report)
     report.save(out, overwrite=args.force)
     _say(args, f"mcdrop report: written to {out.resolve()} (open {out.resolve() / 'report.html'})")
     return 0
+
+
+def _predict_in_batches(mc: Any, x: Any, args: argparse.Namespace, *, mc_passes: bool = True) -> Any:
+    """MC prediction of ``x`` in ``--batch-size`` parts, with its dropout-off baseline if ``--baseline``.
+
+    ``mc_passes=False`` makes the baseline alone (under torchrun the MC passes are sharded).
+    """
+    import mcdrop
+
+    parts = []
+    for start in range(0, len(x), args.batch_size):
+        chunk = x[start : start + args.batch_size]
+        if not mc_passes:
+            parts.append(mc.predict_deterministic(chunk))
+            continue
+        part = mc.predict(chunk)
+        if args.baseline:
+            part.deterministic = mc.predict_deterministic(chunk)
+        parts.append(part)
+    return mcdrop.concat_predictions(parts)
 
 
 def _say_weights(args: argparse.Namespace) -> None:
@@ -775,7 +811,11 @@ def _print_summary(args: argparse.Namespace, report: Any) -> None:
 
 
 def _summary_text(summary: Any) -> str:
-    """A report's summary as a plain-text table: metric, value and its interval (4 significant digits)."""
+    """A report's summary as a plain-text table (4 significant digits).
+
+    Columns: the metric, its MC dropout value and bootstrap interval, and, with a baseline, the
+    value with dropout off (the ``deterministic`` column of the summary).
+    """
     import math
 
     def number(value: Any) -> str:
@@ -784,15 +824,26 @@ def _summary_text(summary: Any) -> str:
             return "nan"
         return f"{int(value)}" if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
 
+    baseline = "deterministic" in summary.columns
+    header = ("metric", "MC dropout", "interval (bootstrap)", *(("dropout off",) if baseline else ()))
     rows = []
     for _, row in summary.iterrows():
-        low, high = row.get("ci_low", math.nan), row.get("ci_high", math.nan)
-        interval = "" if math.isnan(float(low)) else f"[{number(low)}, {number(high)}]"
-        rows.append((str(row["metric"]), number(row["value"]), interval))
-    widths = [max(len(r[i]) for r in [("metric", "value", "interval"), *rows]) for i in range(3)]
-    lines = [f"{'metric':<{widths[0]}}  {'value':>{widths[1]}}  interval (bootstrap)"]
-    lines += [f"{m:<{widths[0]}}  {v:>{widths[1]}}  {ci}".rstrip() for m, v, ci in rows]
-    return "\n".join(lines)
+        low, high = float(row.get("ci_low", math.nan)), float(row.get("ci_high", math.nan))
+        cells = [
+            str(row["metric"]),
+            number(row["value"]),
+            "" if math.isnan(low) else f"[{number(low)}, {number(high)}]",
+        ]
+        if baseline:
+            off = float(row["deterministic"])
+            cells.append("" if math.isnan(off) else number(off))
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    align = ["<", ">", "<", ">"]
+    return "\n".join(
+        "  ".join(f"{cell:{align[i]}{widths[i]}}" for i, cell in enumerate(cells)).rstrip()
+        for cells in [header, *rows]
+    )
 
 
 @contextlib.contextmanager
@@ -843,7 +894,36 @@ def _build_report(args: argparse.Namespace, pred: Any, ood: Any, mc: Any) -> Any
     title = args.title or f"mcdrop report: {args.model} on {args.data}"
     if args.output is not None:
         title += f" (output {args.output})"
-    return mcdrop.report(pred, ood=ood, title=title, model=mc, output=args.output, n_bins=args.n_bins)
+    return mcdrop.report(
+        pred,
+        ood=None if ood is None else {Path(args.ood).name: ood},
+        title=title,
+        model=mc,
+        output=args.output,
+        n_bins=args.n_bins,
+        baseline=pred.deterministic,
+        metadata=_metadata(args),
+    )
+
+
+def _metadata(args: argparse.Namespace) -> dict[str, Any]:
+    """What the report records of the command: its inputs (absolute paths) and the weights evaluated."""
+
+    def where(text: str | None) -> str | None:
+        return None if text is None else str(Path(text).resolve())
+
+    model = where(args.model) if Path(args.model).exists() else args.model
+    facts = {
+        "command": "mcdrop report",
+        "model": model,
+        "weights": args.weights_used,
+        "data": where(args.data),
+        "ood": where(args.ood),
+        "task": args.task,
+        "output": args.output,
+        "baseline": args.baseline,
+    }
+    return {key: value for key, value in facts.items() if value is not None}
 
 
 def _several_outputs_message(args: argparse.Namespace, pred: Any, d: int) -> str:
@@ -912,6 +992,13 @@ def _report_distributed(args: argparse.Namespace, out: Path) -> int:
                 )
                 ood = distributed.predict_loader(mc, ood_loader, progress=False)
         if rank == 0:
+            if args.baseline:  # one dropout-off pass over the data, on rank 0: cheap beside the MC passes
+                with _model_errors(x, args.data):
+                    pred.deterministic = _predict_in_batches(mc, x, args, mc_passes=False)
+                    pred.deterministic.targets = pred.targets
+                if ood is not None:
+                    with _model_errors(x_ood, args.ood):
+                        ood.deterministic = _predict_in_batches(mc, x_ood, args, mc_passes=False)
             report = _build_report(args, pred, ood, mc)
             _say_weights(args)
             _print_summary(args, report)

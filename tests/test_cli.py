@@ -45,7 +45,11 @@ def test_demo_writes_a_full_report(tmp_path: Path, capsys) -> None:
     for name in ("report.html", "summary.csv", "summary.json", "per_input.csv", "reliability.csv", "ood.png"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
-    assert summary, "empty summary.json"
+    assert summary["ood_sets"] == {"pixel-shuffled digits": summary["n_ood"]}, summary["ood_sets"]
+    assert summary["metadata"]["command"] == "mcdrop demo" and summary["metadata"]["epochs"] == 2
+    table = pd.read_csv(out / "summary.csv").set_index("metric")
+    assert 0 < table.loc["accuracy", "deterministic"] <= 1  # the dropout-off baseline
+    assert "dropout off" in printed and "[pixel-shuffled digits]" in printed
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5
 
@@ -256,8 +260,10 @@ def test_ood_csv_targets_are_ignored(
     assert main(_report_args(tmp_path, scripted_model, npz_data, "--ood", str(ood))) == 0, (
         capsys.readouterr().err
     )
-    summary = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("metric")["value"]
-    assert summary["n_ood"] == 9  # the target column, if any, was dropped, not used as a 6th input
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["ood_sets"] == {
+        "ood.csv": 9
+    }  # the target column, if any, was dropped, not used as a 6th input
 
 
 @pytest.mark.parametrize(
@@ -661,6 +667,9 @@ def test_a_factory_without_weights_says_so_on_stdout_and_stderr(tmp_path: Path, 
     captured = capsys.readouterr()
     assert "weights: none given: the factory's own initialisation" in captured.out, captured.out
     assert "warning: no --weights given" in captured.err, captured.err
+    meta = json.loads((folder / "rep" / "summary.json").read_text())["metadata"]
+    assert meta["weights"].startswith("none given: the factory's own initialisation"), meta
+    assert meta["model"] == "cli_noweights_models:make", meta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -720,6 +729,7 @@ def test_an_exported_program_with_dropout_is_sampled_as_the_eager_model(
     eager = ["--model", "cli_bn_factory:make", "--weights", str(exported["weights"]), "--trust-code"]
     assert main(["report", *eager, *common, "--seed", "1", "--out", str(tmp_path / "eager")]) == 0
     want = _summary(tmp_path / "eager")
+    want_off = pd.read_csv(tmp_path / "eager" / "summary.csv").set_index("metric")["deterministic"]
     assert want["mean mutual information"] > 0.01
     for how in ("dropout_train", "dropout_train_decomposed", "eval"):
         out = tmp_path / how
@@ -731,6 +741,10 @@ def test_an_exported_program_with_dropout_is_sampled_as_the_eager_model(
         # agrees within 10 %, where a lost dropout gives 0 and a doubled rate about twice as much.
         assert got["mean mutual information"] == pytest.approx(want["mean mutual information"], rel=0.1), how
         assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.05), how
+        # with dropout off the program is the eager model: the same baseline to float precision
+        got_off = pd.read_csv(out / "summary.csv").set_index("metric")["deterministic"]
+        assert got_off["accuracy"] == want_off["accuracy"], how
+        assert got_off["NLL"] == pytest.approx(want_off["NLL"], rel=1e-5), how
         sites = pd.read_csv(out / "sites.csv")
         assert sites["rate"].tolist() == [0.3] and sites["kind"].tolist() == ["dropout"], (how, sites)
 
@@ -827,3 +841,39 @@ def test_readme_demo_mentions_force() -> None:
     readme = (REPO / "README.md").read_text()
     demo = readme[readme.index("Run the demo") : readme.index("Run the tests")]
     assert "--force" in demo
+
+
+def test_report_records_its_inputs_baseline_and_named_ood(
+    tmp_path: Path, scripted_model: Path, npz_data: Path, capsys
+) -> None:
+    ood = tmp_path / "shifted.npz"
+    np.savez(ood, x=np.random.default_rng(3).normal(5, 1, size=(12, 5)).astype(np.float32))
+    out = tmp_path / "rep"
+    argv = [
+        "report",
+        "--model",
+        str(scripted_model),
+        "--trust-code",
+        "--data",
+        str(npz_data),
+        "--n-samples",
+        "4",
+    ]
+    assert main([*argv, "--ood", str(ood), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    meta = summary["metadata"]
+    assert meta["model"] == str(scripted_model.resolve()) and meta["data"] == str(npz_data.resolve()), meta
+    assert meta["ood"] == str(ood.resolve()) and meta["weights"] == f"those saved in {scripted_model}", meta
+    assert summary["ood_sets"] == {"shifted.npz": 12}, summary["ood_sets"]
+    table = pd.read_csv(out / "summary.csv").set_index("metric")
+    # the baseline is the scripted model run once in eval mode: its accuracy, recomputed here
+    data = np.load(npz_data)
+    net = torch.jit.load(str(scripted_model)).eval()
+    with torch.no_grad():
+        accuracy = (net(torch.from_numpy(data["x"])).argmax(1).numpy() == data["y"]).mean()
+    assert table.loc["accuracy", "deterministic"] == pytest.approx(accuracy)
+    assert "dropout off" in printed and "[shifted.npz]" in printed, printed
+    assert main([*argv, "--no-baseline", "--out", str(tmp_path / "plain"), "--quiet"]) == 0
+    assert "deterministic" not in pd.read_csv(tmp_path / "plain" / "summary.csv").columns
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["metadata"]["baseline"] is False
