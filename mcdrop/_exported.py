@@ -4,8 +4,9 @@ Used by ``mcdrop report --model model.pt2``. An exported graph has no train/eval
 dropout is an ATen op with its rate and a constant train flag (``aten.dropout(x, 0.3, True)`` when
 exported in train mode, ``False`` in eval mode), and ``ExportedProgram.module()`` refuses
 ``train()`` and ``eval()``. :func:`load_exported` replaces each dropout op by an ``nn.Dropout`` of
-the same rate, so MC dropout samples exactly the dropout the model was exported with when it
-switches those layers on, and a deterministic pass has none.
+the same rate (and each attention op with a dropout rate by an attention layer applying it in train
+mode only), so MC dropout samples exactly the dropout the model was exported with when it switches
+those layers on, and a deterministic pass has none.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from torch import nn
 from mcdrop.errors import CliError
 
 _EXPORT_RECIPE = (
-    "model.eval(); then .train() on its dropout layers only; torch.export.save(torch.export.export(model, (x,), "
-    "dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)), 'model.pt2')"
+    "model.eval(); then .train() on its dropout and attention layers only (nn.Dropout, nn.MultiheadAttention, ...); "
+    "torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)), "
+    "'model.pt2')"
 )
 
 
@@ -39,10 +41,12 @@ def load_exported(path: Path, first_line: Any) -> tuple[nn.Module, str]:
     with when MC dropout switches those layers on, and none in eval mode. That holds whether it was
     exported in train mode (``aten.dropout(x, p, True)``) or in eval mode (``aten.dropout(x, p,
     False)``: the op and its rate stay in the graph unless it was decomposed). Returns the module and
-    a note for stderr (``""`` if none: see :func:`_eval_mode_note`). Refused, with the reason:
-    a graph with no dropout op left; BatchNorm exported in train mode (it would normalise each batch
-    with that batch's statistics); other random ops (they could not be switched off); a program
-    that does not take one tensor, or was exported for one batch size only.
+    a note for stderr (``""`` if none: see :func:`_eval_mode_note`). Attention exported in train
+    mode (``scaled_dot_product_attention`` with ``dropout_p > 0``) becomes an
+    :class:`_AttentionDropout`. Refused, with the reason: a graph with no dropout op left; BatchNorm
+    exported in train mode (it would normalise each batch with that batch's statistics); other
+    random ops (they could not be switched off); a program that does not take one tensor, or was
+    exported for one batch size only.
     """
     try:
         with warnings.catch_warnings():
@@ -119,13 +123,27 @@ def _op_name(node: Any) -> str | None:
 
 
 def _dropout_nodes(graph: Any) -> list[tuple[Any, Any]]:
-    """The dropout nodes of an exported graph, each with the layer that replaces it."""
+    """The dropout nodes of an exported graph, each with the layer that replaces it.
+
+    Those are the dropout ops, and the attention ops with a dropout rate above 0 (exported in train
+    mode), which become an :class:`_AttentionDropout` of that rate.
+    """
     found = []
     for node in graph.nodes:
         name = _op_name(node)
         if name in _DROPOUT_OPS:
             found.append((node, _dropout_layer(name, float(node.args[1]))))
+        elif name == "scaled_dot_product_attention":
+            given = _arguments(node)
+            if given.get("dropout_p", 0.0):
+                found.append((node, _AttentionDropout(node, given)))
     return found
+
+
+def _arguments(node: Any) -> dict[str, Any]:
+    """The arguments of an ATen node by name (positional and keyword)."""
+    names = [a.name for a in node.target._schema.arguments]
+    return dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
 
 
 def _exported_problems(graph: Any) -> str:
@@ -136,16 +154,11 @@ def _exported_problems(graph: Any) -> str:
             if name == "native_dropout" and any(u.args[1] != 0 for u in node.users):
                 return "its graph uses the mask of a dropout op, which mcdrop cannot replace by a layer"
             continue
-        schema_args = [a.name for a in node.target._schema.arguments]
-        given = dict(zip(schema_args, node.args, strict=False)) | dict(node.kwargs)
+        given = _arguments(node)
         if "batch_norm" in name and given.get("training", "no_stats" in str(node.target)):
             return (
                 "it was exported in train mode, so its BatchNorm normalises each batch with that batch's own "
                 "statistics (and updates them) instead of the trained running averages"
-            )
-        if name == "scaled_dot_product_attention" and given.get("dropout_p", 0.0):
-            return (
-                "its attention applies dropout inside one op, which mcdrop cannot switch off for a baseline"
             )
         if re.fullmatch(
             r"(bernoulli|rand|randn|randint|randperm|multinomial|normal|uniform|rrelu\w*)_?(like)?_?", name
@@ -162,7 +175,13 @@ def _replace_with_module(graph_module: Any, node: Any, layer: Any) -> None:
     graph_module.add_submodule(name, layer)
     graph = graph_module.graph
     with graph.inserting_before(node):
-        call = graph.call_module(name, (node.args[0],))
+        if isinstance(layer, _AttentionDropout):
+            given = _arguments(node)
+            call = graph.call_module(
+                name, (given["query"], given["key"], given["value"], given.get("attn_mask"))
+            )
+        else:
+            call = graph.call_module(name, (node.args[0],))
     if _op_name(node) == "native_dropout":  # returns (output, mask): its users take item 0
         for user in list(node.users):
             if user.op == "call_function" and user.target is operator.getitem:
@@ -205,6 +224,40 @@ class _ChannelDropout(nn.Module):
         if self.alpha:
             return torch.feature_alpha_dropout(x, self.p, self.training)
         return torch.feature_dropout(x, self.p, self.training)
+
+
+class _AttentionDropout(nn.Module):
+    """``scaled_dot_product_attention`` with its dropout following the mode: the layer of such an op.
+
+    Exported in train mode, attention applies its dropout inside the op (``dropout_p``); this
+    applies it in train mode only, like the attention modules mcdrop samples in eager models.
+    """
+
+    def __init__(self, node: Any, given: dict[str, Any]) -> None:
+        super().__init__()
+        self.dropout_p = float(given["dropout_p"])
+        self.is_causal = bool(given.get("is_causal", False))
+        self.scale = given.get("scale")
+        self.enable_gqa = bool(given.get("enable_gqa", False))
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``query`` over ``key``/``value``, with dropout on its weights in train mode."""
+        return torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=self.is_causal,
+            scale=self.scale,
+            enable_gqa=self.enable_gqa,
+        )
 
 
 class _ExportedModel(nn.Module):

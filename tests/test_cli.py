@@ -763,7 +763,7 @@ def test_an_exported_program_mc_dropout_cannot_sample_is_refused(
     err = _fails(_report_args(tmp_path, exported[how], exported["data"]), capsys)
     assert message in err, err
     if how != "static":
-        assert ".train() on its dropout layers only" in err, err  # how to export it instead
+        assert ".train() on its dropout and attention layers only" in err, err  # how to export instead
 
 
 def test_an_exported_program_needs_trust_code(tmp_path: Path, exported: dict[str, Path], capsys) -> None:
@@ -877,3 +877,44 @@ def test_report_records_its_inputs_baseline_and_named_ood(
     assert main([*argv, "--no-baseline", "--out", str(tmp_path / "plain"), "--quiet"]) == 0
     assert "deterministic" not in pd.read_csv(tmp_path / "plain" / "summary.csv").columns
     assert json.loads((tmp_path / "plain" / "summary.json").read_text())["metadata"]["baseline"] is False
+
+
+class _TinyEncoder(nn.Module):
+    """A transformer encoder layer (attention dropout inside a fused op) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x.view(x.shape[0], 2, 8)).mean(1))
+
+
+def test_an_exported_transformer_samples_its_attention_dropout_or_says_it_cannot(
+    tmp_path: Path, capsys
+) -> None:
+    torch.manual_seed(0)
+    net, x = _TinyEncoder().eval(), torch.randn(4, 16)
+    batch = ({0: torch.export.Dim.DYNAMIC},)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.normal(size=(20, 16)).astype(np.float32), y=rng.integers(0, 3, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.export.save(torch.export.export(net, (x,), dynamic_shapes=batch), tmp_path / "eval.pt2")
+        net.train()  # no BatchNorm here: train mode is fine, and the attention keeps its dropout
+        torch.export.save(torch.export.export(net, (x,), dynamic_shapes=batch), tmp_path / "train.pt2")
+    for how in ("eval", "train"):
+        argv = _report_args(tmp_path, tmp_path / f"{how}.pt2", data, "--out", str(tmp_path / how))
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        sites = pd.read_csv(tmp_path / how / "sites.csv")
+        assert (sites["kind"] == "dropout").sum() == 3 and (sites["rate"] == 0.2).all(), sites
+        attention = (sites["kind"] == "attention_dropout").sum()
+        if how == "eval":
+            assert attention == 0 and "attention dropout (inside fused attention ops) was left out" in err, (
+                err
+            )
+        else:
+            assert attention == 1 and err == "", err
