@@ -77,7 +77,7 @@ def run_seed(seed: int, args: argparse.Namespace, x: np.ndarray, y: np.ndarray) 
                 x_pool_t[labelled], y_pool_t[labelled], seed=1000 * seed + round_, p=args.p, steps=args.steps
             )
             mc = mcdrop.MCDropout(
-                net, n_samples=args.n_samples, seed=seed, keep_samples=method == "batch_bald"
+                net, n_samples=args.n_samples, seed=1000 * seed + round_, keep_samples=method == "batch_bald"
             )
             accuracy = float((mc.predict(x_te_t).predicted == y_te_t).float().mean())
             curve.append(accuracy)
@@ -90,7 +90,11 @@ def run_seed(seed: int, args: argparse.Namespace, x: np.ndarray, y: np.ndarray) 
                 if method == "batch_bald"
                 else {}
             )
-            picked = acquisition.select_from_loader(mc, loader, args.acquire, method, seed=seed, **options)
+            # a fresh seed per seed and round: one round's random draws do not repeat the last one's
+            draw_seed = 1000 * seed + round_
+            picked = acquisition.select_from_loader(
+                mc, loader, args.acquire, method, seed=draw_seed, **options
+            )
             labelled += unlabelled[picked.numpy()].tolist()
         curves[name] = curve
     return curves

@@ -68,7 +68,7 @@ __all__ = [
 
 #: Configurations sampled per step by :func:`batch_bald` once the exact joint would have more.
 DEFAULT_JOINT_SAMPLES = 10_000
-# Numbers held by one chunk of candidates of BatchBALD ((chunk, configurations, K) float64: 64 MiB).
+# Numbers in one chunk of BatchBALD candidates ((chunk, configurations, K) float64: 64 MiB per tensor).
 _CHUNK_ELEMENTS = 2**23
 
 
@@ -589,8 +589,9 @@ def batch_bald(
     reference implementation (``batchbald_redux``). Ties go to the lower pool index.
 
     Memory: the per-sample probabilities of the pool in float64 (``8 · n · N · K`` bytes), the
-    configurations (``8 · M · N``), and one chunk of candidates at a time (at most 2^23 numbers,
-    64 MiB). Time per step: ``O(n · M · N · K)``.
+    configurations (``8 · M · N``), and one chunk of candidates at a time: its joint
+    probabilities and their entropy terms, at most 2^23 numbers (64 MiB) each, unless a single
+    candidate's ``M · K`` is more. Time per step: ``O(n · M · N · K)``.
 
     Args:
         pred: The prediction of the pool made with ``keep_samples=True``, or the per-sample class
