@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=40, help="training epochs (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="overwrite an existing report folder")
-    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    demo.add_argument("--quiet", action="store_true", help="print only errors and warnings")
 
     rep = sub.add_parser("report", help="evaluate a saved model on a data file and write its report")
     rep.add_argument(
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--out", default="mcdrop-report", help="report folder (default: %(default)s)")
     rep.add_argument("--force", action="store_true", help="overwrite an existing report folder")
-    rep.add_argument("--quiet", action="store_true", help="no progress output")
+    rep.add_argument("--quiet", action="store_true", help="print only errors and warnings")
     return parser
 
 
@@ -449,7 +449,7 @@ def _load_model(args: argparse.Namespace) -> Any:
         raise CliError(f"--model {spec!r} is neither an existing file nor of the form package.module:factory")
     else:
         model = _load_factory_model(spec, args)
-    return _to_eval(model.to(args.device))
+    return model.to(args.device).eval()  # the mode MCDropout expects on entry: it switches only dropout on
 
 
 #: Suffixes of model files: a missing one is reported as a missing file, not as a bad factory spec.
@@ -552,11 +552,6 @@ def _load_pickled_module(path: Path, args: argparse.Namespace, cls: str) -> Any:
     if not isinstance(model, torch.nn.Module):
         raise CliError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def _to_eval(model: Any) -> Any:
-    """``model.eval()``: the mode MCDropout expects on entry (it switches only the dropout on)."""
-    return model.eval()
 
 
 def _load_factory_model(spec: str, args: argparse.Namespace) -> Any:
