@@ -1372,3 +1372,19 @@ def test_a_recalibration_warning_reaches_the_notes(kept):
     assert any(
         note.startswith("recalibrated: TemperatureScaling") and "lower bound" in note for note in rep.notes
     )
+
+
+def test_report_figures_hold_their_legends_at_their_own_size(kept_report):
+    """A tracker draws rep.figure(name) on its own canvas at its size: nothing may fall outside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for name in kept_report.figure_names:
+        fig = kept_report.figure(name)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        content = fig.get_tightbbox(canvas.get_renderer())
+        width, height = fig.get_size_inches()
+        assert content.x0 >= -0.01 and content.y0 >= -0.01, name
+        assert content.x1 <= width + 0.01 and content.y1 <= height + 0.01, name
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert legends, name

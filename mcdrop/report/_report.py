@@ -43,6 +43,36 @@ def _version() -> str:
     return str(getattr(mcdrop, "__version__", "unknown"))
 
 
+def _fit_to_content(fig: Figure, pad: float = 0.08) -> None:
+    """Resize ``fig`` to what it draws, legends outside the axes included, keeping every size in inches.
+
+    The figures put legends and strips outside their axes; without this, a figure drawn on its own
+    canvas at its nominal size (a tracker's image, ``fig.savefig`` without ``bbox_inches="tight"``)
+    would cut them off.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    canvas.draw()
+    box = fig.get_tightbbox(renderer)  # inches
+    width, height = fig.get_size_inches()
+    x0, y0 = box.x0 - pad, box.y0 - pad
+    new_w, new_h = box.x1 + pad - x0, box.y1 + pad - y0
+    for ax in fig.axes:
+        pos = ax.get_position()
+        ax.set_axes_locator(None)
+        ax.set_position(
+            [
+                (pos.x0 * width - x0) / new_w,
+                (pos.y0 * height - y0) / new_h,
+                pos.width * width / new_w,
+                pos.height * height / new_h,
+            ]
+        )
+    fig.set_size_inches(new_w, new_h)
+
+
 def _environment() -> dict[str, str]:
     """The versions that made a report: mcdrop, torch, numpy, pandas, matplotlib, Python."""
     import matplotlib
@@ -426,6 +456,7 @@ class UncertaintyReport:
         with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
             fig = Figure(figsize=self._figsize(name))
             self._draw(name, fig)
+            _fit_to_content(fig)
         return fig
 
     def _png(self, name: str) -> bytes:
