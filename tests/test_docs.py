@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import re
 import subprocess
@@ -53,6 +54,13 @@ PUBLIC_MODULES = [
     "mcdrop.recalibration",
     "mcdrop.distributed",
     "mcdrop.report",
+    "mcdrop.report.trackers",
+    # the integrations, where their framework (an optional extra) is installed
+    *[
+        f"mcdrop.integrations.{framework}"
+        for framework in ("lightning", "transformers")
+        if importlib.util.find_spec(framework) is not None
+    ],
 ]
 
 # Gaps allowed by public name: a name listed here may have any of the gaps above; a name not listed
