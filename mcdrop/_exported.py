@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mcdrop.errors import CliError
+from mcdrop.policy.classify import register_stochastic
 
 _EXPORT_RECIPE = (
     "model.eval(); then .train() on its dropout and attention layers only (nn.Dropout, nn.MultiheadAttention, ...); "
@@ -224,6 +225,9 @@ class _ChannelDropout(nn.Module):
         if self.alpha:
             return torch.feature_alpha_dropout(x, self.p, self.training)
         return torch.feature_dropout(x, self.p, self.training)
+
+
+register_stochastic(_ChannelDropout, "dropout", "p")  # listed with its rate, like nn.Dropout2d
 
 
 class _AttentionDropout(nn.Module):

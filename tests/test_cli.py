@@ -918,3 +918,32 @@ def test_an_exported_transformer_samples_its_attention_dropout_or_says_it_cannot
             )
         else:
             assert attention == 1 and err == "", err
+
+
+def test_an_exported_cnn_samples_its_channel_and_alpha_dropout(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Dropout2d(0.25),
+        nn.Flatten(),
+        nn.AlphaDropout(0.1),
+        nn.Linear(144, 3),
+    ).eval()
+    for module in (net[2], net[4]):
+        module.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.export.export(
+            net, (torch.randn(4, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+        )
+        torch.export.save(program, tmp_path / "cnn.pt2")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "images.npz"
+    np.savez(data, x=rng.normal(size=(12, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, 12))
+    assert main(_report_args(tmp_path, tmp_path / "cnn.pt2", data)) == 0, capsys.readouterr().err
+    sites = pd.read_csv(tmp_path / "rep" / "sites.csv")
+    assert sites[["kind", "rate"]].values.tolist() == [["dropout", 0.25], ["dropout", 0.1]], sites
+    assert sites["module_type"].tolist()[1] == "AlphaDropout", sites
+    table = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("metric")
+    assert table.loc["mean mutual information", "value"] > 0  # the samples differ
