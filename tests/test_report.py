@@ -1388,3 +1388,14 @@ def test_report_figures_hold_their_legends_at_their_own_size(kept_report):
         assert content.x1 <= width + 0.01 and content.y1 <= height + 0.01, name
         legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
         assert legends, name
+
+
+def test_a_fragile_mce_of_a_variant_column_is_noted(kept, kept_report):
+    table = metrics.reliability_table(kept["base"].probs, kept["y"], n_bins=15)
+    filled = np.flatnonzero(table.count > 0)
+    worst = int(filled[np.argmax(np.abs(table.gap[filled]))])
+    fragile = table.count[worst] < 20
+    noted = [n for n in kept_report.notes if n.startswith("deterministic: its MCE rests on bin")]
+    assert bool(noted) == bool(fragile)
+    if fragile:
+        assert f"bin {worst}, which holds {int(table.count[worst])} inputs" in noted[0]

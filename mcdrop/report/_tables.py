@@ -482,6 +482,15 @@ def classification_tables(
         )
         frames[key] = o_rows.frame()
         notes += [f"{key}: {n}" for n in o_rows.notes]
+        o_rel = metrics.reliability_table(o_probs, labels, n_bins=n_bins)
+        filled = np.flatnonzero(o_rel.count > 0)
+        if filled.size:
+            worst = int(filled[np.argmax(np.abs(o_rel.gap[filled]))])
+            if o_rel.count[worst] < MIN_BIN_INPUTS:
+                notes.append(
+                    f"{key}: its MCE rests on bin {worst}, which holds {int(o_rel.count[worst])} inputs (fewer "
+                    f"than {MIN_BIN_INPUTS}): a rough estimate."
+                )
         missing = [name for name, o in other_ood.items() if o is None]
         if missing:
             notes.append(
