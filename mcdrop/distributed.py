@@ -595,8 +595,14 @@ def _gather(
     if not present:
         return None, None, False
     first = present[0]
+
+    def static(h: dict[str, Any]) -> dict[str, Any]:
+        # adaptive sampling (max_samples set): each rank's largest N differs, samples_per_input says all
+        adaptive = h["static"].get("max_samples") is not None
+        return {k: v for k, v in h["static"].items() if not (adaptive and k == "n_samples")}
+
     for h in present[1:]:
-        if h["task"] != first["task"] or h["static"] != first["static"] or h["fields"] != first["fields"]:
+        if h["task"] != first["task"] or static(h) != static(first) or h["fields"] != first["fields"]:
             raise InvalidInputError(
                 "the ranks' predictions differ in task, number of samples, fields or per-input shapes "
                 f"({first['task']}, {first['static']}, {first['fields']} and {h['task']}, {h['static']}, "
@@ -646,6 +652,11 @@ def _gather(
     if indexed:
         out_index = gathered.pop("__index__")
         gathered, out_index = _order_and_dedupe(gathered, out_index)
+    if first["static"].get("max_samples") is not None:  # adaptive: the largest N of any rank
+        first = {
+            **first,
+            "static": {**first["static"], "n_samples": max(h["static"]["n_samples"] for h in present)},
+        }
     return _build(first, gathered), out_index, True
 
 

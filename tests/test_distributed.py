@@ -138,7 +138,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["aligned"] = pred(wrapper(0.0, n_samples=5, keep_samples=True), aligned, progress=False)
         res["aligned_metrics"] = pred(wrapper(0.0, n_samples=5), aligned, keep="metrics", progress=False)
         res["aligned_mc"] = pred(wrapper(0.3, n_samples=20), aligned, progress=False)
-        adaptive = {"n_samples": "auto", "tolerance": 0.05, "min_samples": 6, "max_samples": 40}
+        adaptive = {"n_samples": "auto", "tolerance": 0.02, "min_samples": 6, "max_samples": 40}
         res["adaptive"] = pred(wrapper(0.3, **adaptive), aligned, progress=False)
         res["adaptive_metrics"] = pred(wrapper(0.3, **adaptive), aligned, keep="metrics", progress=False)
         # a seeded MC dropout model: rows, and metrics from the very same samples (fresh wrappers)
@@ -269,7 +269,7 @@ def test_rank_zero_draws_the_wrappers_own_stream(ranks):
 
 @pytest.mark.slow
 def test_adaptive_sampling_per_rank_matches_one_process_on_rank_zeros_inputs(ranks):
-    adaptive = {"n_samples": "auto", "tolerance": 0.05, "min_samples": 6, "max_samples": 40}
+    adaptive = {"n_samples": "auto", "tolerance": 0.02, "min_samples": 6, "max_samples": 40}
     single = one_process(wrapper(0.3, **adaptive), dataset())
     got = ranks[0]["adaptive"]
     assert got.samples_per_input.shape == (N,) and got.max_samples == 40
@@ -277,8 +277,9 @@ def test_adaptive_sampling_per_rank_matches_one_process_on_rank_zeros_inputs(ran
     assert torch.equal(got.samples_per_input[:8], single.samples_per_input[:8])
     assert torch.equal(got.probs[:8], single.probs[:8])
     se = got.standard_error("confidence")
-    assert bool(((se <= 0.05) | (got.samples_per_input == 40)).all())
+    assert bool(((se <= 0.02) | (got.samples_per_input == 40)).all())
     assert int(got.samples_per_input.min()) >= 6
+    assert int(got.samples_per_input.max()) > 6  # some inputs went on past the first round
     streamed = ranks[0]["adaptive_metrics"].summary()
     assert streamed["n_inputs"] == N
     assert streamed["accuracy"] == pytest.approx(float((got.predicted == got.targets).float().mean()))
