@@ -178,7 +178,11 @@ class SamplingOptions:
                 f"reach); got {tolerance!r}."
             )
         put("tolerance", float(tolerance))
-        low = ADAPTIVE_DEFAULTS["min_samples"] if self.min_samples is None else self.min_samples
+        low = self.min_samples
+        if low is None:  # the default, or max_samples where that is given smaller
+            low = ADAPTIVE_DEFAULTS["min_samples"]
+            if isinstance(self.max_samples, int) and not isinstance(self.max_samples, bool):
+                low = max(2, min(low, self.max_samples))
         put("min_samples", check_int(low, "min_samples", minimum=2))
         high = (
             max(ADAPTIVE_DEFAULTS["max_samples"], self.min_samples or 0)
