@@ -143,7 +143,8 @@ class MCDropout:
         tolerance: With ``n_samples="auto"``: the standard error each input's ``target`` must
             reach (default 0.01; for a statistic with several values per input, such as
             ``probs``, the largest of them).
-        min_samples: With ``n_samples="auto"``: passes every input gets first (default 20, ≥ 2;
+        min_samples: With ``n_samples="auto"``: passes every input gets first (default 20, or
+            ``max_samples`` where that is smaller; ≥ 2;
             fewer make the stopping rule favour runs whose spread happened to be small, see
             :mod:`mcdrop.adaptive`).
         max_samples: With ``n_samples="auto"``: the most passes an input gets (default 1000).
