@@ -106,12 +106,14 @@ def _bound_reached(objective: Any, best_t: float, best_nll: float, low: float, h
     """``"lower"`` or ``"upper"`` where a fitted temperature lies at that bound, else ``None``.
 
     At a bound means within 1% of the bounds' log-range of it (at most 5%: a temperature of 95
-    among the default ``(0.01, 100)``), or no better than the bound itself (the NLL still falls
-    towards the bound, or is flat there, as 0 is for a perfectly separated set).
+    among the default ``(0.01, 100)``), or no better than the bound itself to a relative 1e-6 (the
+    NLL still falls towards the bound, or is flat there, as 0 is for a perfectly separated set and
+    the vote fractions are for MC samples that disagree).
     """
     tolerance = min(0.05, 0.01 * math.log(high / low))
+    flat = 1e-6 * abs(best_nll) + 1e-12  # float32 rounding of a mean NLL: no better is no better
     for side, bound in (("lower", low), ("upper", high)):
-        if abs(math.log(best_t / bound)) <= tolerance or objective(math.log(bound)) <= best_nll:
+        if abs(math.log(best_t / bound)) <= tolerance or objective(math.log(bound)) <= best_nll + flat:
             return side
     return None
 
@@ -372,8 +374,18 @@ class TemperatureScaling:
             else _bound_reached(objective, best_t, best_nll, low, high)
         )
         if side is not None:
+            top = z.argmax(-1)
+            # samples that vote for different classes: their mean tends to the vote fractions as T -> 0
+            monte_carlo = z.dim() == 3 and bool((top != top[:1]).any())
             likely = (
-                "probabilities passed as logits (pass logits, or probs.log()), or a validation set "
+                "MC samples whose average is underconfident: as T falls every tempered sample becomes a "
+                "one-hot vote, so the MC mean tends to the samples' vote fractions and the NLL levels "
+                "off there instead of rising again (the averaged prediction is sharper at T -> 0 than "
+                "at any temperature of the samples). The tempered prediction is then close to the vote "
+                "fractions of these N samples; to temper the averaged probabilities instead, fit on "
+                "pred.probs.log() with the labels and scale those"
+                if side == "lower" and monte_carlo
+                else "probabilities passed as logits (pass logits, or probs.log()), or a validation set "
                 "that the model classifies all right with a margin (its NLL falls towards 0 as T does: "
                 "it determines no temperature)"
                 if side == "lower"
@@ -381,8 +393,9 @@ class TemperatureScaling:
                 "validation set that the model classifies (almost) all wrong"
             )
             warnings.warn(
-                f"TemperatureScaling: the fitted temperature {best_t:.4g} lies at the {side} bound of "
-                f"bounds=({low:g}, {high:g}): the NLL does not rise again within them, so no temperature "
+                f"TemperatureScaling: the fitted temperature {best_t:.4g} "
+                f"{'lies at' if abs(math.log(best_t / (low if side == 'lower' else high))) < 0.05 else 'is no better than'} "
+                f"the {side} bound of bounds=({low:g}, {high:g}): the NLL does not rise again within them, so no temperature "
                 f"calibrates these inputs. This usually means {likely}. Check the inputs before using it.",
                 McdropWarning,
                 stacklevel=user_stacklevel(),

@@ -131,8 +131,20 @@ def test_a_temperature_at_the_lower_bound_warns_of_probabilities_given_as_logits
     with pytest.warns(McdropWarning, match=r"0\.01 lies at the lower bound.*probabilities passed as logits"):
         ts = TemperatureScaling().fit(probs, labels)
     assert ts.temperature_ == pytest.approx(0.01, rel=1e-4)
-    with pytest.warns(McdropWarning, match="lower bound"):  # MC samples of probabilities too
+    with pytest.warns(McdropWarning, match="lower bound.*probabilities passed as logits"):  # MC samples too
         TemperatureScaling().fit(torch.stack([probs, probs]), labels)
+
+
+def test_mc_samples_whose_average_is_underconfident_warn_of_vote_fractions_at_the_lower_bound() -> None:
+    # two of three samples vote for the label with a margin, one against: the MC mean's probability of
+    # the label rises as T falls, up to the vote fraction 2/3, so no temperature inside the bounds is best
+    logits = torch.tensor([[[5.0, 0.0]], [[5.0, 0.0]], [[0.0, 5.0]]]).repeat(1, 20, 1)
+    labels = torch.zeros(20, dtype=torch.long)
+    with pytest.warns(McdropWarning, match="no better than the lower bound.*one-hot vote.*pred.probs.log"):
+        ts = TemperatureScaling().fit(logits, labels)
+    assert ts.nll_after_ == pytest.approx(
+        math.log(3 / 2), rel=1e-5
+    )  # the vote fraction's NLL: flat below T ~ 0.4
     logits, labels = _tempered_data(400, 3, true_t=0.5, seed=1)  # over-confident, not degenerate
     with warnings.catch_warnings():
         warnings.simplefilter("error")
