@@ -165,6 +165,16 @@ def with_counts(summary: pd.DataFrame, counts: dict[str, tuple[int | float, str]
     for column in summary.columns:
         if column not in rows.columns:
             rows[column] = np.nan
+    # The variants' counts: the same inputs; dropout off is one pass per input, none at max_samples.
+    per_pass = {"n_samples", "samples per input (min)", "samples per input (mean)", "samples per input (max)"}
+    for variant in VARIANTS:
+        if variant in summary.columns:
+            rows[variant] = [
+                (1.0 if name in per_pass else 0.0 if name == "inputs that reached max_samples" else float(v))
+                if variant == "deterministic"
+                else float(v)
+                for name, (v, _) in counts.items()
+            ]
     frame = pd.concat([summary, rows[list(summary.columns)]], ignore_index=True)
     frame["higher_is_better"] = frame["higher_is_better"].astype(object)
     return frame
