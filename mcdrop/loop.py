@@ -96,7 +96,10 @@ def iter_predictions(
                 yield None, target
                 continue
             if isinstance(inputs, Mapping):
-                pred = mc.predict(**inputs)
+                try:
+                    pred = mc.predict(**inputs)
+                except TypeError as err:
+                    raise _keyword_mismatch(err, inputs, unpack) from err
             elif isinstance(inputs, tuple):
                 pred = mc.predict(*inputs)
             else:
@@ -368,6 +371,21 @@ def accumulate(
         acc.update(pred.mean, pred.total_std, target.to(pred.mean.device))
     acc.n_samples = pred.n_samples
     return acc
+
+
+def _keyword_mismatch(err: TypeError, inputs: Mapping[str, Any], unpack: Unpack | None) -> Exception:
+    """A dict batch whose keys the model does not take as keyword arguments: say to pass ``unpack=``."""
+    text = str(err)
+    named = any(f"'{key}'" in text for key in inputs)
+    if unpack is not None or not named or not ("keyword argument" in text or "positional argument" in text):
+        return err
+    keys = ", ".join(repr(k) for k in inputs)
+    return InvalidInputError(
+        f"The loader's dict batches were passed to the model as keyword arguments ({keys}; the targets "
+        f"taken out), and the model refused them: {text}. Pass unpack= to say how a batch maps to the "
+        "model's inputs and the targets, e.g. unpack=lambda batch: (batch['pixels'], batch['label']) for "
+        "model(batch['pixels'])."
+    )
 
 
 def default_unpack(batch: Any) -> tuple[Any, Any]:

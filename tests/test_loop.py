@@ -142,3 +142,14 @@ def test_checkpoint_fingerprint_names_the_model_options_and_sampled_sites():
     fingerprint = loop.checkpoint_fingerprint(wrapper())
     assert fingerprint["model"] == "Sequential" and fingerprint["n_samples"] == 6
     assert fingerprint["sampled_sites"] == ["2:dropout:0.5"]
+
+
+def test_dict_batches_whose_keys_the_model_does_not_take_name_unpack():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)).eval()
+    loader = [{"pixels": torch.randn(5, 4), "label": torch.randint(0, 3, (5,))}]
+    mc = mcdrop.MCDropout(net, n_samples=4, seed=0)
+    with pytest.raises(mcdrop.errors.InvalidInputError, match=r"'pixels'.*unpack=lambda batch"):
+        mc.predict_loader(loader, progress=False)
+    assert not net.training and not any(m.training for m in net.modules())
+    pred = mc.predict_loader(loader, unpack=lambda b: (b["pixels"], b["label"]), progress=False)
+    assert len(pred) == 5
