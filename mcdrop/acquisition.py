@@ -411,9 +411,16 @@ def sample_probs(pred: ClassificationPrediction, *, output_type: str | None = No
     """
     pred = _check_prediction(pred, "sample_probs")
     if pred.samples is None:
+        adaptive = (
+            " (a prediction of adaptive sampling, n_samples='auto', keeps none: each input has its own N; "
+            "use an integer n_samples)"
+            if pred.samples_per_input is not None
+            else ""
+        )
         raise InvalidInputError(
-            "this needs the per-sample outputs of the pool, which the prediction did not keep: build "
-            "the wrapper with keep_samples=True, e.g. MCDropout(model, n_samples=..., keep_samples=True)."
+            "this needs the per-sample outputs of the pool, which the prediction did not keep"
+            f"{adaptive}: build the wrapper with keep_samples=True, e.g. "
+            "MCDropout(model, n_samples=100, keep_samples=True)."
         )
     per_input = pred.samples_per_input  # adaptive sampling: a count per input
     if per_input is not None and bool((per_input != pred.n_samples).any()):

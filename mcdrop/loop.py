@@ -99,7 +99,10 @@ def iter_predictions(
                 try:
                     pred = mc.predict(**inputs)
                 except TypeError as err:
-                    raise _keyword_mismatch(err, inputs, unpack) from err
+                    mismatch = _keyword_mismatch(err, inputs, unpack)
+                    if mismatch is None:
+                        raise
+                    raise mismatch from err
             elif isinstance(inputs, tuple):
                 pred = mc.predict(*inputs)
             else:
@@ -373,12 +376,15 @@ def accumulate(
     return acc
 
 
-def _keyword_mismatch(err: TypeError, inputs: Mapping[str, Any], unpack: Unpack | None) -> Exception:
-    """A dict batch whose keys the model does not take as keyword arguments: say to pass ``unpack=``."""
+def _keyword_mismatch(err: TypeError, inputs: Mapping[str, Any], unpack: Unpack | None) -> Exception | None:
+    """A dict batch whose keys the model does not take as keyword arguments: say to pass ``unpack=``.
+
+    ``None`` for any other ``TypeError`` (the model's own, re-raised as it is).
+    """
     text = str(err)
     named = any(f"'{key}'" in text for key in inputs)
     if unpack is not None or not named or not ("keyword argument" in text or "positional argument" in text):
-        return err
+        return None
     keys = ", ".join(repr(k) for k in inputs)
     return InvalidInputError(
         f"The loader's dict batches were passed to the model as keyword arguments ({keys}; the targets "

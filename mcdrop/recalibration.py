@@ -142,6 +142,13 @@ def _checked_samples(pred: Any) -> torch.Tensor:
             f"logits or MC logits; got a {type(pred).__name__}. For a RegressionPrediction use "
             "VarianceScaling or IsotonicRecalibration."
         )
+    if pred.samples is None and pred.samples_per_input is not None:
+        raise InvalidInputError(
+            "temperature scaling of a prediction divides its Monte Carlo samples by T, and a prediction "
+            "of adaptive sampling (n_samples='auto') keeps none (each input has its own N). Predict "
+            "the held-out and test sets with a fixed N and keep_samples=True, e.g. "
+            "MCDropout(model, n_samples=100, keep_samples=True)."
+        )
     if pred.samples is None:
         raise InvalidInputError(
             "temperature scaling of a prediction divides its Monte Carlo samples by T, but this "

@@ -243,3 +243,23 @@ def test_identical_samples_stop_at_min_samples_with_the_usual_warning():
         pred = mcdrop.MCDropout(net, n_samples="auto", min_samples=5, seed=0).predict(x)
     assert torch.equal(pred.samples_per_input, torch.full((5,), 5))
     assert any(issubclass(w.category, mcdrop.errors.NoRandomnessWarning) for w in caught)
+
+
+def test_a_target_without_standard_errors_for_the_output_names_the_ones_that_have_them():
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Dropout2d(0.3), nn.Conv2d(4, 3, 1)).eval()
+    mc = mcdrop.MCDropout(seg, n_samples="auto", target="mutual_information", max_samples=30, seed=0)
+    with pytest.raises(InvalidInputError, match="target='mutual_information'.*'confidence' or 'probs'"):
+        mc.predict(torch.randn(2, 1, 5, 5))
+    assert not any(m.training for m in seg.modules())
+    pred = mcdrop.MCDropout(seg, n_samples="auto", max_samples=30, seed=0).predict(torch.randn(2, 1, 5, 5))
+    assert pred.samples_per_input.shape == (2,)
+
+
+def test_kept_samples_are_asked_of_an_integer_n_when_a_prediction_is_adaptive():
+    net = mlp(4, 3, hidden=16, p=0.3, act=nn.ReLU)
+    pred = mcdrop.MCDropout(net, n_samples="auto", max_samples=40, seed=0).predict(spread_inputs(6))
+    with pytest.raises(InvalidInputError, match="adaptive sampling.*keep_samples=True"):
+        mcdrop.TemperatureScaling().fit(pred, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match="adaptive sampling.*keep_samples=True"):
+        mcdrop.acquisition.select(pred, 2, method="batch_bald")

@@ -800,3 +800,25 @@ def test_predict_deterministic_warns_for_dropout_no_flag_switches_off() -> None:
         again = mc.predict_deterministic(x)
     assert torch.equal(one.probs, again.probs)  # one draw, from a fixed seed
     assert bool(one.standard_error("probs").isnan().all())
+
+
+def test_predict_deterministic_puts_every_mode_back_when_the_forward_raises():
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:  # the deterministic pass runs in eval mode
+                raise RuntimeError("boom")
+            return self.net(x)
+
+    model = Failing().train()
+    model.net[1].eval()  # a user's own mix of modes
+    before = {name: m.training for name, m in model.named_modules()}
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    mc = mcdrop.MCDropout(model, n_samples=3, seed=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        mc.predict_deterministic(torch.randn(5, 4))
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
