@@ -343,10 +343,46 @@ def test_bad_arguments_are_refused() -> None:
         MCDropoutCallback(every_n_epochs=0)
     with pytest.raises(InvalidTypeError, match="model must be"):
         MCDropoutCallback(model=3)
-    with pytest.raises(InvalidTypeError, match="MCDropout does not take"):
-        MCDropoutCallback(n_sample=3)
+    with pytest.raises(InvalidInputError, match="n_samples"):
+        MCDropoutCallback(n_samples="many")
     with pytest.raises(InvalidInputError, match="task"):
         MCDropoutCallback(task="segmentation")
+
+
+def test_an_unknown_keyword_is_named_in_the_callbacks_terms() -> None:
+    with pytest.raises(InvalidTypeError) as info:
+        MCDropoutCallback(n_sample=3, report_kwarg={})
+    message = str(info.value)
+    assert "'n_sample', 'report_kwarg'" in message
+    assert "help(MCDropoutCallback)" in message and "help(mcdrop.MCDropout)" in message
+    assert "__init__" not in message  # not Python's wording about SamplingOptions
+
+
+def test_mcdrops_own_errors_come_through_unchanged() -> None:
+    # what MCDropout itself says about the same value, word for word
+    with pytest.raises(InvalidTypeError) as direct:
+        mcdrop.MCDropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), memory_budget="1GB")
+    with pytest.raises(InvalidTypeError) as through:
+        MCDropoutCallback(memory_budget="1GB")
+    assert str(through.value) == str(direct.value)
+    assert "does not take" not in str(through.value)
+    with pytest.raises(InvalidInputError, match="tolerance"):
+        MCDropoutCallback(n_samples="auto", tolerance=-1.0)
+
+
+def test_adaptive_n_samples_auto_is_accepted_and_logged() -> None:
+    module = TinyModule()
+    val = DataLoader(_data(40, 3), batch_size=16)
+    callback = MCDropoutCallback(n_samples="auto", seed=3, max_samples=40)
+    assert callback.n_samples == "auto"
+    trainer = _trainer([callback])
+    trainer.validate(module, val, verbose=False)
+    mc = mcdrop.MCDropout(module, n_samples="auto", seed=3, max_samples=40)
+    expected = _finite_keys(mc.predict_loader(val, keep="metrics", progress=False).summary())
+    got = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mc/")}
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=FLOAT32, abs=1e-9)
 
 
 def test_missing_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

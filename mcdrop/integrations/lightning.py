@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import random
@@ -58,6 +59,9 @@ def _import_lightning() -> Any:
 
 
 pl = _import_lightning()
+
+#: the keyword arguments passed on to MCDropout (its options but the ones the callback sets itself)
+_MC_OPTIONS = frozenset(f.name for f in dataclasses.fields(SamplingOptions)) - {"n_samples", "seed"}
 
 
 class _Untouched:
@@ -130,7 +134,9 @@ class MCDropoutCallback(pl.Callback):
     epochs run) warns (:class:`~mcdrop.errors.McdropWarning`) saying why.
 
     Args:
-        n_samples: MC passes per input.
+        n_samples: MC passes per input, or ``"auto"``: adaptive sampling, each input stops at its own
+            N (``tolerance``, ``min_samples``, ``max_samples``, ``target`` go in ``mc_kwargs``; see
+            :class:`mcdrop.MCDropout`).
         every_n_epochs: Evaluate at the end of every ``every_n_epochs``-th epoch of ``fit``
             (epochs ``every_n_epochs - 1``, ``2 * every_n_epochs - 1``... counted from 0, as
             Lightning's ``check_val_every_n_epoch``). ``trainer.validate`` always evaluates.
@@ -148,8 +154,10 @@ class MCDropoutCallback(pl.Callback):
             ``output``, ``max_batch_size``...).
 
     Raises:
-        InvalidInputError: A bad value (``n_samples`` or ``every_n_epochs`` below 1, ...).
-        InvalidTypeError: An argument of the wrong type.
+        InvalidInputError: A bad value (``n_samples`` below 1 and not ``"auto"``, ``every_n_epochs``
+            below 1, an option of :class:`mcdrop.MCDropout` out of range, ...).
+        InvalidTypeError: An argument of the wrong type, or a keyword argument that neither the
+            callback nor :class:`mcdrop.MCDropout` takes (the message names it).
 
     Example:
         >>> import torch, lightning.pytorch as L
@@ -178,7 +186,7 @@ class MCDropoutCallback(pl.Callback):
 
     def __init__(
         self,
-        n_samples: int = 30,
+        n_samples: int | str = 30,
         *,
         every_n_epochs: int = 1,
         report_dir: str | os.PathLike[str] | None = None,
@@ -191,7 +199,8 @@ class MCDropoutCallback(pl.Callback):
         **mc_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.n_samples = check_int(n_samples, "n_samples", minimum=1)
+        # a whole number of passes or "auto" (adaptive sampling); SamplingOptions below validates it
+        self.n_samples = n_samples
         self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1)
         if seed is not None:
             seed = check_int(seed, "seed", minimum=0, maximum=2**64 - 1)
@@ -221,12 +230,18 @@ class MCDropoutCallback(pl.Callback):
         self.report_kwargs = dict(report_kwargs or {})
         self.mc_kwargs = dict(mc_kwargs)
         self._ran_in_fit = False
-        try:  # the wrapper's options, validated now rather than at the first validation
-            SamplingOptions(n_samples=self.n_samples, seed=self.seed, **self.mc_kwargs)
-        except TypeError as err:
+        unknown = sorted(set(self.mc_kwargs) - _MC_OPTIONS)
+        if unknown:
             raise InvalidTypeError(
-                f"MCDropoutCallback got an argument MCDropout does not take: {err}"
-            ) from None
+                f"MCDropoutCallback got the keyword argument{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}, which it does not take. Its own arguments are listed in "
+                "help(MCDropoutCallback); every other keyword is passed to mcdrop.MCDropout, whose "
+                "arguments are listed in help(mcdrop.MCDropout) (task, output_type, max_batch_size, "
+                "memory_budget, tolerance, ...)."
+            )
+        # the wrapper's options, validated now rather than at the first validation; mcdrop's own
+        # errors (a bad value or type) come through unchanged
+        SamplingOptions(n_samples=self.n_samples, seed=self.seed, **self.mc_kwargs)
 
     # ------------------------------------------------------------------ what is wrapped
     def _target(self, pl_module: nn.Module) -> nn.Module:
