@@ -361,6 +361,30 @@ def test_refusals_are_clear_and_leave_the_model_as_it_was(T, hf, tmp_path):
         hf.mc_evaluate(trainer, n_samples=2)
 
 
+def test_callback_refuses_several_processes_before_training_not_at_the_first_evaluation(T, hf, tmp_path):
+    class TwoProcesses(T.TrainingArguments):
+        world_size = 2  # what TrainingArguments says under torchrun with two processes
+
+    model = bert(T)
+    before = snapshot(model)
+    trainer = trainer_for(
+        T, model, tmp_path, sequence_data(4), train_data=sequence_data(8), eval_strategy="epoch"
+    )
+    trainer.add_callback(hf.MCEvaluationCallback(n_samples=2))  # added after init: on_init_end missed
+    trainer.args.__class__ = TwoProcesses
+    evaluated = []
+    trainer.evaluate = lambda *a, **k: evaluated.append(1)  # noqa: ARG005 - would be the first evaluation
+    with pytest.raises(InvalidInputError, match="2 processes"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not evaluated  # refused before any step or evaluation
+    assert_same_state(model, before)
+
+    # given to the Trainer itself: refused while it is built
+    arguments = TwoProcesses(output_dir=str(tmp_path / "out2"), report_to=[], use_cpu=True)
+    with pytest.raises(InvalidInputError, match="2 processes"):
+        T.Trainer(model=bert(T), args=arguments, callbacks=[hf.MCEvaluationCallback(n_samples=2)])
+
+
 def test_all_right_predictions_give_nan_misclassification_auroc(T, hf, tmp_path):
     model = bert(T).eval()
     data = sequence_data(6)

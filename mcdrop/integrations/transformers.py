@@ -201,6 +201,10 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
     With the default ``seed=0`` the global random state is untouched, so training draws the same
     random numbers as without the callback.
 
+    A run with several processes (``torchrun``, ``accelerate launch``) is refused when the trainer
+    is built (``on_init_end``) and again at the start of ``trainer.train()``, before any training
+    step, rather than at its first evaluation: each process would see its own shard only.
+
     Args:
         n_samples: Number of stochastic forward passes N per input (each evaluation costs about N
             plain evaluations on top of the trainer's own), or ``"auto"`` (adaptive sampling, as for
@@ -255,6 +259,58 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
         self.n_bins = check_int(n_bins, "n_bins", minimum=1)
         self.level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
         self.mc_options = dict(mc_options)
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Refuse a distributed run as soon as the trainer is built (``Trainer`` calls it).
+
+        Args:
+            args: The trainer's ``TrainingArguments`` (its ``world_size`` is read).
+            state: The trainer's ``TrainerState`` (not used).
+            control: The trainer's ``TrainerControl`` (not changed).
+            **kwargs: What the trainer passes to callbacks (not used).
+
+        Returns:
+            ``None``.
+
+        Raises:
+            InvalidInputError: The run has several processes, which is not supported.
+
+        Example:
+            >>> from mcdrop.integrations.transformers import MCEvaluationCallback
+            >>> class Args:
+            ...     world_size = 2
+            >>> MCEvaluationCallback(n_samples=5).on_init_end(Args(), None, None)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            mcdrop.errors.InvalidInputError: MC evaluation through the Trainer runs in one process, but ...
+        """
+        _check_one_process(args)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Refuse a distributed run before any training step, not at its first evaluation.
+
+        A callback added after the trainer was built (``trainer.add_callback``) is not called at
+        ``on_init_end``; this catches it before any training time is spent.
+
+        Args:
+            args: The trainer's ``TrainingArguments`` (its ``world_size`` is read).
+            state: The trainer's ``TrainerState`` (not used).
+            control: The trainer's ``TrainerControl`` (not changed).
+            **kwargs: What the trainer passes to callbacks (not used).
+
+        Returns:
+            ``None``.
+
+        Raises:
+            InvalidInputError: The run has several processes, which is not supported.
+
+        Example:
+            >>> from mcdrop.integrations.transformers import MCEvaluationCallback
+            >>> class Args:
+            ...     world_size = 1
+            >>> MCEvaluationCallback(n_samples=5).on_train_begin(Args(), None, None) is None
+            True
+        """
+        _check_one_process(args)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Run the MC dropout evaluation and add its metrics to the evaluation's metrics and logs.
