@@ -23,7 +23,8 @@ Stochastic selection (``"power_<score>"``, ``"softmax_<score>"``, ``"softrank_<s
     ``s_i^β`` (power), ``exp(β s_i)`` (softmax) or ``r_i^(-β)`` (softrank, ``r_i`` the rank of
     ``s_i``, 1 for the highest). Drawn exactly by the Gumbel-top-k trick: the ``k`` largest
     ``key_i + g_i`` with ``key_i = β log s_i``, ``β s_i`` or ``-β log r_i`` and ``g_i`` independent
-    standard Gumbel noise. ``"random"`` draws uniformly (keys all 0). PowerBALD is ``"power_bald"``.
+    standard Gumbel noise. ``"random"`` draws uniformly (keys all 0). PowerBALD is ``"power_bald"``
+    (also the function :func:`power_bald`).
 
 BatchBALD (Kirsch et al. 2019)
     Greedy: each step adds the input maximising the joint mutual information
@@ -59,6 +60,7 @@ __all__ = [
     "batch_bald",
     "margin",
     "max_entropy",
+    "power_bald",
     "sample_probs",
     "select",
     "select_from_loader",
@@ -727,6 +729,52 @@ def select(
     )
     selection.update(pred)
     return selection.result()
+
+
+def power_bald(
+    pred: ClassificationPrediction,
+    k: int,
+    *,
+    beta: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """PowerBALD (Kirsch et al. 2023): ``k`` pool inputs drawn with probability ``∝ BALD^β``.
+
+    The same as ``select(pred, k, "power_bald", ...)``: ``k`` inputs drawn without replacement, each
+    draw choosing among those left with probability proportional to :func:`bald` to the power
+    ``beta`` (exactly, by the Gumbel-top-k trick of :func:`stochastic_top_k`). Inputs whose BALD is
+    exactly 0 come after all others, in random order.
+
+    Args:
+        pred: The prediction of the pool, one class vector per input.
+        k: How many inputs to select (``1 ≤ k ≤ n``).
+        beta: The coldness (default 1, the paper's recommendation): ``β → ∞`` gives the top ``k``
+            BALD scores, ``β = 0`` a uniform draw.
+        seed: Seeds the draw (a fresh CPU generator): the same seed gives the same indices on every
+            device.
+        generator: A CPU ``torch.Generator`` to draw from instead of ``seed``.
+
+    Returns:
+        The ``k`` drawn pool indices, ``int64`` on the CPU, in the order drawn.
+
+    Raises:
+        InvalidInputError: ``k < 1`` or larger than the pool, a negative ``beta``, or a regression
+            prediction.
+
+    Example:
+        >>> import torch, mcdrop
+        >>> from mcdrop import acquisition
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.5),
+        ...                           torch.nn.Linear(16, 3)).eval()
+        >>> pred = mcdrop.MCDropout(net, n_samples=20, seed=0).predict(torch.randn(50, 4))
+        >>> drawn = acquisition.power_bald(pred, 5, seed=0)
+        >>> torch.equal(drawn, acquisition.select(pred, 5, "power_bald", seed=0))
+        True
+        >>> drawn.shape, len(set(drawn.tolist()))
+        (torch.Size([5]), 5)
+    """
+    return select(pred, k, "power_bald", beta=beta, seed=seed, generator=generator)
 
 
 class StreamingSelection:

@@ -278,6 +278,21 @@ def test_power_bald_is_seeded() -> None:
     assert len(set(a.tolist())) == 10
 
 
+def test_power_bald_function_is_select_power_bald() -> None:
+    pred = pool_prediction(n=60)
+    for beta, seed in ((1.0, 1), (2.5, 4), (0.0, 7)):
+        assert torch.equal(
+            acquisition.power_bald(pred, 10, beta=beta, seed=seed),
+            select(pred, 10, "power_bald", beta=beta, seed=seed),
+        )
+    drawn = acquisition.power_bald(pred, 10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, select(pred, 10, "power_bald", generator=torch.Generator().manual_seed(3)))
+    assert drawn.dtype == torch.int64 and len(set(drawn.tolist())) == 10
+    assert "power_bald" in acquisition.__all__
+    with pytest.raises(InvalidInputError, match="beta"):
+        acquisition.power_bald(pred, 10, beta=-1.0, seed=0)
+
+
 @pytest.mark.parametrize(
     ("mode", "weights"),
     [
