@@ -711,6 +711,11 @@ class UncertaintyReport:
         Returns:
             The scalars logged, ``{key: value}``.
 
+        Raises:
+            InvalidTypeError: ``logger`` of a kind not supported (the message lists what is).
+            InvalidInputError: the ``mlflow`` module without an active run, an ``MlflowClient``
+                without ``run_id``, a negative ``step``.
+
         Example:
             >>> import tempfile, torch, mcdrop
             >>> from torch.utils.tensorboard import SummaryWriter
