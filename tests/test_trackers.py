@@ -40,6 +40,42 @@ def rep() -> mcdrop.UncertaintyReport:
     return _classifier_report()
 
 
+@pytest.fixture(scope="module")
+def variants_rep() -> mcdrop.UncertaintyReport:
+    """A report with the dropout-off baseline and a recalibrated column."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)).eval()
+    mc = mcdrop.MCDropout(net, n_samples=6, seed=0, keep_samples=True)
+    x, val_x = torch.randn(40, 3), torch.randn(30, 3)
+    g = torch.Generator().manual_seed(1)
+
+    def labels_of(pred):  # the model's class, a third of them replaced by a random one
+        noisy = torch.rand(len(pred), generator=g) < 1 / 3
+        return torch.where(noisy, torch.randint(0, 3, (len(pred),), generator=g), pred.probs.argmax(1))
+
+    pred, val_pred = mc.predict(x), mc.predict(val_x)
+    labels, val_labels = labels_of(pred), labels_of(val_pred)
+    return mcdrop.report(
+        pred,
+        labels,
+        baseline=mc.predict_deterministic(x),
+        calibration=(val_pred, val_labels),
+        n_resamples=20,
+        title="variants",
+    )
+
+
+def _variant_scalars(rep: mcdrop.UncertaintyReport, prefix: str = "mc/") -> dict[str, float]:
+    """What the variant columns of the summary should be logged as, read off the summary itself."""
+    rows = rep.summary[rep.summary["group"] != "counts"]
+    out = {}
+    for variant in ("deterministic", "recalibrated"):
+        for metric, value in zip(rows["metric"], rows[variant].astype(float), strict=True):
+            if math.isfinite(value):
+                out[metric_key(metric, f"{prefix}{variant}/")] = value
+    return out
+
+
 def _events(logdir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -94,6 +130,49 @@ def test_tensorboard_scalars_images_and_text_read_back(rep, tmp_path: Path) -> N
     assert text.step == 7
     assert "| ECE |" in body and f"{rep.metrics['ECE']:.6g}" in body
     assert "tracker test" in body
+
+
+def test_variant_columns_are_logged_as_scalars_and_in_the_table(variants_rep, tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    rep = variants_rep
+    assert {"deterministic", "recalibrated"} <= set(rep.summary.columns)
+    with SummaryWriter(str(tmp_path)) as writer:
+        logged = rep.log_to(writer, step=2)
+    variant = _variant_scalars(rep)
+    assert "mc/deterministic/ECE" in variant and "mc/recalibrated/NLL" in variant
+    assert "mc/deterministic/n_inputs" not in logged  # counts: MC only
+    expected = {**_finite(rep), **variant}
+    assert logged == expected
+    acc = _events(tmp_path)
+    assert set(acc.Tags()["scalars"]) == set(expected)
+    for key, value in variant.items():
+        (event,) = acc.Scalars(key)
+        assert event.step == 2 and event.value == pytest.approx(value, rel=FLOAT32, abs=1e-12)
+    # dropout off is not MC: the baseline's ECE is its own number
+    assert logged["mc/deterministic/ECE"] != logged["mc/ECE"]
+    body = acc.Tensors("mc/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    header = next(line for line in body.splitlines() if line.startswith("| group |"))
+    assert header.split(" | ")[1:4] == ["metric", "deterministic", "deterministic 95% interval"]
+    assert "| MC | MC 95% interval | recalibrated | recalibrated 95% interval | flag |" in header
+    ece = rep.summary.set_index("metric").loc["ECE"]
+    row = next(line for line in body.splitlines() if "| ECE |" in line)
+    assert row.startswith("| calibration | ECE | ")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{ece['deterministic']:.6g}" and cells[4] == f"{ece['value']:.6g}"
+    assert cells[6] == f"{ece['recalibrated']:.6g}"
+    assert cells[5] == f"[{ece['ci_low']:.6g}, {ece['ci_high']:.6g}]"
+    assert "Column deterministic: deterministic (dropout off)." in body
+
+
+def test_variant_values_by_name(variants_rep, rep) -> None:
+    from mcdrop.report.trackers import report_values
+
+    base = report_values(variants_rep, "deterministic")
+    assert "n_inputs" not in base
+    assert base["ECE"] == float(variants_rep.summary.set_index("metric").loc["ECE", "deterministic"])
+    with pytest.raises(InvalidInputError, match="no 'deterministic' column"):
+        report_values(rep, "deterministic")
 
 
 def test_nan_metrics_are_not_logged_as_scalars_but_kept_in_the_table(tmp_path: Path) -> None:
@@ -166,6 +245,29 @@ def test_mlflow_activerun_object_and_client_with_run_id(rep, mlflow_store, tmp_p
     other = client.create_run(client.get_run(run.info.run_id).info.experiment_id)
     rep.log_to(client, step=1, run_id=other.info.run_id)
     _check_mlflow_run(mlflow, other.info.run_id, rep, "mc/step_1", 1, tmp_path)
+
+
+def test_mlflow_gets_the_variant_scalars_and_columns(variants_rep, mlflow_store, tmp_path: Path) -> None:
+    mlflow = mlflow_store
+    rep = variants_rep
+    with mlflow.start_run() as run:
+        rep.log_to(mlflow, step=1)
+    client = mlflow.MlflowClient()
+    metrics = client.get_run(run.info.run_id).data.metrics
+    expected = {**_finite(rep), **_variant_scalars(rep)}
+    assert set(metrics) == set(expected)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-12)
+    local = client.download_artifacts(run.info.run_id, "mc/step_1/summary.json", str(tmp_path / "dl"))
+    table = json.loads(Path(local).read_text())
+    for column in ("group", "deterministic", "deterministic_ci_low", "recalibrated", "recalibrated_ci_high"):
+        assert column in table["columns"]
+    rows = {row[table["columns"].index("metric")]: row for row in table["data"]}
+    ece = rep.summary.set_index("metric").loc["ECE"]
+    assert rows["ECE"][table["columns"].index("group")] == "calibration"
+    assert rows["ECE"][table["columns"].index("deterministic")] == pytest.approx(
+        ece["deterministic"], rel=1e-9
+    )
 
 
 def test_mlflow_without_active_run_or_run_id_is_refused(rep, mlflow_store) -> None:

@@ -23,6 +23,18 @@ and ``@`` ``at`` (``"misclassification AUROC (entropy)"`` is ``mc/misclassificat
 ``"PICP (95%)"`` is ``mc/PICP_95pct``). Figures are logged as ``prefix + name`` (TensorBoard) or
 as the artifact ``<prefix>/<name>.png`` (MLflow; ``<prefix>/step_<step>/<name>.png`` with a step).
 
+Variants: a report made with a dropout-off baseline (``mcdrop.report(..., baseline=...)``, or a
+prediction from ``predict_loader(..., deterministic=True)``) or a calibration set has the summary
+columns ``deterministic`` and ``recalibrated`` beside the MC ``value``. Their metrics are logged as
+scalars too, under ``prefix + variant + "/" + metric_key(m)``: ``mc/ECE`` (MC dropout),
+``mc/deterministic/ECE`` (dropout off), ``mc/recalibrated/ECE`` (MC after temperature scaling), so
+a dashboard can plot the three side by side. Counts (``n_inputs``...) are logged for MC only.
+
+The summary table holds every row of ``report.summary`` with its ``group`` (classification,
+calibration, ...), the MC value and its bootstrap interval, the variants' values and intervals when
+the report has them (dropout off before MC, recalibrated after, as in the report's HTML) and the
+flag. TensorBoard gets it as Markdown; MLflow as the summary DataFrame itself (every column).
+
 NaN: a metric that is undefined for the data (NaN, explained in ``report.notes``) is **not** logged
 as a scalar. TensorBoard would plot it as a gap, but MLflow's stores, Lightning's checkpoint
 monitors and most dashboards treat a NaN point as a value; leaving it out means "not defined at
@@ -43,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from mcdrop._checks import check_int
 from mcdrop.errors import InvalidInputError, InvalidTypeError
+from mcdrop.report._tables import COUNTS, VARIANTS
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -86,14 +99,20 @@ def metric_key(name: str, prefix: str = "mc/") -> str:
     return prefix + _REFUSED.sub("_", text).strip("_")
 
 
-def report_values(report: UncertaintyReport) -> dict[str, float]:
+def report_values(report: UncertaintyReport, variant: str | None = None) -> dict[str, float]:
     """Every value of a report's summary by name: its metrics, then its counts (``n_inputs``...).
 
     Args:
         report: The :class:`~mcdrop.UncertaintyReport`.
+        variant: ``None``: the MC dropout values (the summary's ``value`` column). ``"deterministic"``
+            or ``"recalibrated"``: that column of a report made with a baseline or a calibration
+            set, its metrics only (its counts are the MC one's, or one pass per input).
 
     Returns:
         ``{name: value}`` (NaN where a metric is undefined), the names as in ``report.summary``.
+
+    Raises:
+        InvalidInputError: ``variant`` is not a column of this report (the message lists those it has).
 
     Example:
         >>> import torch, mcdrop
@@ -104,35 +123,76 @@ def report_values(report: UncertaintyReport) -> dict[str, float]:
         >>> values["n_inputs"], values["n_samples"], "ECE" in values
         (10.0, 5.0, True)
     """
+    if variant is not None:
+        present = _variants(report)
+        if variant not in present:
+            raise InvalidInputError(
+                f"the report has no {variant!r} column; it has {present or 'none'} (a deterministic "
+                "baseline comes from mcdrop.report(..., baseline=...), a recalibrated one from "
+                "calibration=...)."
+            )
+        rows = report.summary[report.summary["group"] != COUNTS]
+        return {str(m): float(v) for m, v in zip(rows["metric"], rows[variant], strict=True)}
     values = {name: float(value) for name, value in report.metrics.items()}
     for name, count in (getattr(report, "counts", None) or {}).items():
         values.setdefault(name, float(count))
     return values
 
 
+def _variants(report: UncertaintyReport) -> list[str]:
+    """The variant columns (:data:`VARIANTS`) the report's summary holds, in display order."""
+    return [key for key in VARIANTS if key in report.summary.columns]
+
+
 def _finite_scalars(report: UncertaintyReport, prefix: str) -> dict[str, float]:
-    return {metric_key(k, prefix): v for k, v in report_values(report).items() if math.isfinite(v)}
+    """MC values as ``prefix + metric``, each variant's as ``prefix + variant + "/" + metric``."""
+    out = {metric_key(k, prefix): v for k, v in report_values(report).items() if math.isfinite(v)}
+    for variant in _variants(report):
+        values = report_values(report, variant)
+        out.update({metric_key(k, f"{prefix}{variant}/"): v for k, v in values.items() if math.isfinite(v)})
+    return out
 
 
 def _summary_markdown(report: UncertaintyReport) -> str:
     level = f"{report.ci_level * 100:g}%"
+    variants = _variants(report)
+    labels = getattr(report, "variants", None) or {}
+    # value columns in display order: dropout off, MC, recalibrated (each with its interval)
+    columns = (
+        [v for v in variants if v == VARIANTS[0]] + ["value"] + [v for v in variants if v != VARIANTS[0]]
+    )
+    header = ["group", "metric"]
+    for column in columns:
+        name = "MC" if column == "value" and variants else column
+        header += [name, f"{name} {level} interval" if variants else f"{level} interval"]
+    header.append("flag")
     lines = [
         f"**{report.title}**: {report.task}, {report.n_inputs} inputs, {report.n_samples} MC samples",
         "",
-        f"| metric | value | {level} interval | flag |",
-        "|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
 
     def fmt(value: float) -> str:
         return "NaN" if not math.isfinite(value) else f"{value:.6g}"
 
-    for row in report.summary.itertuples(index=False):
-        ci = (
-            ""
-            if not (math.isfinite(row.ci_low) and math.isfinite(row.ci_high))
-            else (f"[{fmt(row.ci_low)}, {fmt(row.ci_high)}]")
-        )
-        lines.append(f"| {row.metric} | {fmt(float(row.value))} | {ci} | {row.flag} |")
+    def interval(low: float, high: float) -> str:
+        return "" if not (math.isfinite(low) and math.isfinite(high)) else f"[{fmt(low)}, {fmt(high)}]"
+
+    for row in report.summary.to_dict("records"):
+        cells = [str(row["group"]), str(row["metric"])]
+        for column in columns:
+            stem = "" if column == "value" else column + "_"
+            cells += [
+                fmt(float(row[column])),
+                interval(float(row[stem + "ci_low"]), float(row[stem + "ci_high"])),
+            ]
+        cells.append(str(row["flag"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    for variant in variants:
+        if variant in labels:
+            lines.append("")
+            lines.append(f"Column {variant}: {labels[variant]}.")
     for note in report.notes:
         lines.append("")
         lines.append(f"Note: {note}")
