@@ -713,8 +713,13 @@ def _collect(
     recorder: _IndexRecorder | None,
     unpack: Callable[[Any], tuple[Any, Any]] | None,
     progress: bool,
+    deterministic: bool = False,
 ) -> tuple[Prediction | None, torch.Tensor | None]:
-    """This rank's prediction (on the CPU, padding copies dropped) and its data-set indices."""
+    """This rank's prediction (on the CPU, padding copies dropped) and its data-set indices.
+
+    With ``deterministic`` each batch also gets its dropout-off pass, in the prediction's
+    ``deterministic`` (the same rows kept).
+    """
     indices: list[torch.Tensor] = []
 
     def rows_to_keep(rows: int | None) -> torch.Tensor | None:
@@ -729,7 +734,9 @@ def _collect(
         indices.append(index if keep is None else index[keep])
         return keep
 
-    pred = collect(mc, loader, unpack=unpack, progress=progress, row_filter=rows_to_keep)
+    pred = collect(
+        mc, loader, unpack=unpack, progress=progress, row_filter=rows_to_keep, deterministic=deterministic
+    )
     if pred is None:
         return None, None
     return pred, (torch.cat(indices) if recorder is not None else None)
@@ -747,6 +754,7 @@ def predict_loader(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 100,
     return_indices: bool = False,
+    deterministic: bool = False,
 ) -> Any:
     """:meth:`MCDropout.predict_loader <mcdrop.MCDropout.predict_loader>` over every rank's shard, one result.
 
@@ -772,6 +780,11 @@ def predict_loader(
         checkpoint_every: Batches between two checkpoints.
         return_indices: ``keep="predictions"``: also return the data-set index of every row (``None``
             when the loader carries no indices).
+        deterministic: ``keep="predictions"``: every rank also makes one pass per batch with dropout
+            off (:meth:`MCDropout.predict_deterministic <mcdrop.MCDropout.predict_deterministic>`,
+            one extra forward pass per batch), gathered like the MC rows (same order, padding
+            copies dropped) into the result's ``deterministic`` field, with the same targets: the
+            baseline :func:`mcdrop.report` compares MC dropout with.
 
     Returns:
         On the receiving rank(s): a :class:`~mcdrop.Prediction` in data-set order (with
@@ -780,7 +793,8 @@ def predict_loader(
 
     Raises:
         InvalidInputError: Every shard empty, a loader that is not sharded (a plain sampler under
-            K > 1) or sharded for another world, mismatched ranks, or the errors of
+            K > 1) or sharded for another world, mismatched ranks, ``deterministic=True`` with
+            ``keep="metrics"``, or the errors of
             :meth:`MCDropout.predict_loader <mcdrop.MCDropout.predict_loader>`.
 
     Example:
@@ -801,6 +815,12 @@ def predict_loader(
     keep = check_choice(keep, ("predictions", "metrics"), "keep")
     if metrics is not None:
         keep = "metrics"
+    if check_bool(deterministic, "deterministic") and keep == "metrics":
+        raise InvalidInputError(
+            "deterministic=True needs keep='predictions': the streaming accumulators of "
+            "keep='metrics' hold the metrics of the MC predictions only. Predict with "
+            "keep='predictions' (pred.deterministic is then the dropout-off baseline)."
+        )
     if keep == "predictions" and checkpoint is not None:
         raise InvalidInputError(
             "checkpoint= needs keep='metrics': a checkpoint holds the streaming accumulators, not "
@@ -824,7 +844,7 @@ def predict_loader(
             fingerprint={"rank": rank, "world_size": world},
         )
     else:
-        pred, indices = _collect(rank_mc, loader, recorder, unpack, show)
+        pred, indices = _collect(rank_mc, loader, recorder, unpack, show, deterministic)
     if keep == "metrics":
         result, any_rows, total_rows = _reduce(local, dst, None if recorder is None else recorder.rows)
         if not any_rows:
@@ -832,9 +852,17 @@ def predict_loader(
         if result is not None:
             _check_coverage(recorder, total_rows)
         return result
+    baseline = None
+    if pred is not None and pred.deterministic is not None:  # gathered on its own, in the same order
+        baseline, pred.deterministic = pred.deterministic, None
     gathered, out_index, any_rows = _gather(pred, indices, dst)
     if not any_rows:
         raise InvalidInputError("no rank evaluated any input: every shard of the loader was empty.")
+    if deterministic:  # every rank takes part (each decided alike, from the same argument)
+        base_gathered = _gather(baseline, indices, dst)[0]
+        if gathered is not None and base_gathered is not None:
+            base_gathered.targets = gathered.targets
+            gathered.deterministic = base_gathered
     if return_indices and gathered is not None:
         return gathered, out_index
     return gathered

@@ -144,6 +144,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # a seeded MC dropout model: rows, and metrics from the very same samples (fresh wrappers)
         res["mc"] = pred(wrapper(0.3, n_samples=20), sharded, progress=False, return_indices=True)
         res["mc_again"] = pred(wrapper(0.3, n_samples=20), sharded, progress=False)
+        # with the dropout-off baseline of every batch, gathered beside the MC rows
+        res["baseline"] = pred(wrapper(0.3, n_samples=20), sharded, progress=False, deterministic=True)
         res["mc_metrics"] = pred(
             wrapper(0.3, n_samples=20), sharded, keep="metrics", dst=None, progress=False
         )
@@ -241,6 +243,28 @@ def test_deterministic_quantities_equal_the_single_process_result_exactly(ranks)
     # shuffled shards with DistributedSampler's padding copy: the same rows, once each, in order
     assert torch.equal(ranks[0]["det"].targets, dataset().tensors[1])
     assert fields_close(ranks[0]["det"], single)
+
+
+@pytest.mark.slow
+def test_deterministic_baseline_is_gathered_beside_the_mc_rows(ranks):
+    got = ranks[0]["baseline"]
+    assert ranks[1]["baseline"] is None  # the result goes to rank 0 only
+    # the MC rows are those of the same call without the baseline: the extra passes draw no masks
+    assert fields_equal(got.__class__(**{**vars(got), "deterministic": None}), ranks[0]["mc_again"])
+    # the baseline: dropout off on every input once (the padding copy dropped), in data-set order,
+    # equal to one process's predict_deterministic up to float32 rounding in other batch shapes
+    x, y = dataset().tensors
+    single = wrapper(0.3, n_samples=20).predict_deterministic(x)
+    base = got.deterministic
+    assert isinstance(base, mcdrop.ClassificationPrediction) and len(base) == N and base.n_samples == 1
+    assert torch.allclose(base.probs, single.probs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(base.targets, y) and torch.equal(got.targets, y)
+    assert not torch.allclose(base.probs, got.probs, atol=1e-3)  # dropout off is not the MC mean
+    # as for the one-process loop: refused where only streaming metrics are kept
+    with pytest.raises(InvalidInputError, match="deterministic=True needs keep='predictions'"):
+        distributed.predict_loader(
+            wrapper(0.3, n_samples=2), DataLoader(dataset()), keep="metrics", deterministic=True
+        )
 
 
 @pytest.mark.slow
@@ -413,9 +437,13 @@ class _Stream(torch.utils.data.IterableDataset):
         return iter(torch.arange(4.0))
 
 
-@pytest.mark.parametrize("data", [5, iter([[1.0], [2.0]]), _Stream()], ids=["int", "iterator", "IterableDataset"])
+@pytest.mark.parametrize(
+    "data", [5, iter([[1.0], [2.0]]), _Stream()], ids=["int", "iterator", "IterableDataset"]
+)
 def test_shard_loader_refuses_what_it_cannot_shard_by_name(data):
-    with pytest.raises(InvalidTypeError, match=r"dataset must be a map-style data set.*__getitem__ and __len__"):
+    with pytest.raises(
+        InvalidTypeError, match=r"dataset must be a map-style data set.*__getitem__ and __len__"
+    ):
         distributed.shard_loader(data)
 
 
