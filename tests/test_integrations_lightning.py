@@ -187,6 +187,38 @@ def test_metrics_without_report_dir_are_the_streaming_metrics(tmp_path: Path) ->
     assert not list(tmp_path.iterdir())  # no report_dir: nothing written
 
 
+def test_the_report_has_the_dropout_off_baseline_and_its_metrics_are_logged(tmp_path: Path) -> None:
+    import pandas as pd
+
+    module = TinyModule()
+    val = DataLoader(_data(40, 3), batch_size=16)
+    with_base = MCDropoutCallback(n_samples=6, report_dir=tmp_path / "a", report_kwargs={"n_resamples": 0})
+    without = MCDropoutCallback(
+        n_samples=6, report_dir=tmp_path / "b", report_kwargs={"n_resamples": 0}, baseline=False, prefix="nb/"
+    )
+    trainer = _trainer([with_base, without])
+    trainer.validate(module, val, verbose=False)
+
+    mc = mcdrop.MCDropout(module, n_samples=6, seed=0)
+    pred = mc.predict_loader(val, progress=False, deterministic=True)
+    by_hand = mcdrop.report(pred, n_resamples=0)
+    base = report_values(by_hand, "deterministic")
+    expected = {**_finite_keys(report_values(by_hand)), **_finite_keys(base, "mc/deterministic/")}
+    assert "mc/deterministic/ECE" in expected and "mc/deterministic/n_inputs" not in expected
+    got = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mc/")}
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=FLOAT32, abs=1e-9), key
+    assert got["mc/deterministic/ECE"] != got["mc/ECE"]
+    saved = pd.read_csv(tmp_path / "a" / "epoch=000" / "summary.csv").set_index("metric")
+    assert saved.loc["ECE", "deterministic"] == pytest.approx(base["ECE"], rel=1e-9)
+    # baseline=False: MC only, the same MC numbers
+    plain = pd.read_csv(tmp_path / "b" / "epoch=000" / "summary.csv").set_index("metric")
+    assert "deterministic" not in plain.columns
+    assert not [k for k in trainer.callback_metrics if k.startswith("nb/deterministic")]
+    assert float(trainer.callback_metrics["nb/ECE"]) == pytest.approx(got["mc/ECE"], rel=FLOAT32)
+
+
 def test_several_val_dataloaders_get_a_suffix_and_a_report_each(tmp_path: Path) -> None:
     module = TinyModule()
     loaders = [DataLoader(_data(32, 4), batch_size=16), DataLoader(_data(24, 5), batch_size=8)]

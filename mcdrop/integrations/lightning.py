@@ -112,7 +112,9 @@ class MCDropoutCallback(pl.Callback):
     AURC...), and the report saved. Keys are ``prefix + metric_key(name)``
     (:func:`mcdrop.report.trackers.metric_key`: ``mc/ECE``, ``mc/misclassification_AUROC_entropy``);
     at a test ``prefix + "test/"`` (``mc/test/ECE``); with several dataloaders each key ends in
-    ``/dataloader_idx_<i>``, as Lightning's own. Metrics that are NaN (undefined for the data) are
+    ``/dataloader_idx_<i>``, as Lightning's own. With ``report_dir`` and ``baseline`` (the default)
+    the report also holds the dropout-off prediction, one extra pass per batch, and its metrics are
+    logged as ``mc/deterministic/<metric>`` (the scheme of :mod:`mcdrop.report.trackers`). Metrics that are NaN (undefined for the data) are
     not logged, as in :meth:`UncertaintyReport.log_to <mcdrop.UncertaintyReport.log_to>`.
 
     **Seeds.** Every evaluation draws its masks from a fresh ``MCDropout(seed=seed)``: epochs are
@@ -150,6 +152,11 @@ class MCDropoutCallback(pl.Callback):
         unpack: ``unpack(batch) -> (inputs, targets)`` for other batch layouts.
         prefix: Put before every logged key (default ``"mc/"``).
         report_kwargs: Keyword arguments of :func:`mcdrop.report` (``n_bins``, ``n_resamples``...).
+        baseline: With ``report_dir``: also make one pass per batch with dropout off (one extra
+            forward pass per batch, on top of the ``n_samples`` MC ones), so each report shows the
+            dropout-off column beside MC dropout, and log its metrics as
+            ``prefix + "deterministic/" + metric`` (``mc/deterministic/ECE``). No effect without
+            ``report_dir`` (the streaming metrics are MC dropout's only).
         **mc_kwargs: Keyword arguments of :class:`mcdrop.MCDropout` (``task``, ``output_type``,
             ``output``, ``max_batch_size``...).
 
@@ -196,6 +203,7 @@ class MCDropoutCallback(pl.Callback):
         unpack: Callable[[Any], tuple[Any, Any]] | None = None,
         prefix: str = "mc/",
         report_kwargs: Mapping[str, Any] | None = None,
+        baseline: bool = True,
         **mc_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -228,6 +236,7 @@ class MCDropoutCallback(pl.Callback):
         if report_kwargs is not None and not isinstance(report_kwargs, Mapping):
             raise InvalidTypeError(f"report_kwargs must be a dict; got {type(report_kwargs).__name__}.")
         self.report_kwargs = dict(report_kwargs or {})
+        self.baseline = check_bool(baseline, "baseline")
         self.mc_kwargs = dict(mc_kwargs)
         self._ran_in_fit = False
         unknown = sorted(set(self.mc_kwargs) - _MC_OPTIONS)
@@ -417,7 +426,13 @@ class MCDropoutCallback(pl.Callback):
             )
             return dict(stream.summary())
         pred = distributed.predict_loader(
-            mc, loader, dst=0, keep="predictions", unpack=self.unpack, progress=False
+            mc,
+            loader,
+            dst=0,
+            keep="predictions",
+            unpack=self.unpack,
+            progress=False,
+            deterministic=self.baseline,
         )
         outcome: list[Any] = [None]
         if distributed.get_rank() == 0:
@@ -427,7 +442,10 @@ class MCDropoutCallback(pl.Callback):
 
                 rep = mcdrop.report(pred, model=mc, **{"title": title, **self.report_kwargs})
                 rep.save(folder, overwrite=True)
-                outcome[0] = ("ok", report_values(rep))
+                values = report_values(rep)
+                for variant in rep.variants:  # dropout off (and recalibrated, with calibration=)
+                    values.update({f"{variant}/{k}": v for k, v in report_values(rep, variant).items()})
+                outcome[0] = ("ok", values)
             except Exception as err:  # noqa: BLE001 - sent to the other ranks, then raised
                 if world == 1:
                     raise
