@@ -1125,8 +1125,9 @@ def test_baseline_column_is_the_dropout_off_prediction(kept, kept_report):
     assert math.isnan(summary.loc["OOD AUROC (entropy) [far]", "deterministic"])
     notes = " ".join(kept_report.notes)
     assert "no spread between passes" in notes and "'far'" in notes and "predict_deterministic" in notes
-    # counts have no variant values
-    assert summary.loc[["n_inputs", "n_samples"], VARIANT_COLUMNS].isna().all().all()
+    # the baseline's counts: the same inputs, one pass each; no interval for a count
+    assert summary.loc["n_inputs", "deterministic"] == 150 and summary.loc["n_samples", "deterministic"] == 1
+    assert summary.loc[["n_inputs", "n_samples"], VARIANT_COLUMNS[1:]].isna().all().all()
 
 
 def test_baseline_defaults_to_the_predictions_deterministic_field(kept):
@@ -1188,6 +1189,29 @@ def test_recalibrated_column_is_temperature_scaling_fitted_on_the_held_out_pair(
     assert label in kept_report._repr_html_() and "recalibration" in kept_report.to_markdown()
 
 
+def test_report_exposes_its_predictions_and_recalibrator(kept, kept_report):
+    from mcdrop.recalibration import TemperatureScaling
+
+    preds = kept_report.predictions
+    assert list(preds) == ["mc", "deterministic", "recalibrated"]
+    assert preds["mc"] is kept_report.prediction
+    assert torch.equal(preds["deterministic"].probs, kept["base"].probs)
+    # the recalibrated column's prediction: the report's own temperature on the same kept samples
+    recalibrator = kept_report.recalibrator
+    assert isinstance(recalibrator, TemperatureScaling)
+    assert recalibrator.temperature_ == kept_report.recalibration["value"]
+    scaled = recalibrator.transform(kept["pred"])
+    assert torch.allclose(preds["recalibrated"].probs, scaled.probs, rtol=0, atol=1e-7)
+    assert preds["recalibrated"].samples is None and preds["recalibrated"].probs.device.type == "cpu"
+    y = kept["y"]
+    assert kept_report.summary.set_index("metric").loc["accuracy", "recalibrated"] == pytest.approx(
+        float((preds["recalibrated"].predicted == y).double().mean())
+    )
+    # without baseline and calibration: only the MC prediction, no recalibrator
+    plain = mcdrop.report(kept["pred"], y, n_resamples=0)
+    assert list(plain.predictions) == ["mc"] and plain.recalibrator is None
+
+
 def test_calibration_errors(kept, cls):
     pred, y = kept["pred"], kept["y"]
     with pytest.raises(InvalidInputError, match="pair \\(prediction, targets\\)"):
@@ -1247,6 +1271,59 @@ def test_counts_of_adaptive_sampling(kept):
     text = rep.to_markdown()
     assert f"| inputs that reached max_samples | {counts['inputs that reached max_samples']} |" in text
     assert "samples per input" not in mcdrop.report(pred, kept["y"], n_resamples=0).counts
+
+
+def test_adaptive_prediction_is_labelled_and_recorded_as_adaptive(tmp_path, fast_png):
+    net = mlp(6, 4, p=0.4)
+    mc = mcdrop.MCDropout(net, n_samples="auto", tolerance=0.02, min_samples=6, max_samples=40, seed=0)
+    x = torch.randn(80, 6, generator=_gen(47)) * 2
+    pred = mc.predict(x)
+    k = pred.samples_per_input
+    low, high, mean = int(k.min()), int(k.max()), float(k.double().mean())
+    assert low == 6 and high > low  # some inputs needed more passes than others
+    y = torch.randint(0, 4, (80,), generator=_gen(48))
+    rep = mcdrop.report(pred, y, model=mc, n_resamples=0)
+    from mcdrop.report._render import format_value
+
+    label = f"MC dropout (adaptive N: {low}–{high}, mean {format_value(mean, digits=3)})"
+    assert rep._main_label() == label and f"N = {high}" not in label
+    assert (
+        rep.counts["n_samples"] == high
+        and "varies by input" in rep.summary.set_index("metric").loc["n_samples", "definition"]
+    )
+    header = f"adaptive, {low}–{high} (mean {format_value(mean, digits=3)}; max_samples 40)"
+    text = rep.to_markdown()
+    assert f"- **MC samples per input (N)**: {header}" in text and f"| metric | {label} |" in text
+    assert "until the standard error of confidence is at most 0.02 (min_samples 6, max_samples 40)" in text
+    page = rep._repr_html_()
+    assert header in page and label in page and "adaptive sampling" in page
+    fig = rep.figure("reliability")
+    legends = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert f"{label}: accuracy" in legends
+    info = json.loads((rep.save(tmp_path / "rep") / "summary.json").read_text(encoding="utf-8"))
+    assert info["run"] == {
+        "seed": 0,
+        "device": "cpu",
+        "n_samples": "auto",
+        "samples_per_input": {"min": low, "mean": pytest.approx(mean), "max": high},
+        "max_samples": 40,
+        "min_samples": 6,
+        "tolerance": 0.02,
+        "target": "confidence",
+    }
+    assert info["columns"]["value"] == label
+    # without model=: the prediction's own facts only
+    bare = mcdrop.report(pred, y, n_resamples=0)
+    assert bare.run["n_samples"] == "auto" and bare.run["max_samples"] == 40
+    assert "tolerance" not in bare.run and "**adaptive sampling**" not in bare.to_markdown()
+    # a model= that did not make this prediction: its settings are not recorded, and a note says so
+    other = mcdrop.MCDropout(net, n_samples=10, seed=0)
+    mismatched = mcdrop.report(pred, y, model=other, n_resamples=0)
+    assert "tolerance" not in mismatched.run
+    assert any("n_samples=10" in n and "not recorded" in n for n in mismatched.notes)
+    # a fixed N keeps its plain label and an integer n_samples
+    fixed = mcdrop.report(mcdrop.MCDropout(net, n_samples=7, seed=0).predict(x), y, n_resamples=0)
+    assert fixed._main_label() == "MC dropout (N = 7)" and fixed.run["n_samples"] == 7
 
 
 def test_summary_json_records_versions_run_and_metadata(kept_report, tmp_path, fast_png):
@@ -1336,6 +1413,13 @@ def test_regression_baseline_and_variance_scaling(reg):
         metrics.picp(mu, scaler.factor_ * sd, y, level=0.9)
     )
     assert summary.loc["RMSE", "recalibrated"] == pytest.approx(summary.loc["RMSE", "value"])
+    assert (
+        isinstance(rep.recalibrator, VarianceScaling)
+        and rep.recalibrator.factor_ == rep.recalibration["value"]
+    )
+    recal = rep.predictions["recalibrated"]
+    assert torch.allclose(recal.total_std.reshape(-1), scaler.factor_ * sd, rtol=1e-5)
+    assert torch.equal(rep.predictions["deterministic"].mean.reshape(-1), mu_d)
     fig = rep.figure("calibration")
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert any(lab.startswith("deterministic (dropout off) (area = ") for lab in labels)

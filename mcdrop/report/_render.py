@@ -347,13 +347,37 @@ def _reliability_display(report: ReportView) -> tuple[pd.DataFrame, str]:
     ], f"Every ~{len(rel) // 10}th of the {len(rel)} levels; all of them are in reliability.csv."
 
 
+def samples_label(report: ReportView) -> str:
+    """The samples per input as the MC column's heading gives them.
+
+    ``N = 50``, or, with adaptive sampling (per-input sample numbers in the counts), the fewest, the
+    most and the mean passes per input: ``adaptive N: 20–365, mean 131``.
+    """
+    counts = report.counts
+    if "samples per input (min)" not in counts:
+        return f"N = {report.n_samples}"
+    low, high = counts["samples per input (min)"], counts["samples per input (max)"]
+    return f"adaptive N: {low}–{high}, mean {format_value(counts['samples per input (mean)'], digits=3)}"
+
+
+def _samples_meta(report: ReportView) -> str:
+    """The header's samples per input: N, or the adaptive range, mean and cap."""
+    counts = report.counts
+    if "samples per input (min)" not in counts:
+        return f"{report.n_samples:,}"
+    low, high = counts["samples per input (min)"], counts["samples per input (max)"]
+    text = f"adaptive, {low:,}–{high:,} (mean {format_value(counts['samples per input (mean)'], digits=3)}"
+    cap = report.run.get("max_samples")
+    return text + (f"; max_samples {cap:,})" if cap is not None else ")")
+
+
 def _meta(report: ReportView) -> list[tuple[str, str]]:
     items = [
         ("generated", report.created.strftime("%Y-%m-%d %H:%M %Z").strip()),
         ("mcdrop", report.version),
         ("task", report.task),
         ("inputs (n)", f"{report.n_inputs:,}"),
-        ("MC samples per input (N)", f"{report.n_samples:,}"),
+        ("MC samples per input (N)", _samples_meta(report)),
     ]
     if report.ood is not None:
         sets = ", ".join(f"{name} ({len(o):,})" for name, o in report.ood.items())
@@ -381,6 +405,14 @@ def _run_items(report: ReportView) -> list[tuple[str, str]]:
         items.append(("sampling seed", str(run["seed"])))
     if run.get("device"):
         items.append(("device", str(run["device"])))
+    if run.get("tolerance") is not None:
+        items.append(
+            (
+                "adaptive sampling",
+                f"until the standard error of {run['target']} is at most {run['tolerance']:g} "
+                f"(min_samples {run['min_samples']:,}, max_samples {run['max_samples']:,})",
+            )
+        )
     for key, value in (run.get("metadata") or {}).items():
         items.append((str(key), value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)))
     return items

@@ -133,8 +133,13 @@ class UncertaintyReport:
             record: ``n_resamples``, ``seed``, ``level``); default: 1000 resamples, seed 0, 95%.
         counts: The count rows, ``{name: (value, definition)}`` (already in ``tables.summary``).
         recalibration: What ``calibration=`` fitted (method, parameter, value, inputs), or ``None``.
-        run: Facts of the run (``seed``, ``device``, ``n_samples`` and ``metadata``), for
-            ``summary.json`` and the page; default: none known.
+        run: Facts of the run (``seed``, ``device``, ``n_samples`` and ``metadata``; with adaptive
+            sampling also ``samples_per_input`` and the sampler's settings), for ``summary.json``
+            and the page; default: none known.
+        predictions: The evaluated predictions by column, ``{"mc": ..., "deterministic": ...,
+            "recalibrated": ...}`` (those present), prepared as ``prediction``; default:
+            ``{"mc": prediction}``.
+        recalibrator: The recalibrator ``calibration=`` fitted, or ``None``.
 
     Attributes:
         title: The report's title.
@@ -163,9 +168,22 @@ class UncertaintyReport:
             named ``"ood"``), or ``None``.
         variants: The summary's other columns and what they hold, ``{"deterministic": label,
             "recalibrated": label}`` for those present (empty without baseline or calibration).
+        predictions: The predictions behind the summary's value columns, ``{"mc": prediction,
+            "deterministic": baseline, "recalibrated": recalibrated}`` for those present (the keys
+            of :attr:`variants` plus ``"mc"``), each as :attr:`prediction` is (on the CPU, without
+            raw samples; for multi-output regression the chosen output). ``predictions["recalibrated"]``
+            is the prediction the ``recalibrated`` column describes, e.g. to count the inputs whose
+            class the temperature changed.
         recalibration: What ``calibration=`` fitted, ``{"method", "parameter", "value",
             "n_inputs"}``, or ``None``.
+        recalibrator: The fitted :class:`~mcdrop.TemperatureScaling` (classification) or
+            :class:`~mcdrop.VarianceScaling` (regression) of ``calibration=``, or ``None``; its
+            ``transform`` recalibrates other predictions of the same model the same way (with the
+            kept samples, unlike ``predictions["recalibrated"]``).
         run: ``{"seed", "device", "n_samples", "metadata"}`` of the run (``None`` where unknown).
+            With adaptive sampling ``n_samples`` is ``"auto"``, ``samples_per_input`` is
+            ``{"min", "mean", "max"}`` and ``max_samples`` the prediction's cap; with ``model=``
+            also the sampler's ``tolerance``, ``min_samples`` and ``target``.
         n_bins: Number of confidence bins (as given to :func:`mcdrop.report`).
         level: Nominal coverage of the regression intervals (as given to :func:`mcdrop.report`).
         sort_by: How :attr:`per_input` is sorted, in words.
@@ -191,6 +209,8 @@ class UncertaintyReport:
         ('reliability', 'confidence', 'uncertainty', 'risk_coverage', 'ood')
         >>> rep.sort_by, rep.n_bins, rep.level
         ('predictive_entropy (largest first)', 15, 0.95)
+        >>> list(rep.predictions), rep.recalibrator  # no baseline, no calibration=
+        (['mc'], None)
     """
 
     def __init__(
@@ -209,6 +229,8 @@ class UncertaintyReport:
         counts: dict[str, tuple[int | float, str]] | None = None,
         recalibration: dict[str, Any] | None = None,
         run: dict[str, Any] | None = None,
+        predictions: dict[str, Prediction] | None = None,
+        recalibrator: Any = None,
     ) -> None:
         intervals = intervals or _tables.Intervals()
         self.title = title
@@ -228,7 +250,10 @@ class UncertaintyReport:
         self.seed = intervals.seed
         self.ci_level = intervals.level
         self.recalibration = recalibration
-        self.run = {"seed": None, "device": None, "n_samples": None, "metadata": {}, **(run or {})}
+        self.recalibrator = recalibrator
+        self.predictions = dict(predictions) if predictions else {"mc": prediction}
+        facts = {"seed": None, "device": None, "n_samples": None, "metadata": {}, **(run or {})}
+        self.run = {**{k: v for k, v in facts.items() if k != "metadata"}, "metadata": facts["metadata"]}
         self.created = datetime.now().astimezone()
         self.version = _version()
         self._counts = dict(counts or {})
@@ -410,7 +435,7 @@ class UncertaintyReport:
             raise AssertionError(name)
 
     def _main_label(self) -> str:
-        return f"MC dropout (N = {self.n_samples})"
+        return f"MC dropout ({_render.samples_label(self)})"
 
     def _figsize(self, name: str) -> tuple[float, float]:
         if name == "ood":
@@ -583,11 +608,7 @@ class UncertaintyReport:
             "n_ood": self.n_ood,
             "ood_sets": None if self.ood is None else {name: len(o) for name, o in self.ood.items()},
             "counts": counts,
-            "run": {
-                "seed": self.run["seed"],
-                "device": self.run["device"],
-                "n_samples": self.run["n_samples"],
-            },
+            "run": {key: value for key, value in self.run.items() if key != "metadata"},
             "metadata": self.run["metadata"],
             "n_bins": self.n_bins,
             "level": self.level,
@@ -938,16 +959,56 @@ def _jsonable(value: Any, where: str) -> Any:
     )
 
 
+def _adaptive_run(
+    run: dict[str, Any], pred: Prediction, counts: dict[str, tuple[int | float, str]], model: Any
+) -> list[str]:
+    """Record adaptive sampling in ``run`` (in place) and return notes; nothing for a fixed N.
+
+    An adaptive prediction's ``n_samples`` is only its largest N: ``run["n_samples"]`` becomes
+    ``"auto"``, with the samples per input (min, mean, max) and the prediction's ``max_samples``
+    beside it, and, when ``model`` samples adaptively with that ``max_samples``, the sampler's
+    ``tolerance``, ``min_samples`` and ``target``.
+    """
+    if "samples per input (min)" not in counts:
+        return []
+    from mcdrop.options import DEFAULT_TARGETS
+
+    run["n_samples"] = "auto"
+    run["samples_per_input"] = {
+        "min": counts["samples per input (min)"][0],
+        "mean": counts["samples per input (mean)"][0],
+        "max": counts["samples per input (max)"][0],
+    }
+    cap = getattr(pred, "max_samples", None)
+    run["max_samples"] = None if cap is None else int(cap)
+    if model is None:
+        return []
+    options = model.options
+    if not options.adaptive or (cap is not None and options.max_samples != int(cap)):
+        made = f"n_samples={options.n_samples!r}" + (
+            f", max_samples={options.max_samples}" if options.adaptive else ""
+        )
+        return [
+            f"the prediction was sampled adaptively (max_samples={cap}), but model= samples with {made}: "
+            "its adaptive settings are not recorded; pass the MCDropout that made the prediction."
+        ]
+    run["max_samples"] = int(options.max_samples)
+    run["min_samples"] = int(options.min_samples)
+    run["tolerance"] = float(options.tolerance)
+    run["target"] = options.target or DEFAULT_TARGETS[pred.task]
+    return []
+
+
 def _recalibrate(
     pred: Prediction,
     ood: dict[str, Prediction],
     calibration: Any,
     output: int | None,
-) -> tuple[Prediction, dict[str, Prediction | None], dict[str, Any], list[str]]:
+) -> tuple[Prediction, dict[str, Prediction | None], dict[str, Any], list[str], Any]:
     """Fit the recalibrator on ``calibration = (prediction, targets)`` and apply it to ``pred`` and ``ood``.
 
     Returns the recalibrated prediction, the recalibrated OOD predictions (``None`` where the
-    recalibrator could not be applied), what was fitted, and notes.
+    recalibrator could not be applied), what was fitted, notes, and the fitted recalibrator.
     """
     if not isinstance(calibration, (tuple, list)) or len(calibration) != 2:
         raise InvalidInputError(
@@ -965,7 +1026,7 @@ def _recalibrate(
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        recal, out_ood, info = _fit_and_apply(pred, ood, val_pred, val_y, output, notes)
+        recal, out_ood, info, scaler = _fit_and_apply(pred, ood, val_pred, val_y, output, notes)
     for w in caught:  # the recalibrator's warnings go into the report's notes, and on to the caller
         if issubclass(w.category, McdropWarning):
             notes.append(f"recalibrated: {w.message}")
@@ -974,7 +1035,7 @@ def _recalibrate(
         f"recalibrated: {info['method']} fitted on {info['n_inputs']} held-out inputs "
         f"({info['parameter']} = {info['value']:.4g}) and applied to these predictions."
     )
-    return recal, out_ood, info, notes
+    return recal, out_ood, info, notes, scaler
 
 
 def _fit_and_apply(
@@ -984,7 +1045,7 @@ def _fit_and_apply(
     val_y: Any,
     output: int | None,
     notes: list[str],
-) -> tuple[Prediction, dict[str, Prediction | None], dict[str, Any]]:
+) -> tuple[Prediction, dict[str, Prediction | None], dict[str, Any], Any]:
     from mcdrop.errors import McdropError
     from mcdrop.recalibration import TemperatureScaling, VarianceScaling
 
@@ -1017,7 +1078,7 @@ def _fit_and_apply(
         }
         recal = scaler.transform(pred)
         out_ood = {name: scaler.transform(o) for name, o in ood.items()}
-    return recal, out_ood, info
+    return recal, out_ood, info, scaler
 
 
 def report(
@@ -1184,8 +1245,11 @@ def report(
     variants_raw: dict[str, tuple[Prediction, dict[str, Prediction | None]]] = {}
     recal_info = None
     recal_notes: list[str] = []
+    recalibrator = None
     if calibration is not None:
-        recal, recal_ood, recal_info, recal_notes = _recalibrate(prediction, ood_given, calibration, output)
+        recal, recal_ood, recal_info, recal_notes, recalibrator = _recalibrate(
+            prediction, ood_given, calibration, output
+        )
         variants_raw["recalibrated"] = (recal, recal_ood)
     if baseline is not None:
         base_ood = {name: getattr(o, "deterministic", None) for name, o in ood_given.items()}
@@ -1247,6 +1311,7 @@ def report(
     counts = _tables.counts_of(pred, ood_preds)
     tables.summary = _tables.with_counts(tables.summary, counts)
     tables.notes += recal_notes
+    tables.notes += _adaptive_run(run, pred, counts, model)
     tables.per_input, sort_text = _sort_per_input(tables.per_input, sort_by, default_sort)
     return UncertaintyReport(
         title=title,
@@ -1262,6 +1327,8 @@ def report(
         counts=counts,
         recalibration=recal_info,
         run=run,
+        predictions={"mc": pred, **{key: p for key, (p, _) in variants.items()}},
+        recalibrator=recalibrator,
     )
 
 

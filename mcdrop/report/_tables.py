@@ -134,6 +134,10 @@ def counts_of(pred: Prediction, ood: dict[str, Prediction]) -> dict[str, tuple[i
     per_input = getattr(pred, "samples_per_input", None)
     if isinstance(per_input, torch.Tensor) and per_input.numel() == len(pred) and len(pred):
         k = per_input.detach().cpu().reshape(-1).to(torch.int64)
+        counts["n_samples"] = (
+            int(pred.n_samples),
+            "the most stochastic forward passes any input got (adaptive sampling: N varies by input)",
+        )
         counts["samples per input (min)"] = (int(k.min()), "fewest stochastic passes any input got")
         counts["samples per input (mean)"] = (float(k.double().mean()), "mean stochastic passes per input")
         counts["samples per input (max)"] = (int(k.max()), "most stochastic passes any input got")
