@@ -320,6 +320,50 @@ def test_report_is_returned_and_agrees_with_the_metrics(T, hf, tmp_path):
     assert report.metrics["ECE"] == pytest.approx(metrics["eval_mc_ece"])
 
 
+def test_report_has_the_dropout_off_baseline_and_its_metrics(T, hf, tmp_path):
+    model = bert(T)
+    data = sequence_data(10)
+    trainer = trainer_for(T, model, tmp_path, data, eval_batch_size=4)
+    before = snapshot(model)
+    metrics, report = hf.mc_evaluate(trainer, n_samples=4, seed=2, report=True)
+    assert_same_state(model, before)
+    # by hand: the same batches and seed, dropout off for the baseline, in eval mode as the Trainer
+    model.eval()
+    loader = DataLoader(data, batch_size=4, collate_fn=T.default_data_collator)
+    pred = mcdrop.MCDropout(model, 4, seed=2, max_batch_size=4).predict_loader(
+        loader, progress=False, deterministic=True
+    )
+    model.train()
+    base = pred.deterministic
+    expected = classification_metrics(
+        base.probs, pred.targets, base.predictive_entropy, base.mutual_information
+    )
+    del expected["mutual_information"]  # one pass: none
+    assert {k for k in metrics if "_deterministic_" in k} == {f"eval_deterministic_{n}" for n in expected}
+    for name, value in expected.items():
+        assert metrics[f"eval_deterministic_{name}"] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    summary = report.summary.set_index("metric")
+    assert summary.loc["ECE", "deterministic"] == pytest.approx(metrics["eval_deterministic_ece"], rel=1e-9)
+    # the extra pass leaves the MC numbers as they are; baseline=False makes neither it nor the column
+    plain, plain_report = hf.mc_evaluate(trainer, n_samples=4, seed=2, report=True, baseline=False)
+    assert plain == {k: v for k, v in metrics.items() if "_mc_" in k}
+    assert "deterministic" not in plain_report.summary.columns
+    # without a report: no extra pass, MC metrics only
+    assert hf.mc_evaluate(trainer, n_samples=4, seed=2) == plain
+
+
+def test_regression_baseline_has_the_metrics_of_the_mean(T, hf, tmp_path):
+    model = bert(T, num_labels=1, problem_type="regression").eval()
+    data = [{**row, "labels": torch.tensor(float(i) / 10)} for i, row in enumerate(sequence_data(8))]
+    trainer = trainer_for(T, model, tmp_path, data)
+    metrics, report = hf.mc_evaluate(trainer, n_samples=3, report=True)
+    base = {k.removeprefix("eval_deterministic_"): v for k, v in metrics.items() if "_deterministic_" in k}
+    assert set(base) == {"rmse", "mae", "n_predictions"}
+    assert base["rmse"] == pytest.approx(
+        float(report.summary.set_index("metric").loc["RMSE", "deterministic"])
+    )
+
+
 @pytest.mark.slow
 def test_report_folder_is_saved(T, hf, tmp_path):
     model = bert(T, "token").eval()

@@ -39,6 +39,13 @@ Metrics (all from :mod:`mcdrop.metrics`, on the mean probabilities of the N pass
 * regression (Gaussian with the MC standard deviation): ``rmse``, ``mae``, ``nll``, ``crps``,
   ``picp`` and ``mpiw`` (at ``level``), ``std`` (mean), ``n_predictions``.
 
+With a report (``report=`` of :func:`mc_evaluate` and of the callback) and ``baseline=True`` (the
+default) each batch also gets one pass with dropout off, one extra forward pass per batch: the
+report shows the dropout-off column beside MC dropout, and its metrics are added as
+``{prefix}_deterministic_<name>`` (``eval_deterministic_ece``; the classification metrics but
+``mutual_information``, which one pass does not have; for regression ``rmse``, ``mae`` and
+``n_predictions``, as one pass has no standard deviation).
+
 Importing this module imports ``transformers`` (the callback subclasses its ``TrainerCallback``); a
 missing ``transformers`` raises :class:`~mcdrop.errors.MissingDependencyError` naming
 ``pip install "mcdrop[transformers]"``. ``import mcdrop`` never imports it.
@@ -57,7 +64,7 @@ import torch
 from torch import nn
 
 from mcdrop import metrics as mcm
-from mcdrop._checks import check_int, check_real, import_optional
+from mcdrop._checks import check_bool, check_int, check_real, import_optional
 from mcdrop.errors import InvalidInputError, InvalidTypeError
 from mcdrop.predictions import ClassificationPrediction, Prediction, RegressionPrediction, concat_predictions
 from mcdrop.wrapper import MCDropout
@@ -85,6 +92,7 @@ def mc_evaluate(
     report: bool | str | os.PathLike[str] = False,
     n_bins: int = 15,
     level: float = 0.95,
+    baseline: bool = True,
     **mc_options: Any,
 ) -> dict[str, float] | tuple[dict[str, float], UncertaintyReport]:
     """Evaluate a ``transformers.Trainer``'s model with Monte Carlo dropout.
@@ -112,13 +120,18 @@ def mc_evaluate(
             earlier mcdrop report there is replaced, a folder holding other files is refused).
         n_bins: Equal-width confidence bins of the ECE (and of the report).
         level: Nominal coverage of the regression intervals (``picp``, ``mpiw``).
+        baseline: With ``report``: also make one pass per batch with dropout off (one extra forward
+            pass per batch), so the report shows the dropout-off column beside MC dropout, and add
+            its metrics as ``f"{metric_key_prefix}_deterministic_{name}"`` (see the module
+            documentation). No effect without ``report``.
         **mc_options: Passed on to :class:`mcdrop.MCDropout` (e.g. ``task``, ``output_type``,
             ``strategy``, ``include``/``exclude``, ``dtype``, ``memory_budget``). ``max_batch_size``
             defaults to the trainer's ``per_device_eval_batch_size``; ``None`` lets mcdrop choose.
 
     Returns:
         The metrics dict ``{f"{metric_key_prefix}_mc_{name}": value}``; with ``report`` given, the
-        pair ``(metrics, report)``.
+        pair ``(metrics, report)`` (with ``baseline``, the metrics also hold the
+        ``{metric_key_prefix}_deterministic_<name>`` ones).
 
     Raises:
         InvalidInputError: No evaluation set, several label names, a batch without labels, a
@@ -177,6 +190,7 @@ def mc_evaluate(
         n_bins=n_bins,
         level=level,
         mc_options=mc_options,
+        baseline=baseline,
     )
 
 
@@ -215,6 +229,8 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
             ``<folder>/<prefix>-step-<global_step>``. ``False`` builds no report.
         n_bins: Equal-width confidence bins of the ECE.
         level: Nominal coverage of the regression intervals.
+        baseline: With ``report``: the dropout-off pass too (one extra forward pass per batch), in
+            the report and as ``{prefix}_deterministic_<name>`` metrics, as for :func:`mc_evaluate`.
         **mc_options: Passed on to :class:`mcdrop.MCDropout`, as for :func:`mc_evaluate`
             (``max_batch_size`` defaults to ``per_device_eval_batch_size``).
 
@@ -246,6 +262,7 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
         report: bool | str | os.PathLike[str] = False,
         n_bins: int = 15,
         level: float = 0.95,
+        baseline: bool = True,
         **mc_options: Any,
     ) -> None:
         self.n_samples = n_samples if n_samples == "auto" else check_int(n_samples, "n_samples", minimum=1)
@@ -259,6 +276,7 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
         self.n_bins = check_int(n_bins, "n_bins", minimum=1)
         self.level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
         self.mc_options = dict(mc_options)
+        self.baseline = check_bool(baseline, "baseline")
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Refuse a distributed run as soon as the trainer is built (``Trainer`` calls it).
@@ -363,6 +381,7 @@ class MCEvaluationCallback(_transformers.TrainerCallback):  # type: ignore[misc,
             n_bins=self.n_bins,
             level=self.level,
             mc_options=self.mc_options,
+            baseline=self.baseline,
         )
         mc_metrics = result[0] if isinstance(result, tuple) else result
         runtime_key = f"{prefix}_runtime"
@@ -407,8 +426,14 @@ def _evaluate_loader(
     n_bins: int,
     level: float,
     mc_options: Mapping[str, Any],
+    baseline: bool = True,
 ) -> dict[str, float] | tuple[dict[str, float], UncertaintyReport]:
-    """MC dropout metrics of ``model`` over ``loader``'s dict batches (and the report when asked)."""
+    """MC dropout metrics of ``model`` over ``loader``'s dict batches (and the report when asked).
+
+    With a report and ``baseline``, each batch also gets its dropout-off pass: in the report, and
+    its metrics as ``{prefix}_deterministic_<name>``.
+    """
+    deterministic = check_bool(baseline, "baseline") and report is not False and report is not None
     n_bins = check_int(n_bins, "n_bins", minimum=1)
     level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
     if not isinstance(prefix, str):
@@ -431,6 +456,7 @@ def _evaluate_loader(
     options = {"max_batch_size": default_max_batch_size, **mc_options}
     flags = {name: module.training for name, module in model.named_modules()}
     parts: list[Prediction] = []
+    base_parts: list[Prediction] = []
     targets: list[torch.Tensor] = []
     # A seeded evaluation leaves torch's global generators as they were: iterating a DataLoader draws
     # its base seed from them, which would otherwise shift the random numbers of the training after it.
@@ -444,9 +470,13 @@ def _evaluate_loader(
                 inputs, labels = _split(batch, label_name, number)
                 pred = mc.predict(**inputs).cpu()
                 part, target = _valid_rows(pred, labels, number)
+                if deterministic:  # the extra pass draws no masks: the MC samples are as without it
+                    base_part, _ = _valid_rows(mc.predict_deterministic(**inputs).cpu(), labels, number)
                 if len(part):
                     parts.append(part)
                     targets.append(target)
+                    if deterministic:
+                        base_parts.append(base_part)
         finally:
             for name, module in model.named_modules():
                 if name in flags:
@@ -464,8 +494,18 @@ def _evaluate_loader(
         return result
     from mcdrop.report import report as build_report
 
+    base_prediction = concat_predictions(base_parts) if deterministic else None
+    if base_prediction is not None:
+        base_values = _metrics(base_prediction, labels, n_bins=n_bins, level=level, deterministic=True)
+        result.update({f"{prefix}_deterministic_{name}": float(v) for name, v in base_values.items()})
     rep = build_report(
-        prediction, labels, model=mc, n_bins=n_bins, level=level, title=f"MC dropout evaluation ({prefix})"
+        prediction,
+        labels,
+        model=mc,
+        n_bins=n_bins,
+        level=level,
+        baseline=base_prediction,
+        title=f"MC dropout evaluation ({prefix})",
     )
     if report is not True:
         rep.save(report, overwrite=True)
@@ -550,8 +590,24 @@ def _rows(value: Any, n: int) -> Any:
     return value.reshape(n) if isinstance(value, torch.Tensor) else value
 
 
-def _metrics(pred: Prediction, labels: torch.Tensor, *, n_bins: int, level: float) -> dict[str, float]:
-    """The metric values of flattened predictions (one row per prediction) against their labels."""
+def _metrics(
+    pred: Prediction, labels: torch.Tensor, *, n_bins: int, level: float, deterministic: bool = False
+) -> dict[str, float]:
+    """The metric values of flattened predictions (one row per prediction) against their labels.
+
+    ``deterministic``: the dropout-off pass, one draw: no mutual information, and for regression
+    no standard deviation, so only the metrics of the mean (RMSE, MAE).
+    """
+    if deterministic:
+        if isinstance(pred, RegressionPrediction):
+            return {
+                "rmse": mcm.rmse(pred.mean, labels),
+                "mae": mcm.mae(pred.mean, labels),
+                "n_predictions": float(len(labels)),
+            }
+        values = _metrics(pred, labels, n_bins=n_bins, level=level)
+        del values["mutual_information"]
+        return values
     if isinstance(pred, ClassificationPrediction):
         probs, entropy = pred.probs, pred.predictive_entropy
         wrong = pred.predicted != labels
