@@ -362,7 +362,8 @@ class TemperatureScaling:
                 "temperature and none can be fitted; check the labels against the classes."
             )
         best_t, best_nll = math.exp(float(result.x)), float(result.fun)
-        kept_one = not best_nll < nll_one and low <= 1.0 <= high
+        # no better than T = 1 beyond float rounding (constant logits: the same NLL at every T): keep 1
+        kept_one = not best_nll < nll_one - (1e-6 * abs(nll_one) + 1e-12) and low <= 1.0 <= high
         if kept_one:
             best_t, best_nll = 1.0, nll_one
         self.temperature_, self.nll_before_, self.nll_after_ = best_t, nll_one, best_nll

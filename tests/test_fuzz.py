@@ -1163,7 +1163,7 @@ def test_fuzz_streaming_regression_equals_the_in_memory_metrics(n, splits, d, ze
 
 
 # ----------------------------------------------------------------------------- recalibration
-@pytest.mark.filterwarnings("ignore:TemperatureScaling. the fitted temperature .* lies at the:mcdrop.errors.McdropWarning")
+@pytest.mark.filterwarnings("ignore:TemperatureScaling. the fitted temperature .* bound of bounds:mcdrop.errors.McdropWarning")
 @fuzz(25)
 @given(
     n=st.integers(1, 30),
