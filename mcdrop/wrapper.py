@@ -740,14 +740,7 @@ class MCDropout:
                 stop = min(start + step, inputs.batch_size)
                 chunk = runner.replicate(start, stop, 1)
                 if stats is None:
-                    task, class_dim = resolve_reading(
-                        o.task, o.aleatoric, o.output_type, o.class_dim, chunk, **self._config_hints()
-                    )
-                    stats = (
-                        ClassificationStats(o.read_output_type, class_dim, detect_probs=o.output_type is None)
-                        if task == "classification"
-                        else RegressionStats(o.aleatoric)
-                    )
+                    stats = self._start_stats(chunk)
                 stats.update(start, stop, chunk, inputs.batch_size)
                 if store is not None:
                     kept = chunk[0] if isinstance(chunk, tuple) else chunk
@@ -766,13 +759,9 @@ class MCDropout:
                 McdropWarning,
                 stacklevel=user_stacklevel(),
             )
-        if isinstance(stats, ClassificationStats):
-            stats.check_reading()
-            pred: Prediction = ClassificationPrediction.from_stats(stats, 1, store, stats.class_dim)
-            assert isinstance(pred, ClassificationPrediction)
+        pred = self._finish(stats, 1, store)
+        if isinstance(pred, ClassificationPrediction):
             pred.expected_entropy = pred.predictive_entropy.clone()  # N = 1: the same H[p_1]
-        else:
-            pred = RegressionPrediction.from_stats(stats, 1, store)
         if not drew:  # no Monte Carlo error: every pass would give this output
             for f in dataclasses.fields(pred):
                 value = getattr(pred, f.name)
