@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small dropout MLP on bundled digits and write its report")
     demo.add_argument("--out", default="mcdrop-report", help="report folder (default: %(default)s)")
-    demo.add_argument("--n-samples", type=int, default=100, help="MC passes per input (default: %(default)s)")
+    demo.add_argument(
+        "--n-samples",
+        type=_n_samples,
+        default=100,
+        help="MC passes per input, or 'auto' for adaptive N (default: %(default)s)",
+    )
+    demo.add_argument("--tolerance", type=float, default=None, help=_TOLERANCE_HELP)
     demo.add_argument("--epochs", type=int, default=40, help="training epochs (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="overwrite an existing report folder")
@@ -78,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="J",
         help="for a regression model with several outputs per input: the index of the one to report",
     )
-    rep.add_argument("--n-samples", type=int, default=50, help="MC passes per input (default: %(default)s)")
+    rep.add_argument(
+        "--n-samples",
+        type=_n_samples,
+        default=50,
+        help="MC passes per input, or 'auto' for adaptive N (default: %(default)s)",
+    )
+    rep.add_argument("--tolerance", type=float, default=None, help=_TOLERANCE_HELP)
     rep.add_argument("--batch-size", type=int, default=256)
     rep.add_argument("--device", default="cpu", help="where to evaluate, e.g. cpu or cuda:0 (default: cpu)")
     rep.add_argument("--seed", type=int, default=0)
@@ -144,11 +156,35 @@ _NUMBER_OPTIONS = {
 }
 
 
+_TOLERANCE_HELP = (
+    "with --n-samples auto: the Monte Carlo standard error of each input's top-class probability "
+    "(regression: mean) at which its sampling stops (default 0.01; see docs/outputs.md)"
+)
+
+
+def _n_samples(text: str) -> int | str:
+    """``--n-samples``: a whole number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or 'auto'; got {text!r}") from None
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The MCDropout options of ``--n-samples`` and ``--tolerance`` (refused there if they clash)."""
+    options: dict[str, Any] = {"n_samples": args.n_samples}
+    if args.tolerance is not None:
+        options["tolerance"] = args.tolerance
+    return options
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
     """Refuse out-of-range numeric options up front, before any training, loading or writing."""
     for option, attr, low, high in _NUMBER_OPTIONS[args.command]:
         value = getattr(args, attr)
-        if value is None:
+        if value is None or value == "auto":
             continue
         if value < low:
             raise CliError(f"{option} must be at least {low}; got {value}")
@@ -177,7 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
         args,
         f"  trained in {time.perf_counter() - started:.1f} s; evaluating with MC dropout (N = {args.n_samples}) ...",
     )
-    mc = mcdrop.MCDropout(model, n_samples=args.n_samples, seed=args.seed)
+    mc = mcdrop.MCDropout(model, seed=args.seed, **_sampling(args))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data.x_test, data.y_test), batch_size=256
     )
@@ -746,7 +782,7 @@ def _report(args: argparse.Namespace) -> int:
         return _report_distributed(args, out)
     model = _load_model(args)
     x, y = _load_data(args.data, args, need_target=True)
-    mc = mcdrop.MCDropout(model, n_samples=args.n_samples, task=args.task, seed=args.seed)
+    mc = mcdrop.MCDropout(model, task=args.task, seed=args.seed, **_sampling(args))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch_size)
     with _model_errors(x, args.data):
         pred = mc.predict_loader(loader, progress=not args.quiet, deterministic=args.baseline)
@@ -973,7 +1009,7 @@ def _report_distributed(args: argparse.Namespace, out: Path) -> int:
                 raise CliError(
                     f"--ood inputs have shape {tuple(x_ood.shape[1:])} per row; --data has {tuple(x.shape[1:])}"
                 )
-        mc = mcdrop.MCDropout(model, n_samples=args.n_samples, task=args.task, seed=args.seed)
+        mc = mcdrop.MCDropout(model, task=args.task, seed=args.seed, **_sampling(args))
         _say(args, f"mcdrop report: evaluating {len(x)} inputs on {world} processes ...")
         dataset = torch.utils.data.TensorDataset(x, y)
         with _model_errors(x, args.data):

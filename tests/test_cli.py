@@ -947,3 +947,29 @@ def test_an_exported_cnn_samples_its_channel_and_alpha_dropout(tmp_path: Path, c
     assert sites["module_type"].tolist()[1] == "AlphaDropout", sites
     table = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("metric")
     assert table.loc["mean mutual information", "value"] > 0  # the samples differ
+
+
+def test_n_samples_auto_samples_adaptively_to_the_tolerance(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "auto"
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--n-samples",
+        "auto",
+        "--tolerance",
+        "0.05",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    run = json.loads((out / "summary.json").read_text())["run"]
+    assert run["n_samples"] == "auto" and run["tolerance"] == 0.05 and run["max_samples"] == 1000
+    assert 20 <= run["samples_per_input"]["min"] <= run["samples_per_input"]["max"] <= 1000
+    # a tolerance with a fixed N, and a word that is no number, are refused without a traceback
+    assert main(["demo", "--out", str(tmp_path / "x"), "--n-samples", "10", "--tolerance", "0.05"]) == 2
+    assert "adaptive sampling only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "y"), "--n-samples", "many"])
+    assert "whole number or 'auto'" in capsys.readouterr().err
