@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from mcdrop._statistics import ClassificationStats, GroupedSums
 from mcdrop.engine.choose import Decision
 from mcdrop.engine.inputs import Inputs, take_rows
 from mcdrop.errors import InvalidInputError
@@ -55,6 +56,9 @@ from mcdrop.options import ADAPTIVE_TARGETS, DEFAULT_TARGETS, SamplingOptions
 from mcdrop.predictions import Prediction, concat_predictions, select_rows
 
 __all__ = ["predict_adaptively"]
+
+#: The targets whose standard errors come from the grouped jackknife (the other ones' do not).
+_JACKKNIFED = ("predictive_entropy", "mutual_information")
 
 #: ``draw(inputs, k, on_decision)`` yields the engine's ``(start, stop, chunk)`` for ``k`` passes.
 Draw = Callable[[Inputs, int, Callable[[Decision], None]], Iterator[tuple[int, int, Any]]]
@@ -165,10 +169,15 @@ def predict_adaptively(
             stats.update(lo, hi, part, n)
         drawn += step
         assert stats is not None
-        still = stats.take_rows(torch.arange(active))
-        view = finish(still, drawn)
         if not target:
-            target = _target_of(options, view.task)
+            target = _target_of(
+                options, "classification" if isinstance(stats, ClassificationStats) else "regression"
+            )
+        still = stats.take_rows(torch.arange(active))
+        if isinstance(still, ClassificationStats) and target not in _JACKKNIFED:
+            # the jackknife of the entropy terms is not what this target's standard error reads
+            still.probs_groups, still.entropy_groups = GroupedSums(), GroupedSums()
+        view = finish(still, drawn)
         try:
             se = _per_input_standard_error(view, target).cpu()
         except InvalidInputError as err:
