@@ -101,6 +101,24 @@ class _Rows:
         return frame
 
 
+def _ood_resamples(
+    scores_in: dict[str, Any], ood: dict[str, dict[str, Any] | None], opts: dict[str, Any]
+) -> dict[str, Any]:
+    """The bootstrap values of every OOD row (AUROC, AUPR-In, FPR@95TPR), per set and score."""
+    named: dict[str, Any] = {}
+    for name, scores_out in ood.items():
+        sfx = ood_suffix(name)
+        for tag, s_in in scores_in.items():
+            s_out = None if scores_out is None else scores_out.get(tag)
+            if s_in is None or s_out is None:
+                continue
+            o = metrics.bootstrap_ood(s_in, s_out, tpr=0.95, **opts)
+            named[f"OOD AUROC ({tag}){sfx}"] = o["AUROC"]
+            named[f"OOD AUPR-In ({tag}){sfx}"] = o["AUPR-In"]
+            named[f"OOD FPR@95TPR ({tag}){sfx}"] = o["FPR@TPR"]
+    return named
+
+
 def ood_suffix(name: str) -> str:
     """What OOD row names of the set ``name`` end with: ``""`` for the default set, else ``" [name]"``."""
     return "" if name == DEFAULT_OOD else f" [{name}]"
@@ -412,21 +430,7 @@ def _classification_rows(
         }
         if mi is not None:
             named["mean mutual information"] = boot["mean (MI)"]
-        for name, scores_out in ood.items():
-            sfx = ood_suffix(name)
-            for tag, _ in _CLS_SCORES:
-                s_in = scores_in[tag]
-                s_out = None if scores_out is None else scores_out.get(tag)
-                if s_in is None or s_out is None:
-                    continue
-                o = metrics.bootstrap_ood(s_in, s_out, tpr=0.95, **opts)
-                named.update(
-                    {
-                        f"OOD AUROC ({tag}){sfx}": o["AUROC"],
-                        f"OOD AUPR-In ({tag}){sfx}": o["AUPR-In"],
-                        f"OOD FPR@95TPR ({tag}){sfx}": o["FPR@TPR"],
-                    }
-                )
+        named.update(_ood_resamples(scores_in, ood, opts))
         rows.intervals({**boot, **named}, intervals.level)
     return rows
 
@@ -686,20 +690,7 @@ def _regression_rows(
         )
         named = {f"PICP ({_pct(level)})": boot.get("PICP"), f"MPIW ({_pct(level)})": boot.get("MPIW")}
         named.update({f"mean {tag} std": boot[f"mean ({tag})"] for tag in averaged})
-        for name, scores_out in ood.items():
-            sfx = ood_suffix(name)
-            for tag, s_in in scores_in.items():
-                s_out = None if scores_out is None else scores_out.get(tag)
-                if s_in is None or s_out is None:
-                    continue
-                o = metrics.bootstrap_ood(s_in, s_out, tpr=0.95, **opts)
-                named.update(
-                    {
-                        f"OOD AUROC ({tag}){sfx}": o["AUROC"],
-                        f"OOD AUPR-In ({tag}){sfx}": o["AUPR-In"],
-                        f"OOD FPR@95TPR ({tag}){sfx}": o["FPR@TPR"],
-                    }
-                )
+        named.update(_ood_resamples(scores_in, ood, opts))
         rows.intervals({**boot, **{k: v for k, v in named.items() if v is not None}}, intervals.level)
     return rows, std_ok
 
