@@ -95,25 +95,15 @@ def iter_predictions(
                 bar.update()
                 yield None, target
                 continue
-            if isinstance(inputs, Mapping):
-                try:
-                    pred = mc.predict(**inputs)
-                except TypeError as err:
-                    mismatch = _keyword_mismatch(err, inputs, unpack)
-                    if mismatch is None:
-                        raise
-                    raise mismatch from err
-            elif isinstance(inputs, tuple):
-                pred = mc.predict(*inputs)
-            else:
-                pred = mc.predict(inputs)
+            try:
+                pred = _call(mc.predict, inputs)
+            except TypeError as err:
+                mismatch = _keyword_mismatch(err, inputs, unpack) if isinstance(inputs, Mapping) else None
+                if mismatch is None:
+                    raise
+                raise mismatch from err
             if deterministic:
-                if isinstance(inputs, Mapping):
-                    pred.deterministic = mc.predict_deterministic(**inputs)
-                elif isinstance(inputs, tuple):
-                    pred.deterministic = mc.predict_deterministic(*inputs)
-                else:
-                    pred.deterministic = mc.predict_deterministic(inputs)
+                pred.deterministic = _call(mc.predict_deterministic, inputs)
             check_task_against_targets(mc, pred, target)
             bar.update()
             yield pred, target
@@ -374,6 +364,15 @@ def accumulate(
         acc.update(pred.mean, pred.total_std, target.to(pred.mean.device))
     acc.n_samples = pred.n_samples
     return acc
+
+
+def _call(predict: Callable[..., Prediction], inputs: Any) -> Prediction:
+    """``predict`` of a batch's inputs: a dict as keyword inputs, a tuple as positional ones, else one input."""
+    if isinstance(inputs, Mapping):
+        return predict(**inputs)
+    if isinstance(inputs, tuple):
+        return predict(*inputs)
+    return predict(inputs)
 
 
 def _keyword_mismatch(err: TypeError, inputs: Mapping[str, Any], unpack: Unpack | None) -> Exception | None:
